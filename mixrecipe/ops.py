@@ -1,0 +1,482 @@
+"""The autograd-free mixup ops: validate, allocate, dispatch.
+
+CUDA tensors run the fused Triton kernel (``mixrecipe.kernels.mixup``); CPU tensors run an eager path with
+the same semantics (``mixrecipe.reference``), or the Triton kernel through the interpreter when asked
+(``cpu_backend("triton")``, used by the tests). The work is registered with ``torch.library.custom_op`` so
+that ``torch.compile(fullgraph=True)`` sees one opaque op.
+
+No host-device synchronization happens here: checks that need tensor values (lam in [0, 1], perm is a
+permutation, class indices in range) run only on CPU tensors and outside torch.compile. On CUDA the kernel
+writes NaN rows for out-of-range partners or class indices instead of reading out of bounds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .kernels import interpreting, mix_launch
+
+__all__ = ["mix", "mixup", "mixup_target", "cpu_backend"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CPU_BACKEND = os.environ.get("MIXRECIPE_CPU_BACKEND", "eager")
+_CHUNK_ELEMS = 1 << 19  # eager CPU path: rows per chunk sized so a chunk's temporaries stay in cache
+
+
+@contextlib.contextmanager
+def cpu_backend(name: str):
+    """Run CPU tensors through ``"eager"`` PyTorch (default) or the ``"triton"`` kernel (interpreter)."""
+    global _CPU_BACKEND
+    if name not in ("eager", "triton"):
+        raise ValueError(f"cpu_backend must be 'eager' or 'triton', got {name!r}")
+    if name == "triton" and not interpreting():
+        raise RuntimeError("cpu_backend('triton') needs TRITON_INTERPRET=1 set before triton is imported")
+    previous, _CPU_BACKEND = _CPU_BACKEND, name
+    try:
+        yield
+    finally:
+        _CPU_BACKEND = previous
+
+
+def _use_kernel(t: Tensor) -> bool:
+    return t.device.type == "cuda" or (t.device.type == "cpu" and _CPU_BACKEND == "triton")
+
+
+# --------------------------------------------------------------------------------------------------
+# The work itself, on already-validated arguments.
+# --------------------------------------------------------------------------------------------------
+def _norm_constants(x: Tensor, mean: Tensor | None, std: Tensor | None):
+    """(mean, inv_std, in_scale) for the kernel, or Nones when x passes through unnormalized."""
+    in_scale = 1.0 / 255.0 if x.dtype == torch.uint8 else 1.0
+    if mean is None and x.dtype != torch.uint8:
+        return None, None, in_scale
+    channels = x.shape[1] if x.ndim >= 2 else 1
+    if mean is None:
+        mean = torch.zeros(channels, dtype=torch.float32, device=x.device)
+        std = torch.ones(channels, dtype=torch.float32, device=x.device)
+    return mean.float().contiguous(), (1.0 / std.float()).contiguous(), in_scale
+
+
+def _row_weights(x: Tensor, lam, box: Tensor | None) -> Tensor | float:
+    """Each sample's own-pixel weight: a float, (B, 1, ...) per sample, or (B, 1, H, W) with boxes."""
+    batch = x.shape[0]
+    if box is None:
+        if not isinstance(lam, Tensor):
+            return float(lam)
+        return lam.float().view([batch] + [1] * (x.ndim - 1))
+    lam_t = lam.float() if isinstance(lam, Tensor) else torch.full((batch,), float(lam))
+    h, w = x.shape[2], x.shape[3]
+    rows = torch.arange(h, device=x.device).view(1, h, 1)
+    cols = torch.arange(w, device=x.device).view(1, 1, w)
+    y0, y1, x0, x1 = (box[:, k].long().view(-1, 1, 1) for k in range(4))
+    inside = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
+    return torch.where(inside, 0.0, lam_t.view(-1, 1, 1)).unsqueeze(1)
+
+
+def _normalize_chunk(v: Tensor, mean, inv_std, in_scale, shape):
+    v = v.float()
+    if mean is None:
+        return v
+    # Same operation order as the kernel: (v * in_scale - mean) * inv_std.
+    return (v * in_scale - mean.view(shape)) * inv_std.view(shape)
+
+
+def _mix_images_eager(x, out, perm, lam_x, box, mean, inv_std, in_scale):
+    """Gather + normalize + lerp, chunk by chunk so the fp32 temporaries stay in cache."""
+    batch = x.shape[0]
+    n = x[0].numel()
+    weights = _row_weights(x, lam_x, box)
+    shape = [1, -1] + [1] * (x.ndim - 2)
+    paired = perm is None
+    n_groups = (batch + 1) // 2 if paired else batch
+    step = max(1, _CHUNK_ELEMS // max(1, n * (2 if paired else 1)))
+    for g0 in range(0, n_groups, step):
+        g1 = min(n_groups, g0 + step)
+        own = torch.arange(g0, g1, device=x.device)
+        if paired:
+            # Load both rows of each pair before writing either: this is what allows in place.
+            rows = torch.cat([own, batch - 1 - own])
+            xs = _normalize_chunk(x.index_select(0, rows), mean, inv_std, in_scale, shape)
+            k = own.numel()
+            xp = torch.cat([xs[k:], xs[:k]])
+        else:
+            rows = own
+            xs = _normalize_chunk(x.index_select(0, rows), mean, inv_std, in_scale, shape)
+            xp = _normalize_chunk(x.index_select(0, perm[g0:g1]), mean, inv_std, in_scale, shape)
+        w = weights if isinstance(weights, float) else weights.index_select(0, rows)
+        mixed = torch.lerp(xp, xs, w)
+        out.index_copy_(0, rows, mixed.to(out.dtype))
+
+
+def _mix_labels_eager(target, soft, perm, lam_y, off, keep):
+    batch, num_classes = soft.shape
+    if target.ndim == 1:
+        s = torch.zeros(batch, num_classes, dtype=torch.float32, device=target.device)
+        s.scatter_(1, target.view(-1, 1), 1.0)
+    else:
+        s = target.float()
+    s = s * keep + off
+    partner = s.flip(0) if perm is None else s.index_select(0, perm)
+    w = float(lam_y) if not isinstance(lam_y, Tensor) else lam_y.float().view(-1, 1)
+    soft.copy_(torch.lerp(partner, s, w))
+
+
+def _run(x, out, target, soft, perm, lam_x, lam_y, box, mean, std, num_classes, label_smoothing):
+    ref = x if x is not None else target
+    off = label_smoothing / num_classes if target is not None else 0.0
+    keep = 1.0 - label_smoothing
+    norm = _norm_constants(x, mean, std) if x is not None else (None, None, 1.0)
+    if _use_kernel(ref):
+        mix_launch(
+            x, out, target, soft, batch_size=ref.shape[0], perm=perm, lam_x=lam_x, lam_y=lam_y,
+            box=box, mean=norm[0], inv_std=norm[1], in_scale=norm[2], label_off=off, label_keep=keep,
+        )
+        return
+    if x is not None:
+        _mix_images_eager(x, out, perm, lam_x, box, *norm)
+    if target is not None:
+        _mix_labels_eager(target, soft, perm, lam_y, off, keep)
+
+
+def _lam_arg(tensor: Tensor | None, value: float):
+    return tensor if tensor is not None else value
+
+
+# --------------------------------------------------------------------------------------------------
+# Registered ops. Tensors only, no Python unions: the public wrappers below translate.
+# --------------------------------------------------------------------------------------------------
+@torch.library.custom_op("mixrecipe::mix", mutates_args=())
+def _mix_op(
+    x: Tensor, target: Tensor | None, lam_x: Tensor | None, lam_x_value: float, lam_y: Tensor | None,
+    lam_y_value: float, perm: Tensor | None, box: Tensor | None, mean: Tensor | None, std: Tensor | None,
+    num_classes: int, label_smoothing: float, out_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    out = torch.empty_like(x, dtype=out_dtype)  # preserve_format: channels_last stays channels_last
+    soft = _new_soft(x, target, num_classes)
+    _run(x, out, target, soft if target is not None else None, perm, _lam_arg(lam_x, lam_x_value),
+         _lam_arg(lam_y, lam_y_value), box, mean, std, num_classes, label_smoothing)
+    return out, soft
+
+
+@_mix_op.register_fake
+def _(x, target, lam_x, lam_x_value, lam_y, lam_y_value, perm, box, mean, std, num_classes,
+      label_smoothing, out_dtype):
+    return torch.empty_like(x, dtype=out_dtype), _new_soft(x, target, num_classes)
+
+
+@torch.library.custom_op("mixrecipe::mix_", mutates_args=("x",))
+def _mix_inplace_op(
+    x: Tensor, target: Tensor | None, lam_x: Tensor | None, lam_x_value: float, lam_y: Tensor | None,
+    lam_y_value: float, box: Tensor | None, mean: Tensor | None, std: Tensor | None,
+    num_classes: int, label_smoothing: float,
+) -> Tensor:
+    soft = _new_soft(x, target, num_classes)
+    _run(x, x, target, soft if target is not None else None, None, _lam_arg(lam_x, lam_x_value),
+         _lam_arg(lam_y, lam_y_value), box, mean, std, num_classes, label_smoothing)
+    return soft
+
+
+@_mix_inplace_op.register_fake
+def _(x, target, lam_x, lam_x_value, lam_y, lam_y_value, box, mean, std, num_classes, label_smoothing):
+    return _new_soft(x, target, num_classes)
+
+
+@torch.library.custom_op("mixrecipe::mix_target", mutates_args=())
+def _mix_target_op(
+    target: Tensor, lam: Tensor | None, lam_value: float, perm: Tensor | None, num_classes: int,
+    label_smoothing: float,
+) -> Tensor:
+    soft = _new_soft(target, target, num_classes)
+    _run(None, None, target, soft, perm, 1.0, _lam_arg(lam, lam_value), None, None, None,
+         num_classes, label_smoothing)
+    return soft
+
+
+@_mix_target_op.register_fake
+def _(target, lam, lam_value, perm, num_classes, label_smoothing):
+    return _new_soft(target, target, num_classes)
+
+
+def _new_soft(ref: Tensor, target: Tensor | None, num_classes: int) -> Tensor:
+    rows = ref.shape[0] if target is not None else 0
+    return torch.empty((rows, num_classes if target is not None else 0), dtype=torch.float32,
+                       device=ref.device)
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation: clear errors that name the argument. Value checks only where they cost no sync.
+# --------------------------------------------------------------------------------------------------
+def _can_inspect(t: Tensor) -> bool:
+    """Whether reading tensor values is free: a CPU tensor, outside torch.compile tracing."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _check_device(name: str, t: Tensor, device: torch.device) -> None:
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the batch is on {device}: devices must match")
+
+
+def _check_lam(name: str, lam, batch: int, device: torch.device):
+    """-> (tensor or None, float). A Python number or a 0-d CPU tensor becomes a kernel scalar."""
+    if isinstance(lam, Tensor):
+        if lam.ndim == 0 and lam.device.type == "cpu" and not torch.compiler.is_compiling():
+            lam = float(lam)
+        else:
+            if not lam.is_floating_point():
+                raise TypeError(f"{name} must be a float or a floating-point tensor, got {lam.dtype}")
+            if lam.ndim > 1 or (lam.ndim == 1 and lam.shape[0] != batch):
+                raise ValueError(f"{name} must be a scalar or have shape ({batch},), got {tuple(lam.shape)}")
+            _check_device(name, lam, device)
+            if _can_inspect(lam) and lam.numel() and not bool(((lam >= 0) & (lam <= 1)).all()):
+                raise ValueError(f"{name} must lie in [0, 1]; got values from {float(lam.min())} "
+                                 f"to {float(lam.max())}")
+            lam = lam.float().reshape(-1).expand(batch).contiguous()
+            return lam, 0.0
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)):
+        raise TypeError(f"{name} must be a float or a tensor, got {type(lam).__name__}")
+    if not 0.0 <= float(lam) <= 1.0:  # also rejects NaN
+        raise ValueError(f"{name} must lie in [0, 1], got {lam}")
+    return None, float(lam)
+
+
+def _check_perm(perm, batch: int, device: torch.device):
+    if perm is None:
+        return None
+    if not isinstance(perm, Tensor):
+        raise TypeError(f"perm must be a LongTensor or None, got {type(perm).__name__}")
+    if perm.dtype not in (torch.int64, torch.int32) or perm.shape != (batch,):
+        raise ValueError(f"perm must be an integer tensor of shape ({batch},), "
+                         f"got {perm.dtype} {tuple(perm.shape)}")
+    _check_device("perm", perm, device)
+    if _can_inspect(perm) and not torch.equal(torch.sort(perm.long()).values, torch.arange(batch)):
+        raise ValueError(f"perm must be a permutation of range({batch})")
+    return perm.long().contiguous()
+
+
+def _check_target(target, batch: int, num_classes, device):
+    """-> (target, num_classes) with target int64 (B,) or float (B, K), contiguous."""
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a tensor, got {type(target).__name__}")
+    _check_device("target", target, device)
+    if target.ndim == 1:
+        if target.is_floating_point() or target.dtype == torch.bool:
+            raise TypeError(f"target of shape (B,) must hold integer class indices, got {target.dtype}")
+        if num_classes is None:
+            raise ValueError("num_classes is required when target holds class indices")
+        _check_num_classes(num_classes)
+        if target.shape[0] != batch:
+            raise ValueError(f"target has {target.shape[0]} rows but the batch has {batch}")
+        target = target.long().contiguous()
+        if _can_inspect(target) and target.numel():
+            lo, hi = int(target.min()), int(target.max())
+            if lo < 0 or hi >= num_classes:
+                raise ValueError(f"target holds class indices from {lo} to {hi}, outside "
+                                 f"[0, num_classes={num_classes})")
+    elif target.ndim == 2:
+        if not target.is_floating_point():
+            raise TypeError(f"target of shape (B, K) must be floating point, got {target.dtype}")
+        if target.shape[0] != batch:
+            raise ValueError(f"target has {target.shape[0]} rows but the batch has {batch}")
+        if num_classes is not None and num_classes != target.shape[1]:
+            raise ValueError(f"num_classes={num_classes} but target has {target.shape[1]} columns")
+        num_classes = target.shape[1]
+        target = target.contiguous()
+    else:
+        raise ValueError(f"target must have shape (B,) or (B, K), got {tuple(target.shape)}")
+    return target, num_classes
+
+
+def _check_num_classes(num_classes) -> None:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+
+
+def _check_smoothing(label_smoothing) -> float:
+    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing!r}")
+    return float(label_smoothing)
+
+
+_CONSTANTS: dict = {}
+
+
+def _channel_vector(name: str, values, channels: int, device: torch.device) -> Tensor:
+    if isinstance(values, Tensor):
+        _check_device(name, values, device)
+        t = values.float().reshape(-1)
+    else:
+        if not isinstance(values, Sequence) or not all(isinstance(v, (int, float)) for v in values):
+            raise TypeError(f"{name} must be a sequence of numbers or a tensor, got {values!r}")
+        key = (name, tuple(float(v) for v in values), str(device))
+        t = _CONSTANTS.get(key)
+        if t is None:  # cached: building it on a GPU is a host-to-device copy, once per (values, device)
+            t = _CONSTANTS[key] = torch.tensor(key[1], dtype=torch.float32, device=device)
+    if t.numel() != channels:
+        raise ValueError(f"{name} has {t.numel()} values but the batch has {channels} channels (dim 1)")
+    return t
+
+
+def _check_images(x, mean, std, out_dtype, inplace):
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    if x.ndim < 1:
+        raise ValueError("x must have a batch dimension: shape (B, ...)")
+    if x.dtype not in _FLOAT_DTYPES + (torch.uint8,):
+        raise TypeError(f"x must be float32, float16, bfloat16 or uint8, got {x.dtype}")
+    if out_dtype is None:
+        if x.dtype == torch.uint8:
+            raise TypeError("x is uint8: pass a floating out_dtype (e.g. torch.bfloat16) for the result")
+        out_dtype = x.dtype
+    if out_dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    if (mean is None) != (std is None):
+        raise ValueError("mean and std go together: pass both or neither")
+    if x.shape[0] and x[0].numel() >= 2**31:
+        raise ValueError(f"one sample of x has {x[0].numel()} elements; at most 2**31 - 1 are supported")
+    if mean is not None:
+        if x.ndim < 2:
+            raise ValueError("mean/std normalize dim 1 (channels): x must have at least 2 dimensions")
+        channels = x.shape[1]
+        mean = _channel_vector("mean", mean, channels, x.device)
+        std = _channel_vector("std", std, channels, x.device)
+        if _can_inspect(std) and not bool((std > 0).all()):
+            raise ValueError("std must be positive")
+    dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+    if inplace:
+        if out_dtype != x.dtype:
+            raise ValueError(f"inplace=True writes into x ({x.dtype}); out_dtype={out_dtype} needs a new "
+                             "tensor: use inplace=False")
+        if not dense:
+            raise ValueError("inplace=True needs x contiguous or channels_last")
+    elif not dense:
+        x = x.contiguous()
+    return x, mean, std, out_dtype
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API.
+# --------------------------------------------------------------------------------------------------
+def mix(
+    x: Tensor,
+    target: Tensor | None,
+    lam_x,
+    lam_y=None,
+    perm: Tensor | None = None,
+    box: Tensor | None = None,
+    *,
+    num_classes: int | None = None,
+    label_smoothing: float = 0.0,
+    mean=None,
+    std=None,
+    out_dtype: torch.dtype | None = None,
+    inplace: bool = False,
+):
+    """The fused op in full: partner gather, optional normalization and CutMix box, lerp, soft labels.
+
+    Args:
+        x: (B, ...) images, float32/float16/bfloat16, or uint8 (then ``out_dtype`` is required).
+        target: (B,) int64 class indices, (B, K) float targets, or None (then no labels are returned).
+        lam_x: the weight of each sample's own pixels: a float, a 0-d tensor or a (B,) tensor in [0, 1].
+        lam_y: the weight of each sample's own label; defaults to ``lam_x`` (differs for CutMix).
+        perm: None for timm's flip pairing (sample i with B-1-i), or a permutation of range(B).
+        box: None, or CutMix boxes (y0, y1, x0, x1), half-open, in pixels: (4,) for the whole batch
+            or (B, 4) per sample; x must then be 4-D (B, C, H, W). Inside the box the pixels come from
+            the partner; outside they are mixed with ``lam_x`` (pure CutMix: ``lam_x=1``).
+        num_classes: K; required for class-index targets.
+        label_smoothing: timm's smoothing: off = smoothing / K, on = 1 - smoothing + off.
+        mean, std: per-channel (dim 1) normalization applied before mixing; uint8 inputs are scaled
+            to [0, 1] first, so mean/std are in [0, 1] units (e.g. timm's IMAGENET_DEFAULT_MEAN).
+        out_dtype: dtype of the mixed images; defaults to x's dtype.
+        inplace: write the result into x (flip pairing and an unchanged dtype only).
+
+    Returns:
+        (x_mixed, soft_target): soft_target is (B, K) float32, or None when target is None.
+    """
+    x, mean, std, out_dtype = _check_images(x, mean, std, out_dtype, inplace)
+    batch, device = x.shape[0], x.device
+    label_smoothing = _check_smoothing(label_smoothing)
+    if target is not None:
+        target, num_classes = _check_target(target, batch, num_classes, device)
+    else:
+        num_classes = 0
+    lam_x_t, lam_x_v = _check_lam("lam_x", lam_x, batch, device)
+    lam_y_t, lam_y_v = (lam_x_t, lam_x_v) if lam_y is None else _check_lam("lam_y", lam_y, batch, device)
+    perm = _check_perm(perm, batch, device)
+    box = _check_box(box, x, device)
+    if inplace:
+        if perm is not None:
+            raise ValueError("inplace=True needs the flip pairing (perm=None): with an explicit permutation "
+                             "a row may be read after its partner overwrote it")
+        soft = _mix_inplace_op(x, target, lam_x_t, lam_x_v, lam_y_t, lam_y_v, box, mean, std,
+                               num_classes, label_smoothing)
+        return x, (soft if target is not None else None)
+    out, soft = _mix_op(x, target, lam_x_t, lam_x_v, lam_y_t, lam_y_v, perm, box, mean, std,
+                        num_classes, label_smoothing, out_dtype)
+    return out, (soft if target is not None else None)
+
+
+def _check_box(box, x: Tensor, device):
+    if box is None:
+        return None
+    if x.ndim != 4:
+        raise ValueError(f"box needs x of shape (B, C, H, W), got {tuple(x.shape)}")
+    if not isinstance(box, Tensor):
+        box = torch.tensor(box, dtype=torch.int32, device=device)
+    if box.is_floating_point() or box.shape not in ((4,), (x.shape[0], 4)):
+        raise ValueError(f"box must be integer (y0, y1, x0, x1) of shape (4,) or ({x.shape[0]}, 4), "
+                         f"got {box.dtype} {tuple(box.shape)}")
+    _check_device("box", box, device)
+    return box.to(torch.int32).expand(x.shape[0], 4).contiguous()
+
+
+def mixup(
+    x: Tensor,
+    target: Tensor | None,
+    lam,
+    perm: Tensor | None = None,
+    *,
+    num_classes: int | None = None,
+    label_smoothing: float = 0.0,
+    mean=None,
+    std=None,
+    out_dtype: torch.dtype | None = None,
+    inplace: bool = False,
+):
+    """Mixup in one pass: ``x[i] <- lam_i * x[i] + (1 - lam_i) * x[perm[i]]`` and the same for labels.
+
+    Args:
+        x: (B, ...) images: float32/float16/bfloat16, or uint8 with a float ``out_dtype``.
+        target: (B,) class indices, (B, K) float targets, or None.
+        lam: the weight of each sample itself: a float, 0-d tensor or (B,) tensor in [0, 1].
+        perm: None for timm's flip pairing (i <-> B-1-i, may run in place), or a permutation of range(B).
+        num_classes: K, required for class-index targets.
+        label_smoothing: timm's label smoothing, applied before mixing.
+        mean, std: per-channel normalization fused into the pass (uint8 is scaled to [0, 1] first).
+        out_dtype: dtype of the mixed images (default: x's).
+        inplace: overwrite x (flip pairing, same dtype).
+
+    Returns:
+        (x_mixed, soft_target) with soft_target (B, K) float32, or None without target.
+    """
+    return mix(x, target, lam, None, perm, None, num_classes=num_classes, label_smoothing=label_smoothing,
+               mean=mean, std=std, out_dtype=out_dtype, inplace=inplace)
+
+
+def mixup_target(
+    target: Tensor, num_classes: int | None, lam, perm: Tensor | None = None, label_smoothing: float = 0.0
+) -> Tensor:
+    """Soft targets only: timm's ``mixup_target`` for any pairing and per-sample lam. (B, K) float32."""
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a tensor, got {type(target).__name__}")
+    if target.ndim < 1:
+        raise ValueError("target must have shape (B,) or (B, K)")
+    batch, device = target.shape[0], target.device
+    target, num_classes = _check_target(target, batch, num_classes, device)
+    lam_t, lam_v = _check_lam("lam", lam, batch, device)
+    perm = _check_perm(perm, batch, device)
+    return _mix_target_op(target, lam_t, lam_v, perm, num_classes, _check_smoothing(label_smoothing))
