@@ -25,7 +25,7 @@ __all__ = ["mix", "mixup", "mixup_target", "cpu_backend"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CPU_BACKEND = os.environ.get("MIXRECIPE_CPU_BACKEND", "eager")
-_CHUNK_ELEMS = 1 << 19  # eager CPU path: rows per chunk sized so a chunk's temporaries stay in cache
+_CHUNK_ELEMS = 1 << 17  # eager CPU path: rows per chunk sized so a chunk's temporaries stay in cache
 
 
 @contextlib.contextmanager
@@ -78,39 +78,59 @@ def _row_weights(x: Tensor, lam, box: Tensor | None) -> Tensor | float:
     return torch.where(inside, 0.0, lam_t.view(-1, 1, 1)).unsqueeze(1)
 
 
-def _normalize_chunk(v: Tensor, mean, inv_std, in_scale, shape):
-    v = v.float()
+def _as_float(v: Tensor, mean, inv_std, in_scale, shape) -> Tensor:
+    """A chunk in fp32, normalized like the kernel does: (v * in_scale - mean) * inv_std."""
     if mean is None:
-        return v
-    # Same operation order as the kernel: (v * in_scale - mean) * inv_std.
-    return (v * in_scale - mean.view(shape)) * inv_std.view(shape)
+        return v.float()  # a view when v already is fp32: callers copy before writing in place
+    return (v.float() * in_scale - mean.view(shape)) * inv_std.view(shape)
+
+
+def _lerp_into(dst: Tensor, start: Tensor, end: Tensor, weight) -> None:
+    if dst.dtype == torch.float32:
+        torch.lerp(start, end, weight, out=dst)
+    else:
+        dst.copy_(torch.lerp(start, end, weight))
+
+
+def _rows(weights, lo: int, hi: int):
+    return weights if isinstance(weights, float) else weights[lo:hi]
 
 
 def _mix_images_eager(x, out, perm, lam_x, box, mean, inv_std, in_scale):
-    """Gather + normalize + lerp, chunk by chunk so the fp32 temporaries stay in cache."""
+    """Normalize + gather + lerp, a cache-sized chunk of rows at a time.
+
+    Flip pairing walks rows [i0, i1) from the front together with their partners [B-i1, B-i0) from the back
+    as plain views: each chunk is read once and written once (plus in-cache flips), so the pass costs
+    about what a copy does, and it can write in place because both halves are loaded before either is
+    written.
+    """
     batch = x.shape[0]
+    if batch == 0:
+        return
     n = x[0].numel()
     weights = _row_weights(x, lam_x, box)
     shape = [1, -1] + [1] * (x.ndim - 2)
-    paired = perm is None
-    n_groups = (batch + 1) // 2 if paired else batch
-    step = max(1, _CHUNK_ELEMS // max(1, n * (2 if paired else 1)))
-    for g0 in range(0, n_groups, step):
-        g1 = min(n_groups, g0 + step)
-        own = torch.arange(g0, g1, device=x.device)
-        if paired:
-            # Load both rows of each pair before writing either: this is what allows in place.
-            rows = torch.cat([own, batch - 1 - own])
-            xs = _normalize_chunk(x.index_select(0, rows), mean, inv_std, in_scale, shape)
-            k = own.numel()
-            xp = torch.cat([xs[k:], xs[:k]])
-        else:
-            rows = own
-            xs = _normalize_chunk(x.index_select(0, rows), mean, inv_std, in_scale, shape)
-            xp = _normalize_chunk(x.index_select(0, perm[g0:g1]), mean, inv_std, in_scale, shape)
-        w = weights if isinstance(weights, float) else weights.index_select(0, rows)
-        mixed = torch.lerp(xp, xs, w)
-        out.index_copy_(0, rows, mixed.to(out.dtype))
+    norm = (mean, inv_std, in_scale, shape)
+    step = max(1, _CHUNK_ELEMS // max(1, n))
+    if perm is not None:
+        for r0 in range(0, batch, step):
+            r1 = min(batch, r0 + step)
+            own = _as_float(x[r0:r1], *norm)
+            partner = _as_float(x.index_select(0, perm[r0:r1]), *norm)
+            _lerp_into(out[r0:r1], partner, own, _rows(weights, r0, r1))
+        return
+    half = batch // 2
+    for i0 in range(0, half, step):
+        i1 = min(half, i0 + step)
+        j0, j1 = batch - i1, batch - i0
+        front = _as_float(x[i0:i1], *norm)
+        back = _as_float(x[j0:j1], *norm)
+        back_flipped = back.flip(0)  # copies: taken before anything is written
+        front_flipped = front.flip(0)
+        _lerp_into(out[i0:i1], back_flipped, front, _rows(weights, i0, i1))
+        _lerp_into(out[j0:j1], front_flipped, back, _rows(weights, j0, j1))
+    if batch % 2 and (out is not x or mean is not None):
+        out[half:half + 1].copy_(_as_float(x[half:half + 1], *norm))  # the middle row is its own partner
 
 
 def _mix_labels_eager(target, soft, perm, lam_y, off, keep):
