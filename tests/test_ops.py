@@ -415,3 +415,30 @@ def test_no_host_device_sync_on_cuda():
         ops.mixup_target(t, 10, lam)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize("chunk_elems", [1, 50, 1 << 17])
+@pytest.mark.parametrize("batch", [1, 5, 8])
+def test_eager_path_chunking(monkeypatch, chunk_elems, batch):
+    """The CPU path walks cache-sized chunks of pairs: any chunking gives the same answer."""
+    monkeypatch.setattr(ops, "_CHUNK_ELEMS", chunk_elems)
+    x, target, g = make_case(batch, shape=(3, 4, 5))
+    lam = torch.rand(batch, generator=g)
+    boxes = make_boxes(batch, 4, 5, g, "cpu")
+    for perm in (None, torch.randperm(batch, generator=g)):
+        out, soft = ops.mix(x, target, lam, lam, perm, boxes, num_classes=10)
+        ref, ref_soft = R.mix_reference(x, target, lam, lam, perm, boxes, num_classes=10)
+        assert_matches_reference(out, ref, 8.0, torch.float32)
+    y = x.clone()
+    ops.mixup(y, None, lam, mean=(0.1, 0.2, 0.3), std=(0.5, 2.0, 1.0), inplace=True)
+    ref, _ = R.mix_reference(x, None, lam, mean=(0.1, 0.2, 0.3), std=(0.5, 2.0, 1.0), out_dtype=torch.float32)
+    assert_matches_reference(y, ref, 16.0, torch.float32)
+
+
+def test_inplace_normalization_odd_batch_kernel(backend):
+    device = _device_for(backend)
+    x, _, g = make_case(5, shape=(3, 4, 4), device=device)
+    y = x.clone()
+    ops.mixup(y, None, 0.4, mean=(0.1, 0.2, 0.3), std=(0.5, 2.0, 1.0), inplace=True)
+    ref, _ = R.mix_reference(x, None, 0.4, mean=(0.1, 0.2, 0.3), std=(0.5, 2.0, 1.0))
+    assert_matches_reference(y, ref, 16.0, torch.float32)
