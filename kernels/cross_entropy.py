@@ -1,0 +1,285 @@
+"""Mixup cross-entropy without the (B, K) soft-target matrix: a forward and a backward Triton kernel.
+
+Row i of the soft target is ``y_i = lam_i * s(t_i) + (1 - lam_i) * s(t_p)`` with ``p = perm[i]`` and ``s``
+timm's smoothed one-hot (``off = smoothing / K``, ``on = 1 - smoothing + off``). Because ``sum_k y_ik = 1``:
+
+    loss_i = lse(z_i) - (1 - smoothing) * (lam_i * z_i[t_i] + (1 - lam_i) * z_i[t_p]) - off * sum_k z_ik
+    d loss_i / d z_ik = softmax(z_i)_k - y_ik
+
+so a row needs its logsumexp (one online pass), two gathered logits and, with smoothing, the row sum.
+
+Bytes moved for B rows of K logits of E bytes (E = 2 for fp16/bf16, 4 for fp32):
+  forward:  read B*K*E            + write 8*B (fp32 loss and logsumexp per row)
+  backward: read B*K*E + 8*B      + write B*K*E (the gradient, in the logits' dtype)
+The dense route (timm's ``mixup_target`` + ``SoftTargetCrossEntropy``) also writes and reads a (B, K) fp32
+target and a (B, K) log_softmax, in several launches.
+Targets and partners are read as O(B) scalars. A class index outside [0, K) or a partner outside [0, B)
+gives a NaN loss instead of an out-of-bounds access (no host-device sync is needed to check them).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["mixup_ce_fwd", "mixup_ce_bwd"]
+
+# One program walks its row in chunks of at most this many logits (fp32 registers per program).
+MAX_BLOCK_K = 4096
+# The interpreter runs a chunk as one numpy op: bigger chunks are simply faster there.
+MAX_BLOCK_K_INTERPRETER = 1 << 16
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def _bf16_rne(v):
+    # fp32 -> bf16 rounded to nearest even by hand: the interpreter truncates, the GPU rounds.
+    # Round the fp32 bits to a multiple of 2**16 first; the final cast is then exact on both.
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    rounded = bits.to(tl.float32, bitcast=True)
+    return tl.where(v != v, v, rounded).to(tl.bfloat16)  # a NaN stays NaN (its bits could carry)
+
+
+@triton.jit
+def _row_targets(target_ptr, perm_ptr, row, n_rows, n_cols, HAS_PERM: tl.constexpr):
+    """Class of the row, class of its partner, and whether both are valid indices."""
+    if HAS_PERM:
+        partner = tl.load(perm_ptr + row).to(tl.int64)
+    else:
+        partner = n_rows - 1 - row  # timm's flip pairing, no perm tensor to read
+    partner_ok = (partner >= 0) & (partner < n_rows)
+    t_own = tl.load(target_ptr + row).to(tl.int64)
+    t_mix = tl.load(target_ptr + partner, mask=partner_ok, other=-1).to(tl.int64)
+    valid = (t_own >= 0) & (t_own < n_cols) & (t_mix >= 0) & (t_mix < n_cols)
+    return t_own, t_mix, valid
+
+
+@triton.jit
+def _mixup_ce_fwd_kernel(
+    logits_ptr,
+    stride_row,
+    target_ptr,
+    perm_ptr,
+    lam_ptr,
+    stride_lam,
+    loss_ptr,
+    lse_ptr,
+    n_rows,
+    n_cols,
+    smoothing,
+    HAS_PERM: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # int64: row * stride_row overflows int32 for big B*K
+    row_ptr = logits_ptr + row * stride_row
+
+    # Online logsumexp (running max m, running sum d of exp(z - m)): the row is read once.
+    m = float("-inf")
+    d = 0.0
+    z_sum = 0.0
+    for start in range(0, n_cols, BLOCK_K):
+        offs = start + tl.arange(0, BLOCK_K)
+        mask = offs < n_cols
+        z = tl.load(row_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        m = m_new
+        if HAS_SMOOTHING:
+            z_sum += tl.sum(tl.where(mask, z, 0.0), axis=0)
+    lse = m + tl.log(d)
+
+    t_own, t_mix, valid = _row_targets(target_ptr, perm_ptr, row, n_rows, n_cols, HAS_PERM)
+    z_own = tl.load(row_ptr + t_own, mask=valid, other=float("nan")).to(tl.float32)
+    z_mix = tl.load(row_ptr + t_mix, mask=valid, other=float("nan")).to(tl.float32)
+    lam = tl.load(lam_ptr + row * stride_lam).to(tl.float32)
+
+    loss = lse - (1.0 - smoothing) * (lam * z_own + (1.0 - lam) * z_mix)
+    if HAS_SMOOTHING:
+        loss -= (smoothing / n_cols) * z_sum
+    tl.store(loss_ptr + row, loss)
+    tl.store(lse_ptr + row, lse)
+
+
+@triton.jit
+def _mixup_ce_bwd_kernel(
+    logits_ptr,
+    stride_row,
+    grad_ptr,
+    stride_grad_row,
+    grad_loss_ptr,
+    lse_ptr,
+    target_ptr,
+    perm_ptr,
+    lam_ptr,
+    stride_lam,
+    n_rows,
+    n_cols,
+    smoothing,
+    HAS_PERM: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    out_ptr = grad_ptr + row * stride_grad_row
+
+    t_own, t_mix, valid = _row_targets(target_ptr, perm_ptr, row, n_rows, n_cols, HAS_PERM)
+    lam = tl.load(lam_ptr + row * stride_lam).to(tl.float32)
+    g = tl.load(grad_loss_ptr + row)
+    lse = tl.load(lse_ptr + row)
+    off = smoothing / n_cols
+    w_own = (1.0 - smoothing) * lam
+    w_mix = (1.0 - smoothing) * (1.0 - lam)
+
+    for start in range(0, n_cols, BLOCK_K):
+        offs = start + tl.arange(0, BLOCK_K)
+        mask = offs < n_cols
+        z = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        # y = off + w_own at t_own + w_mix at t_mix (both when the two classes coincide).
+        y = off + tl.where(offs == t_own, w_own, 0.0) + tl.where(offs == t_mix, w_mix, 0.0)
+        dz = g * (tl.exp(z - lse) - y)
+        dz = tl.where(valid, dz, float("nan"))
+        if ROUND_BF16:
+            tl.store(out_ptr + offs, _bf16_rne(dz), mask=mask)
+        else:
+            tl.store(out_ptr + offs, dz.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _block_k(n_cols: int, block_k: int | None) -> int:
+    if block_k is not None:
+        return triton.next_power_of_2(block_k)
+    cap = MAX_BLOCK_K_INTERPRETER if _interpreting() else MAX_BLOCK_K
+    return min(cap, triton.next_power_of_2(n_cols))
+
+
+def _num_warps(block_k: int) -> int:
+    return 4 if block_k <= 1024 else (8 if block_k <= 2048 else 16)
+
+
+def _check_launchable(logits: torch.Tensor) -> None:
+    if not logits.is_cuda and not _interpreting():
+        raise RuntimeError(
+            "the Triton mixup cross-entropy needs CUDA tensors, or TRITON_INTERPRET=1 set before triton "
+            f"is imported to run on {logits.device.type} tensors"
+        )
+
+
+def _rows_contiguous(logits: torch.Tensor) -> torch.Tensor:
+    # The kernels walk a row with unit stride; any row stride is fine.
+    return logits if logits.stride(1) == 1 or logits.shape[1] == 1 else logits.contiguous()
+
+
+def mixup_ce_fwd(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    lam: torch.Tensor,
+    perm: torch.Tensor | None,
+    smoothing: float,
+    block_k: int | None = None,
+    loss: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row mixup cross-entropy and logsumexp, both fp32 (B,). Inputs are assumed validated.
+
+    Args:
+        logits: (B, K) fp16, bf16 or fp32 logits.
+        target: (B,) integer class indices.
+        lam: (B,) weights of each row's own class; a stride of 0 (an expanded scalar) is fine.
+        perm: (B,) partner indices, or None for the flip pairing ``B - 1 - i``.
+        smoothing: timm's label smoothing in [0, 1].
+        block_k: logits per chunk (rounded up to a power of 2); None picks one from K.
+        loss: optional preallocated fp32 (B,) output.
+        lse: optional preallocated fp32 (B,) output.
+
+    Returns:
+        ``(loss, lse)``; ``lse`` is what ``mixup_ce_bwd`` needs.
+    """
+    _check_launchable(logits)
+    logits = _rows_contiguous(logits)
+    n_rows, n_cols = logits.shape
+    if loss is None:
+        loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    if lse is None:
+        lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    block = _block_k(n_cols, block_k)
+    _mixup_ce_fwd_kernel[(n_rows,)](
+        logits,
+        logits.stride(0),
+        target,
+        target if perm is None else perm,  # a dummy pointer when HAS_PERM is off
+        lam,
+        lam.stride(0),
+        loss,
+        lse,
+        n_rows,
+        n_cols,
+        float(smoothing),
+        HAS_PERM=perm is not None,
+        HAS_SMOOTHING=smoothing > 0,
+        BLOCK_K=block,
+        num_warps=_num_warps(block),
+    )
+    return loss, lse
+
+
+def mixup_ce_bwd(
+    grad_loss: torch.Tensor,
+    logits: torch.Tensor,
+    lse: torch.Tensor,
+    target: torch.Tensor,
+    lam: torch.Tensor,
+    perm: torch.Tensor | None,
+    smoothing: float,
+    block_k: int | None = None,
+    grad: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Gradient of the per-row losses: ``grad_loss[i] * (softmax(z_i) - y_i)`` in the logits' dtype.
+
+    Args:
+        grad_loss: (B,) fp32 contiguous upstream gradient of the per-row losses.
+        logits: the (B, K) logits given to ``mixup_ce_fwd``.
+        lse: the (B,) logsumexp returned by ``mixup_ce_fwd``.
+        target: (B,) integer class indices.
+        lam: (B,) weights of each row's own class.
+        perm: (B,) partner indices, or None for the flip pairing.
+        smoothing: timm's label smoothing in [0, 1].
+        block_k: logits per chunk; None picks one from K.
+        grad: optional preallocated (B, K) output with unit column stride.
+
+    Returns:
+        The (B, K) gradient with respect to ``logits``.
+    """
+    _check_launchable(logits)
+    logits = _rows_contiguous(logits)
+    n_rows, n_cols = logits.shape
+    if grad is None:
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    block = _block_k(n_cols, block_k)
+    _mixup_ce_bwd_kernel[(n_rows,)](
+        logits,
+        logits.stride(0),
+        grad,
+        grad.stride(0),
+        grad_loss,
+        lse,
+        target,
+        target if perm is None else perm,
+        lam,
+        lam.stride(0),
+        n_rows,
+        n_cols,
+        float(smoothing),
+        HAS_PERM=perm is not None,
+        ROUND_BF16=grad.dtype == torch.bfloat16 and _interpreting(),
+        BLOCK_K=block,
+        num_warps=_num_warps(block),
+    )
+    return grad

@@ -1,0 +1,320 @@
+"""Losses for mixup training: timm's soft-target cross-entropy and a mixup cross-entropy without targets.
+
+``mixup_cross_entropy(logits, target, lam, perm)`` gives the same loss and gradient as
+``SoftTargetCrossEntropy()(logits, mixup_target(target, K, lam, smoothing))`` but never builds the (B, K)
+soft-target matrix: each row needs its logsumexp, the logits of its own class and of its partner's class,
+and (with smoothing) the sum of its logits. CUDA tensors run a Triton forward/backward pair
+(``mixrecipe.kernels.cross_entropy``); CPU tensors an eager path (one log_softmax, two gathers). The op is a
+``torch.library.custom_op`` with a fake and an autograd formula, so ``torch.compile(fullgraph=True)`` traces
+through it. Math is fp32 for fp16/bf16/fp32 logits (fp64 logits stay fp64 and take the eager path); the loss
+comes back in fp32, the gradient in the logits' dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixrecipe.kernels.cross_entropy import mixup_ce_bwd, mixup_ce_fwd
+
+__all__ = ["SoftTargetCrossEntropy", "mixup_cross_entropy", "triton_on_cpu"]
+
+_REDUCTIONS = ("mean", "sum", "none")
+_LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# When True, CPU tensors also go through the Triton kernels (needs TRITON_INTERPRET=1): for tests.
+_use_triton_on_cpu = False
+
+
+@contextlib.contextmanager
+def triton_on_cpu(enabled: bool = True):
+    """Run CPU tensors through the Triton kernels (under the interpreter) inside this block.
+
+    Args:
+        enabled: the value of the switch inside the block.
+    """
+    global _use_triton_on_cpu
+    previous, _use_triton_on_cpu = _use_triton_on_cpu, enabled
+    try:
+        yield
+    finally:
+        _use_triton_on_cpu = previous
+
+
+def _use_triton(logits: torch.Tensor) -> bool:
+    # fp64 is a checking dtype (gradcheck): it keeps fp64 math on the eager path everywhere.
+    if logits.dtype == torch.float64:
+        return False
+    return logits.is_cuda or _use_triton_on_cpu
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Eager path (CPU): the kernels' formula with torch ops, never a (B, K) target matrix
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _partner_targets(target: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    return target.flip(0) if perm is None else target[perm]
+
+
+def _eager_fwd(logits, target, lam, perm, smoothing):
+    # log_softmax is one fused pass on CPU (torch.logsumexp takes about twice as long); it upcasts itself.
+    logp = torch.log_softmax(logits, dim=1, dtype=_compute_dtype(logits))
+    lp_own = logp.gather(1, target.unsqueeze(1)).squeeze(1)
+    lp_mix = logp.gather(1, _partner_targets(target, perm).unsqueeze(1)).squeeze(1)
+    loss = -(1.0 - smoothing) * torch.lerp(lp_mix, lp_own, lam.to(logp.dtype))
+    if smoothing > 0:
+        loss = loss - (smoothing / logp.shape[1]) * logp.sum(dim=1)
+    # The kernels' saved logsumexp, for a backward that takes the Triton path: z - log_softmax(z).
+    lse = logits.gather(1, target.unsqueeze(1)).squeeze(1).to(logp.dtype) - lp_own
+    return loss, lse
+
+
+def _eager_bwd(grad_loss, logits, target, lam, perm, smoothing):
+    dz = torch.softmax(logits, dim=1, dtype=_compute_dtype(logits))  # recomputed: nothing (B, K) saved
+    lam = lam.to(dz.dtype)
+    if smoothing > 0:
+        dz.sub_(smoothing / dz.shape[1])
+    # Subtract the two on-class weights; scatter_add_ sums them when both classes coincide.
+    dz.scatter_add_(1, target.unsqueeze(1), (-(1.0 - smoothing) * lam).unsqueeze(1))
+    mix = _partner_targets(target, perm).unsqueeze(1)
+    dz.scatter_add_(1, mix, (-(1.0 - smoothing) * (1.0 - lam)).unsqueeze(1))
+    dz.mul_(grad_loss.to(dz.dtype).unsqueeze(1))
+    return dz.to(logits.dtype).contiguous()  # the layout the fake promises
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The custom ops: per-row loss (+ logsumexp saved for backward), and its gradient
+# ----------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mixrecipe::mixup_cross_entropy_rows", mutates_args=())
+def _mixup_ce_rows(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    lam: torch.Tensor,
+    perm: torch.Tensor | None,
+    smoothing: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if _use_triton(logits):
+        return mixup_ce_fwd(logits, target, lam, perm, smoothing)
+    return _eager_fwd(logits, target, lam, perm, smoothing)
+
+
+@_mixup_ce_rows.register_fake
+def _(logits, target, lam, perm, smoothing):
+    rows = logits.new_empty(logits.shape[0], dtype=_compute_dtype(logits))
+    return rows, torch.empty_like(rows)
+
+
+@torch.library.custom_op("mixrecipe::mixup_cross_entropy_rows_backward", mutates_args=())
+def _mixup_ce_rows_backward(
+    grad_loss: torch.Tensor,
+    logits: torch.Tensor,
+    lse: torch.Tensor,
+    target: torch.Tensor,
+    lam: torch.Tensor,
+    perm: torch.Tensor | None,
+    smoothing: float,
+) -> torch.Tensor:
+    if _use_triton(logits):
+        # Autograd hands the gradient of a mean over an expanded scalar: make it a plain fp32 vector.
+        grad_loss = grad_loss.to(torch.float32).contiguous()
+        return mixup_ce_bwd(grad_loss, logits, lse, target, lam, perm, smoothing)
+    return _eager_bwd(grad_loss, logits, target, lam, perm, smoothing)
+
+
+@_mixup_ce_rows_backward.register_fake
+def _(grad_loss, logits, lse, target, lam, perm, smoothing):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, target, lam, perm, smoothing = inputs
+    ctx.save_for_backward(logits, output[1], target, lam, perm)
+    ctx.smoothing = smoothing
+
+
+def _backward(ctx, grad_loss, grad_lse):
+    # The logsumexp output is an implementation detail: only the loss carries a gradient.
+    logits, lse, target, lam, perm = ctx.saved_tensors
+    grad = None
+    if ctx.needs_input_grad[0]:
+        grad = _mixup_ce_rows_backward(grad_loss, logits, lse, target, lam, perm, ctx.smoothing)
+    return grad, None, None, None, None
+
+
+_mixup_ce_rows.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation: shapes always; values only for CPU tensors (no host-device sync) and outside torch.compile
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _checking_values(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _check_logits(logits) -> None:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be 2-D (B, K), got shape {tuple(logits.shape)}")
+    if logits.dtype not in _LOGIT_DTYPES:
+        raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+    if logits.shape[0] == 0 or logits.shape[1] == 0:
+        raise ValueError(f"logits must have at least one row and one class, got shape {tuple(logits.shape)}")
+
+
+def _check_target(target, logits: torch.Tensor) -> torch.Tensor:
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor of class indices, got {type(target).__name__}")
+    if target.is_floating_point() or target.is_complex():
+        raise TypeError(
+            "target must hold integer class indices (B,); for dense (B, K) soft targets use "
+            "mixrecipe.loss.SoftTargetCrossEntropy"
+        )
+    if target.dtype == torch.bool:
+        raise TypeError("target must hold integer class indices, got torch.bool")
+    batch, classes = logits.shape
+    if target.shape != (batch,):
+        raise ValueError(f"target must have shape ({batch},) to match logits, got {tuple(target.shape)}")
+    if target.device != logits.device:
+        raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
+    if _checking_values(target) and bool(((target < 0) | (target >= classes)).any()):
+        raise ValueError(f"target holds a class index outside [0, {classes})")
+    return target.long()
+
+
+def _check_lam(lam, logits: torch.Tensor) -> torch.Tensor:
+    """lam as a (B,) fp32 (fp64 for fp64 logits) tensor on the logits' device; a scalar is expanded."""
+    batch = logits.shape[0]
+    dtype = _compute_dtype(logits)
+    if isinstance(lam, torch.Tensor):
+        if lam.is_complex() or lam.dtype == torch.bool:
+            raise TypeError(f"lam must be a real number or tensor, got {lam.dtype}")
+        if lam.shape not in ((), (batch,)):
+            raise ValueError(f"lam must be a scalar or have shape ({batch},), got {tuple(lam.shape)}")
+        if _checking_values(lam) and not bool(((lam >= 0) & (lam <= 1)).all()):
+            raise ValueError("lam must lie in [0, 1]")
+        lam_t = lam.detach().to(device=logits.device, dtype=dtype)
+    elif isinstance(lam, (int, float)) and not isinstance(lam, bool):
+        if not 0.0 <= lam <= 1.0:  # also rejects NaN
+            raise ValueError(f"lam must lie in [0, 1], got {lam}")
+        lam_t = torch.full((), lam, dtype=dtype, device=logits.device)
+    else:
+        raise TypeError(f"lam must be a float or a tensor, got {type(lam).__name__}")
+    return lam_t.expand(batch) if lam_t.ndim == 0 else lam_t.contiguous()
+
+
+def _check_perm(perm, logits: torch.Tensor) -> torch.Tensor | None:
+    if perm is None:
+        return None
+    batch = logits.shape[0]
+    if not isinstance(perm, torch.Tensor) or perm.is_floating_point() or perm.dtype == torch.bool:
+        raise TypeError("perm must be None or an integer tensor of partner indices")
+    if perm.shape != (batch,):
+        raise ValueError(f"perm must have shape ({batch},) to match logits, got {tuple(perm.shape)}")
+    if perm.device != logits.device:
+        raise ValueError(f"perm is on {perm.device} but logits are on {logits.device}")
+    if _checking_values(perm) and bool(((perm < 0) | (perm >= batch)).any()):
+        raise ValueError(f"perm holds an index outside [0, {batch})")
+    return perm.long().contiguous()
+
+
+def _check_smoothing(label_smoothing) -> float:
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        raise TypeError(f"label_smoothing must be a float, got {type(label_smoothing).__name__}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
+    return float(label_smoothing)
+
+
+def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------------
+
+
+def mixup_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    lam,
+    perm: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Cross-entropy against mixed, smoothed one-hot targets, without building them.
+
+    Equals ``SoftTargetCrossEntropy()(logits, y)`` with ``y_i = lam_i * s(t_i) + (1 - lam_i) * s(t_perm[i])``
+    and ``s`` timm's smoothed one-hot, in value and in gradient.
+
+    Args:
+        logits: (B, K) float16, bfloat16, float32 or float64 logits.
+        target: (B,) integer class indices of the unmixed samples (dense targets: use
+            ``SoftTargetCrossEntropy``).
+        lam: weight of each sample's own label: a float, a 0-d tensor or a (B,) tensor, in [0, 1].
+        perm: (B,) partner indices; None is timm's flip pairing ``perm[i] = B - 1 - i``.
+        label_smoothing: timm's smoothing: off-class value ``label_smoothing / K``.
+        reduction: "mean" (over the batch), "sum" or "none" (per-sample losses).
+
+    Returns:
+        The loss in float32 (float64 for float64 logits): a scalar, or (B,) for ``reduction="none"``.
+    """
+    _check_logits(logits)
+    target = _check_target(target, logits)
+    lam_t = _check_lam(lam, logits)
+    perm = _check_perm(perm, logits)
+    smoothing = _check_smoothing(label_smoothing)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    loss, _ = _mixup_ce_rows(logits, target, lam_t, perm, smoothing)
+    return _reduce(loss, reduction)
+
+
+class SoftTargetCrossEntropy(nn.Module):
+    """timm's ``SoftTargetCrossEntropy``: ``mean_i sum_k -y_ik * log_softmax(x_i)_k``.
+
+    fp32 and fp64 inputs give timm's result bitwise; fp16/bf16 logits take their log_softmax in fp32.
+    Integer class targets (B,) are plain cross-entropy and go through ``mixup_cross_entropy`` with lam=1.
+
+    Args:
+        reduction: "mean" (timm's), "sum" or "none".
+    """
+
+    def __init__(self, reduction: str = "mean"):
+        super().__init__()
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        self.reduction = reduction
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Args:
+        x: (..., K) logits.
+        target: (..., K) soft targets (rows summing to 1), or (B,) integer class indices for 2-D x.
+        """
+        if not target.is_floating_point():
+            return mixup_cross_entropy(x, target, 1.0, reduction=self.reduction)
+        if target.shape != x.shape:
+            raise ValueError(f"target must have the shape of x {tuple(x.shape)}, got {tuple(target.shape)}")
+        dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None
+        loss = torch.sum(-target * F.log_softmax(x, dim=-1, dtype=dtype), dim=-1)
+        return _reduce(loss, self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction!r}"

@@ -1,0 +1,366 @@
+"""Tests of mixrecipe.loss and its Triton kernels (run through the interpreter when there is no GPU)."""
+
+import contextlib
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mixrecipe.kernels.cross_entropy import mixup_ce_bwd, mixup_ce_fwd
+from mixrecipe.loss import SoftTargetCrossEntropy, mixup_cross_entropy, triton_on_cpu
+from mixrecipe.reference import flip_perm, mixup_target_reference
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# (rtol, atol) against the float64 reference. The loss is always computed and returned in fp32 from the
+# exactly upcast logits, so only the gradient's tolerance depends on the logits' dtype: half an ulp of
+# round-to-nearest (2**-11 for fp16, 2**-8 for bf16, relative), which also catches the interpreter's
+# truncating fp32 -> bf16 cast (up to a whole ulp) if the kernel's hand rounding were lost.
+LOSS_TOL = (2e-6, 2e-6)
+GRAD_TOL = {
+    torch.float32: (1e-5, 1e-7),
+    torch.float16: (5e-4, 1e-6),
+    torch.bfloat16: (4e-3, 1e-6),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PyTorch reference: dense soft targets from mixrecipe.reference, soft-target CE, all in float64
+# ----------------------------------------------------------------------------------------------------------
+
+
+def dense_reference(logits, target, lam, perm=None, smoothing=0.0, reduction="mean", weights=None):
+    """(loss, d loss / d logits) in float64, through the (B, K) target matrix and autograd."""
+    num_classes = logits.shape[1]
+    y = mixup_target_reference(target.cpu(), num_classes, _cpu(lam), _cpu(perm), smoothing).double()
+    x = logits.detach().cpu().double().requires_grad_()
+    rows = -(y * torch.log_softmax(x, dim=-1)).sum(-1)
+    loss = {"mean": rows.mean, "sum": rows.sum, "none": lambda: rows}[reduction]()
+    upstream = loss if weights is None else (loss * weights.cpu().double()).sum()
+    upstream.backward(torch.ones_like(upstream))
+    return loss.detach(), x.grad
+
+
+def _cpu(value):
+    return value.cpu() if isinstance(value, torch.Tensor) else value
+
+
+def run_loss(logits, target, lam, perm=None, smoothing=0.0, reduction="mean", weights=None):
+    """(loss, gradient) from mixup_cross_entropy through autograd."""
+    x = logits.detach().clone().requires_grad_()
+    loss = mixup_cross_entropy(x, target, lam, perm, label_smoothing=smoothing, reduction=reduction)
+    upstream = loss if weights is None else (loss * weights).sum()
+    upstream.backward(torch.ones_like(upstream))
+    return loss.detach(), x.grad
+
+
+def assert_matches(actual, expected, dtype):
+    loss, grad = actual
+    ref_loss, ref_grad = expected
+    assert loss.dtype == torch.float32
+    assert grad.dtype == dtype
+    torch.testing.assert_close(loss.cpu().double(), ref_loss, rtol=LOSS_TOL[0], atol=LOSS_TOL[1])
+    rtol, atol = GRAD_TOL[dtype]
+    torch.testing.assert_close(grad.cpu().double(), ref_grad, rtol=rtol, atol=atol)
+
+
+def path_context(path):
+    """Path "triton" forces the Triton kernels (the interpreter on CPU); "default" is the normal dispatch."""
+    return triton_on_cpu() if path == "triton" else contextlib.nullcontext()
+
+
+def make_batch(batch, classes, dtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    logits = (3 * torch.randn(batch, classes, generator=gen)).to(device=device, dtype=dtype)
+    target = torch.randint(0, classes, (batch,), generator=gen).to(device)
+    return logits, target, gen
+
+
+def make_lam(kind, batch, gen, device):
+    if kind == "float":
+        return 0.3
+    if kind == "tensor0d":
+        return torch.tensor(0.65, device=device)
+    return torch.rand(batch, generator=gen).to(device)
+
+
+def make_perm(kind, batch, gen, device):
+    if kind == "flip":
+        return None
+    if kind == "identity":
+        return torch.arange(batch, device=device)
+    return torch.randperm(batch, generator=gen).to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Value and gradient against the reference
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["default", "triton"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("perm_kind", ["flip", "random", "identity"])
+@pytest.mark.parametrize("lam_kind", ["float", "tensor0d", "per_sample"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_dense_reference(device, dtype, lam_kind, perm_kind, smoothing, path):
+    logits, target, gen = make_batch(7, 37, dtype, device)
+    lam = make_lam(lam_kind, 7, gen, device)
+    perm = make_perm(perm_kind, 7, gen, device)
+    with path_context(path):
+        actual = run_loss(logits, target, lam, perm, smoothing)
+    assert_matches(actual, dense_reference(logits, target, lam, perm, smoothing), dtype)
+
+
+@pytest.mark.parametrize("path", ["default", "triton"])
+@pytest.mark.parametrize("batch, classes", [(1, 2), (1, 37), (2, 5), (7, 2), (6, 130), (3, 1)])
+def test_weird_shapes(device, batch, classes, path):
+    logits, target, gen = make_batch(batch, classes, torch.float32, device, seed=batch * 1000 + classes)
+    lam = torch.rand(batch, generator=gen).to(device)
+    with path_context(path):
+        actual = run_loss(logits, target, lam, smoothing=0.1)
+    assert_matches(actual, dense_reference(logits, target, lam, None, 0.1), torch.float32)
+
+
+@pytest.mark.parametrize("path", ["default", "triton"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_reductions_and_upstream_gradient(device, reduction, path):
+    # Non-uniform upstream weights check that each row's gradient is scaled by its own grad_output.
+    logits, target, gen = make_batch(5, 19, torch.float32, device)
+    lam, perm = torch.rand(5, generator=gen).to(device), torch.randperm(5, generator=gen).to(device)
+    weights = torch.rand(5, generator=gen).to(device) if reduction == "none" else None
+    with path_context(path):
+        actual = run_loss(logits, target, lam, perm, 0.1, reduction, weights)
+    expected = dense_reference(logits, target, lam, perm, 0.1, reduction, weights)
+    assert actual[0].shape == ((5,) if reduction == "none" else ())
+    assert_matches(actual, expected, torch.float32)
+
+
+@pytest.mark.parametrize("path", ["default", "triton"])
+def test_strided_logits(device, path):
+    # A column slice (row stride > K) and a transposed (column-major) view must read the right logits.
+    base, _, gen = make_batch(6, 50, torch.float32, device)
+    target = torch.randint(0, 37, (6,), generator=gen).to(device)
+    lam = torch.rand(6, generator=gen).to(device)
+    for logits in (base[:, 3:40], base[:, :37].t().contiguous().t()):
+        assert not logits.is_contiguous()
+        with path_context(path):
+            actual = run_loss(logits, target, lam, smoothing=0.1)
+        assert_matches(actual, dense_reference(logits, target, lam, None, 0.1), torch.float32)
+
+
+@pytest.mark.parametrize("path", ["default", "triton"])
+def test_lam_one_and_zero_are_plain_cross_entropy(device, path):
+    logits, target, gen = make_batch(5, 11, torch.float32, device)
+    perm = torch.randperm(5, generator=gen).to(device)
+    with path_context(path):
+        own = mixup_cross_entropy(logits, target, 1.0, perm, label_smoothing=0.1)
+        partner = mixup_cross_entropy(logits, target, 0.0, perm)
+    torch.testing.assert_close(own, F.cross_entropy(logits, target, label_smoothing=0.1))
+    torch.testing.assert_close(partner, F.cross_entropy(logits, target[perm]))
+
+
+def test_float64_gradcheck():
+    # fp64 logits keep fp64 math on the eager path, precise enough for finite differences.
+    logits, target, gen = make_batch(4, 6, torch.float64, "cpu")
+    lam, perm = torch.rand(4, generator=gen, dtype=torch.float64), torch.randperm(4, generator=gen)
+    fn = lambda x: mixup_cross_entropy(x, target, lam, perm, label_smoothing=0.1, reduction="none")
+    assert torch.autograd.gradcheck(fn, (logits.requires_grad_(),))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Equality with timm
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("batch", [6, 7])
+def test_equals_timm_with_flip_pairing(batch, smoothing):
+    timm_loss = pytest.importorskip("timm.loss")
+    timm_mixup = pytest.importorskip("timm.data.mixup")
+    logits, target, _ = make_batch(batch, 23, torch.float32, "cpu")
+    x_timm = logits.clone().requires_grad_()
+    soft = timm_mixup.mixup_target(target, 23, lam=0.37, smoothing=smoothing)
+    expected = timm_loss.SoftTargetCrossEntropy()(x_timm, soft)
+    expected.backward()
+    loss, grad = run_loss(logits, target, 0.37, None, smoothing)
+    torch.testing.assert_close(loss, expected.detach(), rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(grad, x_timm.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_soft_target_cross_entropy_is_timms_bitwise():
+    timm_loss = pytest.importorskip("timm.loss")
+    logits, target, _ = make_batch(5, 13, torch.float32, "cpu")
+    soft = mixup_target_reference(target, 13, 0.8, None, 0.1)
+    ours_x, timm_x = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ours = SoftTargetCrossEntropy()(ours_x, soft)
+    theirs = timm_loss.SoftTargetCrossEntropy()(timm_x, soft)
+    ours.backward()
+    theirs.backward()
+    assert torch.equal(ours, theirs)
+    assert torch.equal(ours_x.grad, timm_x.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_soft_target_cross_entropy_half_logits_in_fp32(dtype):
+    logits, target, gen = make_batch(5, 13, dtype, "cpu")
+    lam = torch.rand(5, generator=gen)
+    soft = mixup_target_reference(target, 13, lam, None, 0.1)
+    loss = SoftTargetCrossEntropy()(logits, soft)
+    assert loss.dtype == torch.float32
+    expected, _ = dense_reference(logits, target, lam, None, 0.1)
+    torch.testing.assert_close(loss.double(), expected, rtol=2e-6, atol=2e-6)
+    # ...and it agrees with the target-free loss on the same mixed targets.
+    torch.testing.assert_close(loss, mixup_cross_entropy(logits, target, lam, label_smoothing=0.1))
+
+
+def test_soft_target_cross_entropy_integer_targets_and_reduction():
+    logits, target, _ = make_batch(5, 13, torch.float32, "cpu")
+    torch.testing.assert_close(SoftTargetCrossEntropy()(logits, target), F.cross_entropy(logits, target))
+    rows = SoftTargetCrossEntropy(reduction="none")(logits, F.one_hot(target, 13).float())
+    torch.testing.assert_close(rows, F.cross_entropy(logits, target, reduction="none"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The kernels themselves: several K chunks per row, every output written, out-of-range indices
+# ----------------------------------------------------------------------------------------------------------
+
+
+def kernel_run(logits, target, lam, perm, smoothing, block_k):
+    """Launch forward and backward (upstream gradient 1 per row) into NaN-poisoned buffers."""
+    batch = logits.shape[0]
+    poison = dict(dtype=torch.float32, device=logits.device)
+    loss, lse = torch.full((batch,), math.nan, **poison), torch.full((batch,), math.nan, **poison)
+    grad = torch.full_like(logits, math.nan)
+    mixup_ce_fwd(logits, target, lam, perm, smoothing, block_k=block_k, loss=loss, lse=lse)
+    ones = torch.ones(batch, **poison)
+    mixup_ce_bwd(ones, logits, lse, target, lam, perm, smoothing, block_k=block_k, grad=grad)
+    return loss, lse, grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("classes", [5, 16, 37])  # below, equal to, not a multiple of the block
+def test_kernel_chunks_and_writes_everything(device, dtype, classes):
+    logits, target, gen = make_batch(3, classes, dtype, device)
+    lam = torch.rand(3, generator=gen).to(device)
+    perm = torch.tensor([2, 2, 0], device=device)  # not a permutation: the kernel only gathers
+    loss, lse, grad = kernel_run(logits, target, lam, perm, 0.1, block_k=16)
+    ref_loss, ref_grad = dense_reference(logits, target, lam, perm, 0.1, reduction="none")
+    ref_lse = torch.logsumexp(logits.cpu().double(), 1)
+    torch.testing.assert_close(lse.cpu().double(), ref_lse, rtol=2e-6, atol=0)
+    assert_matches((loss, grad), (ref_loss, ref_grad), dtype)
+
+
+def test_kernel_is_deterministic(device):
+    logits, target, gen = make_batch(4, 37, torch.bfloat16, device)
+    lam = torch.rand(4, generator=gen).to(device)
+    first = kernel_run(logits, target, lam, None, 0.1, block_k=16)
+    second = kernel_run(logits, target, lam, None, 0.1, block_k=16)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_kernel_out_of_range_indices_give_nan_not_garbage(device):
+    # On CUDA the wrapper does not check index values (that would sync): the kernel must not read out
+    # of bounds and must flag the row instead.
+    logits, target, _ = make_batch(4, 9, torch.float32, device)
+    bad_target = target.clone()
+    bad_target[1] = 9
+    bad_perm = torch.tensor([3, 2, 7, 0], device=device)
+    lam = torch.full((4,), 0.5, device=device)
+    loss, _, grad = kernel_run(logits, bad_target, lam, None, 0.0, block_k=16)
+    assert torch.isnan(loss[[1, 2]]).all() and torch.isfinite(loss[[0, 3]]).all()  # row 2 pairs with 1
+    assert torch.isnan(grad[1]).all() and torch.isfinite(grad[0]).all()
+    # The target sits in a longer buffer of valid classes, so an unmasked read past row 3 would succeed.
+    padded = torch.cat([target, torch.zeros(8, dtype=target.dtype, device=device)])[:4]
+    loss, _, _ = kernel_run(logits, padded, lam, bad_perm, 0.0, block_k=16)
+    assert torch.isnan(loss[2]) and torch.isfinite(loss[[0, 1, 3]]).all()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch.compile and the op registration
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    # One compile only: the first inductor compile costs ~11 s on the CI machine.
+    logits, target, gen = make_batch(6, 21, torch.float32, "cpu")
+    lam, perm = torch.rand(6, generator=gen), torch.randperm(6, generator=gen)
+
+    def step(x):
+        return mixup_cross_entropy(x * 2.0, target, lam, perm, label_smoothing=0.1) + x.square().mean()
+
+    compiled = torch.compile(step, fullgraph=True)
+    x_eager, x_comp = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    eager, comp = step(x_eager), compiled(x_comp)
+    eager.backward()
+    comp.backward()
+    torch.testing.assert_close(comp, eager)
+    torch.testing.assert_close(x_comp.grad, x_eager.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_eager_and_kernel_rows_agree(dtype):
+    # Both implementations of the op return the per-row loss and the logsumexp the backward reads.
+    logits, target, gen = make_batch(5, 37, dtype, "cpu")
+    lam, perm = torch.rand(5, generator=gen), torch.randperm(5, generator=gen)
+    rows_op = torch.ops.mixrecipe.mixup_cross_entropy_rows
+    eager = rows_op(logits, target, lam, perm, 0.1)
+    with triton_on_cpu():
+        kernel = rows_op(logits, target, lam, perm, 0.1)
+    torch.testing.assert_close(eager[1], torch.logsumexp(logits.float(), 1), rtol=1e-6, atol=1e-6)
+    for ours, theirs in zip(eager, kernel):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
+def test_custom_op_registration():
+    logits, target, gen = make_batch(3, 7, torch.float32, "cpu")
+    lam = torch.rand(3, generator=gen)
+    args = (logits.requires_grad_(), target, lam, flip_perm(3), 0.1)
+    torch.library.opcheck(torch.ops.mixrecipe.mixup_cross_entropy_rows.default, args)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad input: a clear error naming the argument
+# ----------------------------------------------------------------------------------------------------------
+
+_X = torch.randn(4, 5)
+_T = torch.tensor([0, 1, 2, 3])
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(logits=torch.randn(4)), ValueError, "logits"),
+        (dict(logits=torch.randn(4, 5, 2)), ValueError, "logits"),
+        (dict(logits=torch.ones(4, 5, dtype=torch.int64)), TypeError, "logits"),
+        (dict(logits=_X.numpy()), TypeError, "logits"),
+        (dict(target=torch.tensor([0, 1, 2])), ValueError, "target"),
+        (dict(target=torch.tensor([0, 1, 2, 5])), ValueError, "target"),
+        (dict(target=torch.tensor([0, -1, 2, 3])), ValueError, "target"),
+        (dict(target=torch.rand(4, 5)), TypeError, "SoftTargetCrossEntropy"),
+        (dict(lam=torch.rand(3)), ValueError, "lam"),
+        (dict(lam=torch.rand(4, 1)), ValueError, "lam"),
+        (dict(lam=1.5), ValueError, "lam"),
+        (dict(lam=-0.1), ValueError, "lam"),
+        (dict(lam=math.nan), ValueError, "lam"),
+        (dict(lam=torch.tensor([0.1, 0.2, 1.2, 0.3])), ValueError, "lam"),
+        (dict(lam="0.5"), TypeError, "lam"),
+        (dict(perm=torch.tensor([0, 1, 2])), ValueError, "perm"),
+        (dict(perm=torch.tensor([0, 1, 2, 4])), ValueError, "perm"),
+        (dict(perm=torch.tensor([0.0, 1.0, 2.0, 3.0])), TypeError, "perm"),
+        (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
+        (dict(reduction="avg"), ValueError, "reduction"),
+    ],
+)
+def test_bad_input(kwargs, error, match):
+    call = dict(logits=_X, target=_T, lam=0.5, perm=None, label_smoothing=0.0, reduction="mean")
+    call.update(kwargs)
+    with pytest.raises(error, match=match):
+        mixup_cross_entropy(**call)
+
+
+def test_soft_target_cross_entropy_bad_input():
+    with pytest.raises(ValueError, match="target"):
+        SoftTargetCrossEntropy()(_X, torch.rand(4, 6))
+    with pytest.raises(ValueError, match="reduction"):
+        SoftTargetCrossEntropy(reduction="avg")
