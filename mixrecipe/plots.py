@@ -1,0 +1,102 @@
+"""The run's pictures: ``curves.png`` (loss and accuracy per epoch) and ``mixup_preview.png``.
+
+matplotlib is imported lazily with the Agg backend, so training on a headless machine never needs a display.
+Both files are written atomically (to a temporary name, then renamed).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+__all__ = ["plot_curves", "plot_mixup_preview"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str) -> None:
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def plot_curves(history: list[dict], path: str) -> None:
+    """Loss (train and val) and validation accuracy (top-1, top-5) against the epoch.
+
+    Args:
+        history: the metrics.jsonl records, one per epoch.
+        path: the PNG to write.
+    """
+    plt = _pyplot()
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train (mixed targets)")
+    ax_loss.plot(epochs, [h["val_loss"] for h in history], "o-", label="val")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("cross-entropy")
+    ax_loss.set_title("loss")
+    ax_loss.legend()
+    ax_acc.plot(epochs, [h["val_top1"] for h in history], "o-", label="val top-1")
+    ax_acc.plot(epochs, [h["val_top5"] for h in history], "o-", label="val top-5")
+    if history and "train_fit_noisy" in history[0]:
+        ax_acc.plot(epochs, [h["train_fit_noisy"] for h in history], "o--",
+                    label="train: corrupted labels fitted")
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylabel("%")
+    ax_acc.set_title("accuracy")
+    ax_acc.legend()
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_mixup_preview(images, labels_a, labels_b, lam, classes, path: str, title: str = "", cols: int = 4):
+    """A grid of mixed training images, each titled with its two labels and their weights.
+
+    Args:
+        images: (N, C, H, W) float tensor in [0, 1] (already de-normalized).
+        labels_a, labels_b: (N,) class indices of each image and of its partner.
+        lam: (N,) weight of labels_a.
+        classes: class names.
+        path: the PNG to write.
+        title: figure title.
+        cols: images per row.
+    """
+    plt = _pyplot()
+    n = images.shape[0]
+    cols = min(cols, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.9 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i in range(n):
+        ax = axes.flat[i]
+        img = images[i].detach().float().clamp(0, 1).cpu()
+        if img.shape[0] == 1:
+            ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1)
+        else:
+            ax.imshow(img.permute(1, 2, 0).numpy())
+        a, b, w = int(labels_a[i]), int(labels_b[i]), float(lam[i])
+        if a == b:
+            text = f"{classes[a]} 1.00\n(λ={w:.2f}, same class)"
+        else:
+            parts = sorted([(w, classes[a]), (1.0 - w, classes[b])], reverse=True)  # dominant label first
+            text = "\n".join(f"{name} {weight:.2f}" for weight, name in parts)
+        ax.set_title(text, fontsize=9)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
