@@ -1,0 +1,688 @@
+"""Mixup and CutMix policy: timm's ``Mixup`` call on top of the one-pass fused op.
+
+``mixup_fn = Mixup(...)`` then ``x, y = mixup_fn(x, y)``, with timm's arguments and meanings, except that:
+
+- the images, the CutMix box and the labels are done by ONE ``mixrecipe.ops.mix`` call (one pass over the
+  batch, in place for timm's flip pairing); a CutMix box is not a second pass;
+- any batch size works (timm asserts an even one): with the flip pairing the middle row of an odd batch
+  pairs with itself and stays as it is;
+- ``pairing="random"`` draws a fresh partner permutation per call (fastai / Composer style, out of place);
+- every random quantity (λ ~ Beta(α, α), apply/switch coins, boxes, permutations) is a torch tensor drawn
+  with a ``torch.Generator``, so runs are reproducible; nothing is read back to the host, so a CUDA batch
+  costs no host-device synchronization per call. "No mixing this time" is λ = 1 (an exact identity), never
+  a Python branch on a drawn value;
+- uint8 batches are normalized (``mean``/``std``) and converted by the same pass.
+
+Small sampling helpers come first (``sample_beta``, ``rand_box``, ``rand_box_minmax``, ``box_lam``,
+``cutmix_box_and_lam``, ``random_involution``), then ``cutmix`` (CutMix alone), then the ``Mixup`` class.
+
+Random draws happen on the generator's device (a CPU ``torch.Generator()`` by default when one is given;
+without one, on the batch's device with that device's default generator, seeded by ``torch.manual_seed``)
+and the results are moved to the batch's device with ``non_blocking=True``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+__all__ = [
+    "sample_beta",
+    "rand_box",
+    "rand_box_minmax",
+    "box_lam",
+    "cutmix_box_and_lam",
+    "random_involution",
+    "cutmix",
+    "MixParams",
+    "MixedBatch",
+    "Mixup",
+]
+
+_MODES = ("batch", "pair", "elem")
+_PAIRINGS = ("flip", "random")
+_OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------------
+# Small helpers: devices and uniform draws.
+# --------------------------------------------------------------------------------------------------
+def _gen_device(generator: torch.Generator | None, device=None) -> torch.device:
+    """Where draws happen: the generator's device, else ``device`` (its default generator), else CPU."""
+    if generator is not None:
+        return generator.device
+    return torch.device(device) if device is not None else torch.device("cpu")
+
+
+def _to(t: Tensor, device) -> Tensor:
+    """Move without a host-device synchronization (a blocking copy only when the destination is the CPU)."""
+    device = torch.device(device)
+    if t.device == device:
+        return t
+    return t.to(device, non_blocking=device.type != "cpu")
+
+
+def _uniform(size, generator, device) -> Tensor:
+    """U[0, 1) in float64, drawn with ``generator`` on its device and moved to ``device``."""
+    u = torch.rand(size, generator=generator, device=_gen_device(generator, device), dtype=torch.float64)
+    return _to(u, device)
+
+
+def _randint_below(high: Tensor, generator) -> Tensor:
+    """A uniform integer in [0, high) per element of the (positive, integer-valued) float64 ``high``."""
+    u = _uniform(high.shape, generator, high.device)
+    return torch.minimum((u * high).floor(), high - 1)
+
+
+def _size(size) -> tuple[int, ...]:
+    if isinstance(size, int):
+        return (size,)
+    return tuple(int(s) for s in size)
+
+
+def _check_alpha(name: str, alpha, allow_zero: bool = True) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
+        raise ValueError(f"{name} must be a finite real number, got {alpha!r}")
+    alpha = float(alpha)
+    if alpha < 0 or (alpha == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {alpha}")
+    return alpha
+
+
+def _check_prob(name: str, p) -> float:
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= float(p) <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
+    return float(p)
+
+
+def _check_minmax(minmax):
+    if minmax is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in minmax)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"cutmix_minmax must be a pair (min, max) of image fractions, got {minmax!r}"
+        ) from None
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"cutmix_minmax must satisfy 0 <= min <= max <= 1, got {minmax!r}")
+    return (lo, hi)
+
+
+def _image_hw(img_shape) -> tuple[int, int]:
+    if len(img_shape) < 2:
+        raise ValueError(f"img_shape must end with (H, W), got {tuple(img_shape)}")
+    h, w = int(img_shape[-2]), int(img_shape[-1])
+    if h < 1 or w < 1:
+        raise ValueError(f"image height and width must be >= 1, got {h}x{w}")
+    return h, w
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling helpers.
+# --------------------------------------------------------------------------------------------------
+def sample_beta(alpha: float, size=(), *, generator=None, device=None, dtype=torch.float32) -> Tensor:
+    """Draw λ ~ Beta(alpha, alpha) as a tensor, with no host-device synchronization.
+
+    Uses Beta(a, a) = G1 / (G1 + G2) with G1, G2 ~ Gamma(a), computed in log space as
+    ``sigmoid(log G1 - log G2)`` with ``log G(a) = log G(a + 1) + log(U) / a`` (U uniform in (0, 1]).
+    The log form never underflows to 0/0, which the plain ratio does in float32 for small alpha
+    (e.g. the ImageNet default alpha = 0.2) and in float64 for tiny alpha.
+
+    Args:
+        alpha: concentration, > 0.
+        size: shape of the result (an int or a tuple; ``()`` for one λ).
+        generator: a ``torch.Generator``; draws happen on its device. None: the default generator of
+            ``device`` (CPU when ``device`` is None).
+        device: device of the result (default: the generator's device, else CPU).
+        dtype: dtype of the result.
+
+    Returns:
+        A tensor of shape ``size`` with values in [0, 1].
+    """
+    alpha = _check_alpha("alpha", alpha, allow_zero=False)
+    size = _size(size)
+    draw_device = _gen_device(generator, device)
+    conc = torch.full((2,) + size, alpha + 1.0, dtype=torch.float64, device=draw_device)
+    gamma = torch._standard_gamma(conc, generator=generator)
+    u = 1.0 - torch.rand((2,) + size, generator=generator, device=draw_device, dtype=torch.float64)
+    log_g = gamma.log() + u.log() / alpha
+    lam = torch.sigmoid(log_g[0] - log_g[1]).to(dtype)
+    return _to(lam, device if device is not None else draw_device)
+
+
+def rand_box(img_shape, lam, *, generator=None) -> Tensor:
+    """timm's ``rand_bbox`` with tensors: a box of side fraction sqrt(1 - λ), centred uniformly, clipped.
+
+    ``cut_h = floor(H * sqrt(1 - λ))``, centre ``cy`` uniform in [0, H), ``y0 = clip(cy - cut_h // 2)``,
+    ``y1 = clip(cy + (cut_h + 1) // 2)`` to [0, H]; the same along W. Boxes clipped by the border keep
+    less area than 1 - λ: see :func:`box_lam` for the corrected λ.
+
+    Args:
+        img_shape: a shape ending in (H, W), e.g. ``x.shape``.
+        lam: λ as a float or a tensor of any shape (one box per element).
+        generator: ``torch.Generator`` for the centres (drawn on its device, then moved to lam's device).
+
+    Returns:
+        int32 tensor of shape ``lam.shape + (4,)``: (y0, y1, x0, x1), half-open, on lam's device.
+    """
+    h, w = _image_hw(img_shape)
+    lam = torch.as_tensor(lam, dtype=torch.float64, device=None if isinstance(lam, Tensor)
+                          else _gen_device(generator)).double()
+    ratio = (1.0 - lam).clamp(0.0, 1.0).sqrt()
+    cut_h, cut_w = (h * ratio).floor(), (w * ratio).floor()
+    cy = _randint_below(torch.full_like(lam, h), generator)
+    cx = _randint_below(torch.full_like(lam, w), generator)
+    y0 = (cy - (cut_h / 2).floor()).clamp(0, h)
+    y1 = (cy + ((cut_h + 1) / 2).floor()).clamp(0, h)
+    x0 = (cx - (cut_w / 2).floor()).clamp(0, w)
+    x1 = (cx + ((cut_w + 1) / 2).floor()).clamp(0, w)
+    return torch.stack([y0, y1, x0, x1], dim=-1).to(torch.int32)
+
+
+def rand_box_minmax(img_shape, minmax, size=(), *, generator=None, device=None) -> Tensor:
+    """timm's ``rand_bbox_minmax`` with tensors: side fractions uniform in [min, max), box fully inside.
+
+    ``cut_h`` is uniform over the integers in [int(H * min), int(H * max)) (at least one value, where
+    timm raises), the top-left corner uniform over the positions that keep the box inside the image.
+
+    Args:
+        img_shape: a shape ending in (H, W).
+        minmax: (min, max) fractions of the image side, 0 <= min <= max <= 1.
+        size: number/shape of boxes (``()`` for one).
+        generator: ``torch.Generator`` (draws on its device).
+        device: device of the result (default: the generator's device, else CPU).
+
+    Returns:
+        int32 tensor of shape ``size + (4,)``: (y0, y1, x0, x1), half-open.
+    """
+    h, w = _image_hw(img_shape)
+    lo_f, hi_f = _check_minmax(minmax)
+    size = _size(size)
+    device = _gen_device(generator, device) if device is None else torch.device(device)
+    sides = []
+    for n in (h, w):
+        lo = int(n * lo_f)
+        hi = max(int(n * hi_f), lo + 1)
+        cut = lo + _randint_below(torch.full(size, float(hi - lo), dtype=torch.float64, device=device),
+                                  generator)
+        cut = cut.clamp(max=n)
+        start = _randint_below(n - cut + 1, generator)
+        sides += [start, start + cut]
+    return torch.stack(sides, dim=-1).to(torch.int32)
+
+
+def box_lam(box, img_shape, dtype=torch.float32) -> Tensor:
+    """The kept-area fraction ``1 - box_area / (H * W)`` of each box: timm's corrected CutMix λ.
+
+    Args:
+        box: integer tensor (..., 4) of (y0, y1, x0, x1), half-open.
+        img_shape: a shape ending in (H, W).
+        dtype: dtype of the result.
+
+    Returns:
+        A tensor of shape ``box.shape[:-1]``.
+    """
+    h, w = _image_hw(img_shape)
+    b = torch.as_tensor(box).double()
+    area = (b[..., 1] - b[..., 0]).clamp(min=0) * (b[..., 3] - b[..., 2]).clamp(min=0)
+    return (1.0 - area / float(h * w)).to(dtype)
+
+
+def cutmix_box_and_lam(img_shape, lam, *, minmax=None, correct_lam=True, generator=None):
+    """timm's ``cutmix_bbox_and_lam`` with tensors: random box(es) and the label weight.
+
+    Args:
+        img_shape: a shape ending in (H, W).
+        lam: the sampled λ: a float or a tensor (one box per element).
+        minmax: (min, max) side fractions: boxes from :func:`rand_box_minmax` instead of λ.
+        correct_lam: replace λ by the kept area of the (clipped) box. Always done with ``minmax``, as timm.
+        generator: ``torch.Generator`` for the box positions.
+
+    Returns:
+        (box, lam_y): int32 boxes ``lam.shape + (4,)`` and float32 label weights ``lam.shape``, on lam's
+        device (the generator's, or CPU, for a float lam).
+    """
+    lam = torch.as_tensor(lam, dtype=torch.float64, device=None if isinstance(lam, Tensor)
+                          else _gen_device(generator))
+    if minmax is not None:
+        box = rand_box_minmax(img_shape, minmax, lam.shape, generator=generator)
+        box = _to(box, lam.device)
+    else:
+        box = rand_box(img_shape, lam, generator=generator)
+    if correct_lam or minmax is not None:
+        return box, box_lam(box, img_shape)
+    return box, lam.float()
+
+
+def random_involution(n: int, *, generator=None, device=None) -> tuple[Tensor, Tensor]:
+    """A uniformly random pairing of range(n): ``perm[perm[i]] == i``; for odd n one sample pairs with itself.
+
+    Args:
+        n: number of samples, >= 1.
+        generator: ``torch.Generator`` (draws on its device).
+        device: device of the result (default: the generator's device, else CPU).
+
+    Returns:
+        (perm, pair): int64 tensors (n,); ``pair[i]`` in [0, (n + 1) // 2) numbers i's pair (the same
+        for i and perm[i]); the unpaired sample of an odd n has pair ``n // 2``.
+    """
+    device = _gen_device(generator, device) if device is None else torch.device(device)
+    sigma = torch.randperm(n, generator=generator, device=_gen_device(generator, device))
+    sigma = _to(sigma, device)
+    pos = torch.arange(n, device=device)
+    partner_pos = pos ^ 1
+    partner_pos = torch.where(partner_pos < n, partner_pos, pos)  # odd n: the last position stays alone
+    inv = torch.empty_like(sigma).scatter_(0, sigma, pos)  # inv[sigma[k]] = k
+    return sigma[partner_pos[inv]], inv // 2
+
+
+# --------------------------------------------------------------------------------------------------
+# CutMix alone.
+# --------------------------------------------------------------------------------------------------
+def cutmix(
+    x: Tensor,
+    target: Tensor | None = None,
+    *,
+    alpha: float = 1.0,
+    lam=None,
+    box=None,
+    perm: Tensor | None = None,
+    per_sample: bool = False,
+    minmax=None,
+    correct_lam: bool = True,
+    num_classes: int | None = None,
+    label_smoothing: float = 0.0,
+    generator: torch.Generator | None = None,
+    mean=None,
+    std=None,
+    out_dtype: torch.dtype | None = None,
+    inplace: bool = False,
+):
+    """CutMix alone, in one pass: paste each partner's box into each image and weight the labels.
+
+    ``x[i]`` keeps its own pixels outside the box and takes ``x[perm[i]]``'s pixels inside it; its label
+    is ``lam_y * y[i] + (1 - lam_y) * y[perm[i]]`` with ``lam_y`` the kept area (``correct_lam``).
+
+    Without ``box``: λ ~ Beta(alpha, alpha) (or the given ``lam``) and a box of side fraction
+    sqrt(1 - λ) at a uniform centre, clipped (timm's ``rand_bbox``); one for the whole batch, or one
+    per sample with ``per_sample=True``; ``minmax`` draws the box sides instead (timm's
+    ``cutmix_minmax``). With ``box``: that box, and ``lam`` (if given) as the label weight.
+
+    For the index-target loss (``mixup_cross_entropy``) use ``Mixup(mixup_alpha=0., cutmix_alpha=alpha,
+    ...).mix_batch(x, y)``, which returns the per-sample label weights instead of soft targets; to build
+    your own, :func:`cutmix_box_and_lam` gives boxes and label weights and ``mixrecipe.ops.mix`` applies them.
+
+    Args:
+        x: (B, C, H, W) images: float32/float16/bfloat16, or uint8 (normalized with mean/std into a float
+            ``out_dtype``, float32 by default).
+        target: (B,) class indices, (B, K) float targets, or None.
+        alpha: Beta(alpha, alpha) concentration for λ when neither ``lam`` nor ``box`` is given.
+        lam: a float, 0-d or (B,) tensor: λ for the random box, or the label weight of a given ``box``.
+        box: (4,) or (B, 4) integer (y0, y1, x0, x1), half-open, on x's device; None for a random one.
+        perm: partner of each sample: None for timm's flip (i <-> B-1-i), or a LongTensor permutation on
+            x's device, e.g. ``torch.randperm(B, device=x.device)`` (out of place).
+        per_sample: draw one λ and box per sample instead of one per batch.
+        minmax: (min, max) side fractions of the random box (timm's ``cutmix_minmax``).
+        correct_lam: label weight = kept area of the clipped box (else the sampled λ).
+        num_classes: K, needed for class-index targets.
+        label_smoothing: timm's label smoothing, applied before mixing.
+        generator: ``torch.Generator`` for λ and the box (draws on its device; the result is moved to x's
+            device without synchronizing). None: x's device default generator.
+        mean, std: per-channel normalization fused into the pass (uint8 is scaled to [0, 1] first).
+        out_dtype: dtype of the result (default: x's, float32 for uint8).
+        inplace: write into x (flip pairing and unchanged dtype only).
+
+    Returns:
+        (x_mixed, soft_target): soft_target is (B, K) float32, or None without ``target``.
+    """
+    if not isinstance(x, Tensor) or x.ndim != 4:
+        raise ValueError(f"cutmix needs x of shape (B, C, H, W), got "
+                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    batch = x.shape[0]
+    if batch < 1:
+        raise ValueError("cutmix needs a batch of at least one sample")
+    if box is None:
+        minmax = _check_minmax(minmax)
+        if lam is None:
+            alpha = _check_alpha("alpha", alpha, allow_zero=False)
+            lam = sample_beta(alpha, (batch,) if per_sample else (), generator=generator,
+                              device=_gen_device(generator, x.device), dtype=torch.float64)
+        elif not isinstance(lam, Tensor):
+            lam = torch.full((batch,) if per_sample else (), float(lam), dtype=torch.float64,
+                             device=_gen_device(generator, x.device))
+        box, lam_y = cutmix_box_and_lam(x.shape, lam, minmax=minmax, correct_lam=correct_lam,
+                                        generator=generator)
+        box, lam_y = _to(box, x.device), _to(lam_y, x.device)
+    else:
+        box = torch.as_tensor(box, device=x.device)
+        lam_y = lam if lam is not None else box_lam(box, x.shape)
+    if x.dtype == torch.uint8 and out_dtype is None:
+        out_dtype = torch.float32
+    return ops.mix(x, target, 1.0, lam_y, perm, box, num_classes=num_classes,
+                   label_smoothing=label_smoothing, mean=mean, std=std, out_dtype=out_dtype,
+                   inplace=inplace)
+
+
+# --------------------------------------------------------------------------------------------------
+# The policy.
+# --------------------------------------------------------------------------------------------------
+class MixParams(NamedTuple):
+    """One call's random parameters, on the batch's device, ready for ``mixrecipe.ops.mix``.
+
+    Attributes:
+        lam_x: own-pixel weight outside the box: 0-d (mode "batch") or (B,) float32; 1 for CutMix samples.
+        lam_y: own-label weight: same shape; the kept area for CutMix samples. May be ``lam_x`` itself.
+        perm: None (flip pairing) or the (B,) int64 partner permutation.
+        box: None (no CutMix possible) or int32 (y0, y1, x0, x1): (4,) in mode "batch", else (B, 4);
+            an empty box (0, 0, 0, 0) where a sample is not CutMixed.
+    """
+
+    lam_x: Tensor
+    lam_y: Tensor
+    perm: Tensor | None
+    box: Tensor | None
+
+
+class MixedBatch(NamedTuple):
+    """A mixed batch for the index-target loss, without the dense (B, K) soft-target matrix.
+
+    ``mixup_cross_entropy(logits, mb.target, mb.lam, mb.perm, label_smoothing=mb.label_smoothing)``
+    equals ``SoftTargetCrossEntropy()(logits, soft_target)`` for the ``soft_target`` that ``Mixup``'s
+    ``__call__`` would return with the same draw.
+
+    Attributes:
+        x: the mixed images.
+        target: the original targets (class indices; pre-smoothed dense targets with ``multi_label``).
+        lam: (B,) float32 label weight of each sample itself, on x's device.
+        perm: None for the flip pairing, else the (B,) int64 partner permutation.
+        label_smoothing: the smoothing to apply in the loss (0.0 with ``multi_label``: already applied).
+    """
+
+    x: Tensor
+    target: Tensor | None
+    lam: Tensor
+    perm: Tensor | None
+    label_smoothing: float
+
+
+class Mixup:
+    """Mixup/CutMix with per-batch, per-pair or per-sample parameters: timm's ``Mixup``, one fused pass.
+
+    Drop-in for ``timm.data.Mixup``: the same arguments and meanings, ``mixup_enabled``, and
+    ``x, soft_target = mixup_fn(x, target)``. Differences: any batch size >= 1; ``pairing="random"``;
+    ``generator`` for reproducible draws; no host-device synchronization on CUDA; uint8 input with
+    ``mean``/``std``; unknown arguments raise ``ValueError`` at construction.
+
+    Per call (timm's order of decisions, as tensors): with probability ``prob`` (per batch in mode
+    ``"batch"``, per pair in ``"pair"``, per sample in ``"elem"``) a sample is mixed, else it is left as is
+    (λ = 1). When both ``mixup_alpha`` and ``cutmix_alpha`` are > 0, CutMix is chosen with probability
+    ``switch_prob``, else Mixup. Mixup: λ ~ Beta(mixup_alpha, mixup_alpha), ``x = λ x + (1 - λ) x_partner``.
+    CutMix: λ ~ Beta(cutmix_alpha, cutmix_alpha), the partner's box (timm's ``rand_bbox``, or
+    ``rand_bbox_minmax`` with ``cutmix_minmax``) replaces the region, and the label weight is the kept area
+    when ``correct_lam`` (always with ``cutmix_minmax``). Labels: timm's ``mixup_target`` with the label
+    weight λ and the same partner.
+
+    Pairing: ``"flip"`` (timm): sample i with B-1-i, in place (``inplace=True``); with an odd B the middle
+    sample pairs with itself and is left as is. ``"random"``: a fresh uniformly random permutation per call
+    (out of place; a sample may draw itself); in mode ``"pair"`` a uniformly random *pairing* (an
+    involution: i and perm[i] mix with each other, with one shared λ and box; with an odd B one sample is
+    left as is). In mode ``"pair"`` both samples of a pair share λ, the CutMix decision and the box.
+
+    Args:
+        mixup_alpha: Beta concentration for Mixup's λ; Mixup is active if > 0.
+        cutmix_alpha: Beta concentration for CutMix's λ; CutMix is active if > 0.
+        cutmix_minmax: (min, max) box side fractions; activates CutMix with boxes drawn from it (and sets
+            ``cutmix_alpha`` to 1.0, as timm).
+        prob: probability of mixing, per batch or per pair/sample (see ``mode``).
+        switch_prob: probability of CutMix instead of Mixup when both are active.
+        mode: ``"batch"`` (one λ and box for the batch), ``"pair"`` (per pair) or ``"elem"`` (per sample).
+        correct_lam: label weight = kept area of the clipped CutMix box.
+        label_smoothing: timm's label smoothing applied to the mixed targets.
+        num_classes: K, number of classes of the targets.
+        multi_label: dense (B, K) multi-label targets, smoothed towards 0.5 (timm's ``multi_label``).
+        pairing: ``"flip"`` or ``"random"`` (see above).
+        generator: ``torch.Generator`` for all draws (on its device; results move to the batch's device
+            without synchronizing). None: the batch device's default generator (``torch.manual_seed``).
+        mean, std: per-channel normalization fused into the pass (uint8 batches; in [0, 1] units).
+        out_dtype: dtype of the mixed images (default: the input's; float32 for uint8).
+        inplace: with flip pairing and an unchanged dtype, mix into the input tensor like timm does.
+
+    Raises:
+        ValueError: bad arguments (negative or non-finite alphas, neither Mixup nor CutMix active, unknown
+            mode or pairing, probabilities outside [0, 1], num_classes < 1, ...).
+    """
+
+    def __init__(
+        self,
+        mixup_alpha: float = 1.0,
+        cutmix_alpha: float = 0.0,
+        cutmix_minmax=None,
+        prob: float = 1.0,
+        switch_prob: float = 0.5,
+        mode: str = "batch",
+        correct_lam: bool = True,
+        label_smoothing: float = 0.1,
+        num_classes: int = 1000,
+        multi_label: bool = False,
+        *,
+        pairing: str = "flip",
+        generator: torch.Generator | None = None,
+        mean=None,
+        std=None,
+        out_dtype: torch.dtype | None = None,
+        inplace: bool = True,
+    ):
+        self.mixup_alpha = _check_alpha("mixup_alpha", mixup_alpha)
+        self.cutmix_alpha = _check_alpha("cutmix_alpha", cutmix_alpha)
+        self.cutmix_minmax = _check_minmax(cutmix_minmax)
+        if self.cutmix_minmax is not None:
+            self.cutmix_alpha = 1.0  # as timm: the box comes from minmax, alpha only decides lam != 1
+        if self.mixup_alpha == 0.0 and self.cutmix_alpha == 0.0:
+            raise ValueError("neither Mixup nor CutMix is active: set mixup_alpha > 0, cutmix_alpha > 0 "
+                             "or cutmix_minmax")
+        self.mix_prob = _check_prob("prob", prob)
+        self.switch_prob = _check_prob("switch_prob", switch_prob)
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+        self.mode = mode
+        self.correct_lam = bool(correct_lam)
+        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real) \
+                or not 0.0 <= float(label_smoothing) <= 1.0:
+            raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing!r}")
+        self.label_smoothing = float(label_smoothing)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
+            raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+        self.num_classes = int(num_classes)
+        self.multi_label = bool(multi_label)
+        if pairing not in _PAIRINGS:
+            raise ValueError(f"pairing must be one of {_PAIRINGS}, got {pairing!r}")
+        self.pairing = pairing
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        self.generator = generator
+        if (mean is None) != (std is None):
+            raise ValueError("mean and std go together: pass both or neither")
+        self.mean, self.std = mean, std
+        if out_dtype is not None and out_dtype not in _OUT_DTYPES:
+            raise ValueError(f"out_dtype must be one of {_OUT_DTYPES} or None, got {out_dtype!r}")
+        self.out_dtype = out_dtype
+        self.inplace = bool(inplace)
+        self.mixup_enabled = True  # set to False to disable mixing (intended to be set by the train loop)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(mixup_alpha={self.mixup_alpha}, cutmix_alpha={self.cutmix_alpha}, "
+                f"cutmix_minmax={self.cutmix_minmax}, prob={self.mix_prob}, switch_prob={self.switch_prob}, "
+                f"mode={self.mode!r}, correct_lam={self.correct_lam}, "
+                f"label_smoothing={self.label_smoothing}, num_classes={self.num_classes}, "
+                f"pairing={self.pairing!r}, mixup_enabled={self.mixup_enabled})")
+
+    # ----------------------------------------------------------------------------------------------
+    # Sampling.
+    # ----------------------------------------------------------------------------------------------
+    def _draw(self, size, img_shape, device):
+        """timm's ``_params_per_batch`` / ``_params_per_elem`` as tensors of shape ``size`` on ``device``.
+
+        Returns (lam_x, lam_y, box) in float64/float64/int32; box is None when CutMix is inactive.
+        """
+        g = self.generator
+        apply = _uniform(size, g, device) < self.mix_prob
+        mixup_on, cutmix_on = self.mixup_alpha > 0.0, self.cutmix_alpha > 0.0
+        if mixup_on and cutmix_on:
+            use_cut = _uniform(size, g, device) < self.switch_prob
+            lam = torch.where(use_cut,
+                              sample_beta(self.cutmix_alpha, size, generator=g, device=device,
+                                          dtype=torch.float64),
+                              sample_beta(self.mixup_alpha, size, generator=g, device=device,
+                                          dtype=torch.float64))
+        else:
+            use_cut = None
+            alpha = self.mixup_alpha if mixup_on else self.cutmix_alpha
+            lam = sample_beta(alpha, size, generator=g, device=device, dtype=torch.float64)
+        lam = torch.where(apply, lam, 1.0)
+        if not cutmix_on:
+            return lam, lam, None
+        cut = apply if use_cut is None else apply & use_cut
+        box, lam_cut = cutmix_box_and_lam(img_shape, lam, minmax=self.cutmix_minmax,
+                                          correct_lam=self.correct_lam, generator=g)
+        box = torch.where(cut.unsqueeze(-1), box, 0)
+        lam_y = torch.where(cut, lam_cut.double(), lam)
+        lam_x = torch.where(cut, 1.0, lam)
+        return lam_x, lam_y, box
+
+    def sample(self, x_shape, device=None) -> MixParams:
+        """Draw one call's parameters for a batch of shape ``x_shape`` (ignores ``mixup_enabled``).
+
+        Args:
+            x_shape: the batch's shape (B, ...); (B, C, H, W) when CutMix is active.
+            device: the batch's device (where the parameters end up; default CPU).
+
+        Returns:
+            :class:`MixParams` on ``device``.
+        """
+        batch = int(x_shape[0])
+        if batch < 1:
+            raise ValueError("the batch must hold at least one sample")
+        if self.cutmix_alpha > 0.0 and len(x_shape) != 4:
+            raise ValueError(f"CutMix needs a batch of shape (B, C, H, W), got {tuple(x_shape)}")
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        draw = _gen_device(self.generator, device)
+        perm = None
+        if self.mode == "batch":
+            lam_x, lam_y, box = self._draw((), x_shape, draw)
+            if self.pairing == "random":
+                perm = torch.randperm(batch, generator=self.generator, device=draw)
+        elif self.mode == "elem":
+            lam_x, lam_y, box = self._draw((batch,), x_shape, draw)
+            if self.pairing == "random":
+                perm = torch.randperm(batch, generator=self.generator, device=draw)
+        else:  # pair: one draw per pair, shared by both samples; the unpaired one (odd B) stays as is
+            n_pairs = (batch + 1) // 2
+            lam_x, lam_y, box = self._draw((n_pairs,), x_shape, draw)
+            if batch % 2:
+                alone = torch.arange(n_pairs, device=draw) == batch // 2
+                lam_x = torch.where(alone, 1.0, lam_x)
+                lam_y = lam_x if box is None else torch.where(alone, 1.0, lam_y)
+                if box is not None:
+                    box = torch.where(alone.unsqueeze(-1), 0, box)
+            if self.pairing == "random":
+                perm, pair = random_involution(batch, generator=self.generator, device=draw)
+            else:
+                idx = torch.arange(batch, device=draw)
+                pair = torch.minimum(idx, batch - 1 - idx)
+            same = lam_y is lam_x
+            lam_x = lam_x[pair]
+            lam_y = lam_x if same else lam_y[pair]
+            if box is not None:
+                box = box[pair]
+        same = lam_y is lam_x
+        lam_x = _to(lam_x.float(), device)
+        lam_y = lam_x if same else _to(lam_y.float(), device)
+        perm = None if perm is None else _to(perm, device)
+        box = None if box is None else _to(box, device)
+        return MixParams(lam_x, lam_y, perm, box)
+
+    # ----------------------------------------------------------------------------------------------
+    # Applying.
+    # ----------------------------------------------------------------------------------------------
+    def _prepare_target(self, target, batch):
+        """-> (target for the op, label smoothing for the op)."""
+        if target is None or not self.multi_label:
+            return target, self.label_smoothing
+        if not isinstance(target, Tensor) or target.ndim != 2 or target.shape != (batch, self.num_classes):
+            got = tuple(target.shape) if isinstance(target, Tensor) else target
+            raise ValueError(f"multi_label mixup expects dense targets of shape ({batch}, "
+                             f"{self.num_classes}), got {got!r}")
+        s = self.label_smoothing
+        return target.float() * (1.0 - s) + 0.5 * s, 0.0
+
+    def _out_dtype(self, x: Tensor):
+        if self.out_dtype is None and x.dtype == torch.uint8:
+            return torch.float32
+        return self.out_dtype
+
+    def _apply(self, x: Tensor, target, with_soft: bool):
+        """-> (x_out, soft or None, op target, label smoothing, lam_y (B,), perm)."""
+        if not isinstance(x, Tensor) or x.ndim < 1:
+            raise ValueError(f"x must be a tensor of shape (B, ...), got "
+                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        batch = x.shape[0]
+        target, smoothing = self._prepare_target(target, batch)
+        out_dtype = self._out_dtype(x)
+        same_dtype = out_dtype is None or out_dtype == x.dtype
+        dense = x.is_contiguous() or (x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last))
+        op_target = target if with_soft else None
+        if not self.mixup_enabled:
+            ones = torch.ones(batch, dtype=torch.float32, device=x.device)
+            if same_dtype and self.mean is None and x.dtype != torch.uint8:
+                soft = None
+                if op_target is not None:
+                    soft = ops.mixup_target(op_target, self.num_classes, 1.0, None, smoothing)
+                return x, soft, target, smoothing, ones, None
+            x_out, soft = ops.mix(x, op_target, 1.0, num_classes=self.num_classes, label_smoothing=smoothing,
+                                  mean=self.mean, std=self.std, out_dtype=out_dtype,
+                                  inplace=self.inplace and same_dtype and dense)
+            return x_out, soft, target, smoothing, ones, None
+        p = self.sample(x.shape, x.device)
+        inplace = self.inplace and p.perm is None and same_dtype and dense
+        x_out, soft = ops.mix(
+            x, op_target, p.lam_x, None if p.lam_y is p.lam_x else p.lam_y, p.perm, p.box,
+            num_classes=self.num_classes, label_smoothing=smoothing, mean=self.mean, std=self.std,
+            out_dtype=out_dtype, inplace=inplace,
+        )
+        lam = p.lam_y.expand(batch) if p.lam_y.ndim == 0 else p.lam_y
+        return x_out, soft, target, smoothing, lam, p.perm
+
+    def __call__(self, x: Tensor, target: Tensor | None):
+        """Mix a batch: ``(x, target) -> (x_mixed, soft_target)`` like timm's ``Mixup``.
+
+        Args:
+            x: (B, C, H, W) images (any (B, ...) for Mixup alone), float32/float16/bfloat16 or uint8.
+            target: (B,) class indices or (B, K) float targets (or None: soft_target is None).
+
+        Returns:
+            (x_mixed, soft_target): x_mixed is ``x`` itself when mixed in place (flip pairing); soft_target
+            is (B, num_classes) float32.
+        """
+        x_out, soft, *_ = self._apply(x, target, with_soft=True)
+        return x_out, soft
+
+    def mix_batch(self, x: Tensor, target: Tensor | None = None) -> MixedBatch:
+        """Mix the images only and return what ``mixup_cross_entropy`` needs instead of soft targets.
+
+        Args:
+            x: the batch, as for ``__call__``.
+            target: (B,) class indices (passed through), or None.
+
+        Returns:
+            :class:`MixedBatch`: ``loss = mixup_cross_entropy(logits, mb.target, mb.lam, mb.perm,
+            label_smoothing=mb.label_smoothing)``.
+        """
+        x_out, _, target, smoothing, lam, perm = self._apply(x, target, with_soft=False)
+        return MixedBatch(x_out, target, lam.contiguous(), perm, smoothing)
