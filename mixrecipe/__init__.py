@@ -1,6 +1,9 @@
 """mixrecipe: mixup training, done right and done fast.
 
 The public API lives here and nothing else. Importing mixrecipe imports neither timm nor fastai.
+
+Note: ``mixrecipe.mixup`` is the op (a function). The module that holds the Mixup policy is also named
+``mixup``; import from it with ``from mixrecipe.mixup import ...`` (or use the names re-exported here).
 """
 
 from .loss import SoftTargetCrossEntropy, mixup_cross_entropy
