@@ -1,0 +1,90 @@
+"""Smoke tests for the speed benchmarks: each script runs in --quick mode on tiny shapes and writes results.
+
+They prove the scripts run end to end (including their own checks of every provider against
+mixrecipe.reference) and that the results files hold the columns DESIGN §6 asks for; they measure nothing.
+CPU runs use one thread (--threads 1): on a loaded 2-core CI machine, two OpenMP threads can stall a
+parallel region for a whole scheduler slice per op, which only makes the smoke test slow. On a machine
+with a GPU the CUDA paths (do_bench, CUDA graphs, kernel counts) run too.
+"""
+
+import csv
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _run(script: str, out: Path, device: str, *extra: str) -> list[dict]:
+    cmd = [sys.executable, str(ROOT / "bench" / script), "--quick", "--device", device, "--threads", "1",
+           "--out", str(out), *extra]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    name = {"bench_mixup.py": "mixup", "bench_loss.py": "loss", "bench_step.py": "step"}[script]
+    with open(out / f"{device}-{name}.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows, "no rows written"
+    assert (out / f"{device}-{name}.md").read_text().count("\n|") > len(rows)  # the table made it
+    for r in rows:
+        assert r["device"], "every row names its device"
+    return rows
+
+
+def _positive(value: str) -> bool:
+    return math.isfinite(float(value)) and float(value) > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bench_mixup_quick(tmp_path, device):
+    extra = ["--no-compile"] if device == "cuda" else []  # compiling each tiny case would dominate
+    rows = _run("bench_mixup.py", tmp_path, device, *extra)
+    assert (tmp_path / f"{device}-mixup.png").stat().st_size > 10_000
+    cases = {r["case"] for r in rows}
+    assert len(cases) == 3 and any("u8->bf16" in c for c in cases)
+    for case in cases:
+        provs = {r["provider"] for r in rows if r["case"] == case and r["mode"] == "eager"}
+        assert {"copy", "ours-op-flip", "ours-op-perm", "eager-lerp", "timm-batch", "timm-elem"} <= provs
+    for r in rows:
+        for col in ("median_ms", "p20_ms", "p80_ms", "gbps", "x_copy"):
+            assert _positive(r[col]), (r["case"], r["provider"], col, r[col])
+        assert float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"])
+        if r["provider"] == "copy":
+            assert float(r["x_copy"]) == 1.0
+        if r["provider"].startswith("ours"):
+            assert _positive(r["vs_timm-batch"]) and _positive(r["vs_eager-lerp"])
+        else:
+            assert r["vs_timm-batch"] == ""
+    # The bytes model: a float case moves 2 * B*N*e (+ labels); the loader case 3 bytes per element.
+    r = next(r for r in rows if r["provider"] == "copy" and "u8->bf16" in r["case"])
+    assert int(r["min_bytes"]) == 8 * 3 * 16 * 16 * 3
+    r = next(r for r in rows if r["provider"] == "ours-op-flip" and "fp32" in r["case"])
+    assert int(r["min_bytes"]) == 8 * 3 * 16 * 16 * 8 + 8 * 8 + 8 * 10 * 4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bench_loss_quick(tmp_path, device):
+    rows = _run("bench_loss.py", tmp_path, device)
+    provs = {r["provider"] for r in rows}
+    assert provs == {"ours-mixup-ce", "ours-dense", "timm-dense", "eager-two-ce", "ce-no-mixup"}
+    for r in rows:
+        assert _positive(r["median_ms"]) and float(r["peak_mib"]) > 0
+    # The gradient alone is B*K*4 bytes: every provider's peak holds at least that much.
+    for r in rows:
+        assert float(r["peak_mib"]) * 2**20 >= int(r["B"]) * int(r["K"]) * 4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bench_step_quick(tmp_path, device):
+    rows = _run("bench_step.py", tmp_path, device)
+    by = {r["variant"]: r for r in rows}
+    assert "off" in by and "timm-Mixup" in by and any(v.startswith("ours") for v in by)
+    assert by["off"]["mix_share_pct"] == ""
+    for name, r in by.items():
+        assert _positive(r["step_median_ms"])
+        if name != "off":
+            assert 0 < float(r["mix_share_pct"]) < 100
