@@ -131,6 +131,25 @@ COLUMNS = [("B", "B"), ("K", "K"), ("dtype", "dtype"), ("provider", "provider"),
            ("vs_ours-dense", "x vs ours-dense"), ("vs_eager-two-ce", "x vs two-CE")]
 
 
+def summary_table(rows: list[dict]) -> str:
+    """One line per (B, K, dtype): each provider's ms, ours' speedup vs timm, peak MiB of ours and timm."""
+    out = []
+    keys = list(dict.fromkeys((r["B"], r["K"], r["dtype"]) for r in rows))
+    names = list(dict.fromkeys(r["provider"] for r in rows))
+    for b, k, dt in keys:
+        by = {r["provider"]: r for r in rows if (r["B"], r["K"], r["dtype"]) == (b, k, dt)}
+        line = {"shape": f"({b}, {k})", "dtype": dt}
+        line.update({n: by[n]["median_ms"] for n in names})
+        line["speedup"] = by["ours-mixup-ce"]["vs_timm-dense"]
+        line["peak_ours"] = by["ours-mixup-ce"]["peak_mib"]
+        line["peak_timm"] = by["timm-dense"]["peak_mib"]
+        out.append(line)
+    cols = [("shape", "(B, K)"), ("dtype", "dtype")] + [(n, f"{n} ms") for n in names]
+    cols += [("speedup", "ours vs timm-dense"), ("peak_ours", "peak MiB ours"),
+             ("peak_timm", "peak MiB timm")]
+    return common.markdown_table(out, cols)
+
+
 def target_checks(rows: list[dict], device: torch.device) -> list[str]:
     lines = []
     for r in rows:
@@ -168,7 +187,8 @@ def main(argv=None) -> None:
     md = [f"# Loss benchmark ({device.type}): forward + backward", "", f"`{common.command_line()}`", "", env,
           "", "Times in ms (median, p20, p80) of one forward + backward; GB/s by the 3·B·K·e bytes model; "
           "peak MiB allocated above the start, the gradient included; `x vs P` is P's time over ours.",
-          "", "## Targets", "", *checks, "", "## All rows", "", common.markdown_table(rows, COLUMNS), ""]
+          "", "## Targets", "", *checks, "", "## Summary", "", summary_table(rows), "",
+          "## All rows", "", common.markdown_table(rows, COLUMNS), ""]
     common.write_text("\n".join(md), stem.with_suffix(".md"))
     print(f"\nwrote {stem}.csv, .md")
 

@@ -14,7 +14,7 @@ Providers (every one gets its own tensor of the same shape, dtype and layout, ma
   timm's flip pairing, one λ, in place (loader cases: uint8 -> normalized bf16, out of place).
 - ``ours-op-perm``: ``mixrecipe.mixup(x, t, lam, perm, ...)`` with a random permutation and per-sample
   λ, out of place: the same work as ``eager-lerp``.
-- ``ours-Mixup-batch`` / ``ours-Mixup-elem``: the policy ``mixrecipe.mixup.Mixup`` with timm's arguments
+- ``ours-Mixup-batch`` / ``ours-Mixup-elem``: the policy ``mixrecipe.Mixup`` with timm's arguments
   (λ ~ Beta(α, α) drawn every call; one λ per batch / per sample; flip pairing, in place).
 - ``eager-lerp``: the fastai / Composer formula in plain torch, ``torch.lerp(x[perm], x, lam)`` with
   per-sample λ, and timm's smoothed one-hot targets (``full`` + ``scatter_``) lerped the same way
@@ -216,12 +216,11 @@ def providers(case: Case, x0: torch.Tensor, target: torch.Tensor, perm: torch.Te
 
 
 def _policy_class():
-    try:
-        from mixrecipe.mixup import Mixup
-    except ImportError as exc:  # the policy is optional for this benchmark: rows are just missing
-        print(f"note: mixrecipe.mixup.Mixup unavailable ({exc}); its rows are skipped", file=sys.stderr)
-        return None
-    return Mixup
+    """``mixrecipe.Mixup``; None (its rows are skipped) where the policy is not there."""
+    policy = getattr(mixrecipe, "Mixup", None)
+    if policy is None:
+        print("note: mixrecipe.Mixup unavailable; its rows are skipped", file=sys.stderr)
+    return policy
 
 
 # --------------------------------------------------------------------------------------------------
@@ -390,6 +389,20 @@ def target_checks(rows: list[dict], device: torch.device) -> list[str]:
     return lines
 
 
+def summary_table(rows: list[dict], mode: str = "eager") -> str:
+    """One line per case: the copy's time in ms, then every provider's time / copy (compact, for README)."""
+    rows = [r for r in rows if r["mode"] == mode]
+    provs = [p for p in ORDER if p != "copy" and any(r["provider"] == p for r in rows)]
+    out = []
+    for case in dict.fromkeys(r["case"] for r in rows):
+        line = {"case": case, "copy": _find(rows, case, "copy", mode)["median_ms"]}
+        for p in provs:
+            r = _find(rows, case, p, mode)
+            line[p] = None if r is None else r["x_copy"]
+        out.append(line)
+    return common.markdown_table(out, [("case", "case"), ("copy", "copy ms")] + [(p, p) for p in provs])
+
+
 def plot(rows: list[dict], path, title: str) -> None:
     """Time relative to the copy, eager mode: one panel per batch shape, bars per provider, log scale."""
     import matplotlib
@@ -463,7 +476,10 @@ def main(argv=None) -> None:
           "Times in ms (median, p20, p80); GB/s by the minimum-bytes model in bench/bench_mixup.py; "
           "`t / copy` is the time over `dst.copy_(x)` of the same batch (loader cases: the bare "
           "uint8 -> bf16 conversion) in the same mode; `x vs P` is P's time over ours.", "",
-          "## Targets", "", *checks, "", "## All rows", "", common.markdown_table(rows, COLUMNS), ""]
+          "## Targets", "", *checks, "", "## Summary: time / copy (eager mode)", "", summary_table(rows), ""]
+    if any(r["mode"] == "graph" for r in rows):
+        md += ["## Summary: time / copy (CUDA-graph mode)", "", summary_table(rows, "graph"), ""]
+    md += ["## All rows", "", common.markdown_table(rows, COLUMNS), ""]
     common.write_text("\n".join(md), stem.with_suffix(".md"))
     plot(rows, stem.with_suffix(".png"),
          f"mixup, time relative to a copy of the batch: {common.device_name(device)}")

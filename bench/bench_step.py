@@ -9,12 +9,12 @@ alpha 0.2 (the ImageNet recipe); on CPU a small 4-conv CNN at 128 x 3 x 32 x 32,
 (the CIFAR recipe). Variants (each with its own copy of the same initial model and optimizer):
 
 - ``off``: no mixup, ``F.cross_entropy(logits, target, label_smoothing=0.1)``.
-- ``ours-Mixup``: ``mixrecipe.mixup.Mixup(mixup_alpha, label_smoothing=0.1, num_classes=K)(x, t)`` (flip
+- ``ours-Mixup``: ``mixrecipe.Mixup(mixup_alpha, label_smoothing=0.1, num_classes=K)(x, t)`` (flip
   pairing, in place) + ``mixrecipe.loss.SoftTargetCrossEntropy``.
 - ``ours-mix_batch``: ``Mixup.mix_batch(x, t)`` + ``mixup_cross_entropy`` (no (B, K) target matrix).
 - ``timm-Mixup``: ``timm.data.Mixup(...)(x, t)`` + ``timm.loss.SoftTargetCrossEntropy``.
 
-When ``mixrecipe.mixup.Mixup`` is unavailable, ``ours-op`` replaces the two ``ours`` variants: a host-drawn
+When ``mixrecipe.Mixup`` is unavailable, ``ours-op`` replaces the two ``ours`` variants: a host-drawn
 Beta(alpha, alpha) lam and ``mixrecipe.mixup(x, t, lam, inplace=True)``.
 
 Per step we time the mixing call (images + soft targets or lam) and the whole step: CUDA events on the
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import sys
 import time
 
 import common
@@ -60,12 +61,11 @@ def build_model(name: str, num_classes: int, quick: bool) -> nn.Module:
 
 
 def _policy_class():
-    try:
-        from mixrecipe.mixup import Mixup
-    except ImportError as exc:
-        print(f"note: mixrecipe.mixup.Mixup unavailable ({exc}); timing the op with a host-drawn lam")
-        return None
-    return Mixup
+    """``mixrecipe.Mixup``; None (its rows are skipped) where the policy is not there."""
+    policy = getattr(mixrecipe, "Mixup", None)
+    if policy is None:
+        print("note: mixrecipe.Mixup unavailable; timing the op with a host-drawn lam", file=sys.stderr)
+    return policy
 
 
 def variants(alpha: float, num_classes: int, gen: np.random.Generator) -> dict:
