@@ -177,3 +177,19 @@ def create_model(
         except TypeError:  # convnets take no img_size
             pass
     return timm.create_model(name, **kwargs)
+
+
+@register_model("wide_mlp")
+def wide_mlp(num_classes: int = 10, in_chans: int = 1, width: int = 1024, size: int = 28,
+             **kwargs) -> nn.Module:
+    """A 2-hidden-layer MLP without dropout or normalization (784-1024-1024-K, ~1.9M parameters for
+    28x28 gray images): enough capacity to memorize thousands of random labels, the model of the
+    corrupted-label benchmark (recipes/fashion_mnist_noise.yaml). Inputs of another size are
+    average-pooled to ``size`` x ``size`` first (an identity for 28x28).
+    """
+    return nn.Sequential(
+        nn.AdaptiveAvgPool2d(size), nn.Flatten(),
+        nn.Linear(in_chans * size * size, width), nn.ReLU(inplace=True),
+        nn.Linear(width, width), nn.ReLU(inplace=True),
+        nn.Linear(width, num_classes),
+    )
