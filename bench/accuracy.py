@@ -60,12 +60,14 @@ class Settings:
     noise_epochs: int
     noise_subset: int
     noise_extra: list[str]
+    spread_seeds: list[int] = field(default_factory=list)  # extra seeds, at spread_level only
+    spread_level: float = 0.5
 
 
 FULL = Settings(
     keras_seeds=[0, 1, 2], keras_epochs=10, keras_extra=[],
     noise_seeds=[0], noise_levels=[0.2, 0.5, 0.8], noise_alphas=[0.0, 1.0, 8.0, 32.0], noise_epochs=60,
-    noise_subset=5000, noise_extra=[],
+    noise_subset=5000, noise_extra=[], spread_seeds=[1], spread_level=0.5,
 )
 QUICK = Settings(
     keras_seeds=[0], keras_epochs=2, keras_extra=["data.val_size=64", "data.train_subset=128"],
@@ -107,16 +109,17 @@ def build_cells(s: Settings, data_root: str | None) -> list[Cell]:
             ov = [f"mixup.alpha={alpha:g}", f"seed={seed}", f"epochs={s.keras_epochs}", *s.keras_extra, *root]
             keras.append(Cell("keras", _method(alpha), alpha, 0.0, seed, s.keras_epochs, KERAS_RECIPE, ov,
                               f"keras_a{alpha:g}_s{seed}", 25.0 * s.keras_epochs))
-    for i, seed in enumerate(s.noise_seeds):
-        for noise in s.noise_levels:
-            for alpha in s.noise_alphas:
-                ov = [f"data.label_noise={noise:g}", f"mixup.alpha={alpha:g}", f"seed={seed}",
-                      f"data.seed={seed}", f"epochs={s.noise_epochs}", f"data.train_subset={s.noise_subset}",
-                      *s.noise_extra, *root]
-                cell = Cell("noise", _method(alpha), alpha, noise, seed, s.noise_epochs, NOISE_RECIPE, ov,
-                            f"noise{round(noise * 100)}_a{alpha:g}_s{seed}", 3.0 * s.noise_epochs,
-                            subset=s.noise_subset)
-                (noise_first if i == 0 else noise_more).append(cell)
+    plan = [(seed, level) for seed in s.noise_seeds for level in s.noise_levels]
+    plan += [(seed, s.spread_level) for seed in s.spread_seeds if seed not in s.noise_seeds]
+    for seed, noise in plan:
+        for alpha in s.noise_alphas:
+            ov = [f"data.label_noise={noise:g}", f"mixup.alpha={alpha:g}", f"seed={seed}",
+                  f"data.seed={seed}", f"epochs={s.noise_epochs}", f"data.train_subset={s.noise_subset}",
+                  *s.noise_extra, *root]
+            cell = Cell("noise", _method(alpha), alpha, noise, seed, s.noise_epochs, NOISE_RECIPE, ov,
+                        f"noise{round(noise * 100)}_a{alpha:g}_s{seed}", 3.0 * s.noise_epochs,
+                        subset=s.noise_subset)
+            (noise_first if seed == s.noise_seeds[0] else noise_more).append(cell)
     return noise_first + keras + noise_more
 
 
@@ -179,6 +182,17 @@ def run_grid(cells: list[Cell], runs: Path, jobs: int, threads: int) -> None:
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         for f in [pool.submit(work, c) for c in todo]:
             f.result()
+
+
+def _add_wall(runs: Path, seconds: float) -> float:
+    """Add this invocation's wall time to ``<runs>/wall_seconds.json``; return the total so far."""
+    path = runs / "wall_seconds.json"
+    total = json.loads(path.read_text())["seconds"] if path.is_file() else 0.0
+    if seconds:
+        runs.mkdir(parents=True, exist_ok=True)
+        total += seconds
+        path.write_text(json.dumps({"seconds": total}) + "\n")
+    return total
 
 
 def _hms(seconds: float) -> str:
@@ -337,7 +351,9 @@ def plot_noise(cells: list[Cell], s: Settings, path: Path, cmd: str) -> None:
             axes[row][j].grid(alpha=0.3)
         axes[0][j].legend(fontsize=8)
     n_seeds = len(s.noise_seeds)
-    seeds = f"mean of {n_seeds} seeds" if n_seeds > 1 else "1 seed"
+    seeds = f"mean of {n_seeds} seeds" if n_seeds > 1 else f"seed {s.noise_seeds[0]}"
+    if s.spread_seeds:
+        seeds += f"; {round(s.spread_level * 100)}%: mean of {n_seeds + len(s.spread_seeds)} seeds"
     fig.suptitle(f"Fashion-MNIST, {s.noise_subset:,} training images with symmetric label noise, wide MLP, "
                  f"{s.noise_epochs} epochs ({seeds})", fontsize=11)
     fig.text(0.01, -0.01, f"made by: {cmd}  (runs: {NOISE_RECIPE})", fontsize=7, color="dimgray")
@@ -353,10 +369,11 @@ def write_report(cells, s: Settings, out: Path, cmd: str, machine: str, wall: fl
         "# Does mixup do what it is for? ERM vs mixup on Fashion-MNIST",
         "",
         f"Made by `{cmd}` on {datetime.date.today().isoformat()}: {machine}. "
-        f"Training time summed over runs: {total_train / 60:.1f} min; this invocation's wall time: "
-        f"{wall / 60:.1f} min. Each run is `python -m mixrecipe.train` (the command in each table; "
-        "the runner adds `output=runs/accuracy/<cell> progress=false preview=false resume=true`); "
-        "per-run metrics are in `accuracy.csv`.",
+        f"Training time summed over runs: {total_train / 60:.1f} min; wall time of the grid (all "
+        f"invocations, resumed ones included): {wall / 60:.1f} min. Each run is "
+        "`python -m mixrecipe.train` (the command in each table; the runner adds "
+        "`output=runs/accuracy/<cell> progress=false preview=false resume=true`); per-run metrics are in "
+        "`accuracy.csv`.",
         "",
     ]
     if quick:
@@ -418,12 +435,15 @@ def write_report(cells, s: Settings, out: Path, cmd: str, machine: str, wall: fl
         "training images (`data.train_subset`) with "
         f"{', '.join(f'{round(v * 100)}%' for v in s.noise_levels)} of their labels moved to a different "
         "random class (`data.label_noise`); test error on the clean "
-        f"10,000 test images after every epoch; seeds {', '.join(map(str, s.noise_seeds))} "
-        "(`seed` and `data.seed`: model init, order, mixup, subset and which labels are corrupted)"
-        + (", one run per cell." if len(s.noise_seeds) == 1 else ", mean ± sample std.")
+        f"10,000 test images after every epoch; seed {', '.join(map(str, s.noise_seeds))} at every level"
+        + (f", plus seed {', '.join(map(str, s.spread_seeds))} at {round(s.spread_level * 100)}% noise to "
+           "measure the spread" if s.spread_seeds else "")
+        + " (`seed` and `data.seed`: model init, order, mixup, subset and which labels are corrupted); "
+        "a cell with one run shows its value, one with more shows mean ± sample std."
         + " Best = the lowest test error over the epochs (an oracle, as in the paper's table), last = after "
         "the final epoch; fitted = % of the corrupted training labels the final model predicts "
-        "(memorization; chance is about 10%).",
+        "(memorization: 100% when every wrong label is learned; a model that ignores them scores about 0% "
+        "here and recovers their true class in the last column).",
         "",
         "| label noise | method | best test error (%) | best epoch | last test error (%) | corrupted labels "
         "fitted (%) | true class recovered on them (%) |",
@@ -475,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="runs at a time")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (OMP_NUM_THREADS)")
     p.add_argument("--noise-seeds", default=None, help="comma-separated seeds of the noise grid")
+    p.add_argument("--spread-seeds", default=None,
+                   help="comma-separated extra seeds of the noise grid at 50%% noise only ('' for none)")
     p.add_argument("--keras-seeds", default=None, help="comma-separated seeds of the Keras runs")
     p.add_argument("--noise-epochs", type=int, default=None)
     p.add_argument("--noise-subset", type=int, default=None)
@@ -486,6 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     s = QUICK if args.quick else FULL
     if args.noise_seeds:
         s.noise_seeds = [int(v) for v in args.noise_seeds.split(",")]
+    if args.spread_seeds is not None:
+        s.spread_seeds = [int(v) for v in args.spread_seeds.split(",") if v.strip()]
     if args.keras_seeds:
         s.keras_seeds = [int(v) for v in args.keras_seeds.split(",")]
     if args.noise_epochs:
@@ -502,7 +526,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if not args.report_only:
         run_grid(cells, runs, args.jobs, args.threads)
-    wall = time.perf_counter() - t0
+    wall = _add_wall(runs, 0.0 if args.report_only else time.perf_counter() - t0)
+    if args.report_only:  # the report names the command that ran the grid
+        cmd = cmd.replace(" --report-only", "")
     for c in cells:
         c.record = _load(c, runs) or {}
     out.mkdir(parents=True, exist_ok=True)
