@@ -105,11 +105,11 @@ class MixupConfig:
 @dataclass
 class OptimConfig:
     opt: str = _f("adamw", "timm optimizer name (sgd is Nesterov in timm; momentum is plain SGD)")
-    lr: float | None = _f(None, "learning rate (null: lr_base * global batch / lr_base_size)")
+    lr: float | None = _f(0.003, "learning rate (null: lr_base * global batch / lr_base_size)")
     lr_base: float = _f(0.1, "learning rate for a global batch of lr_base_size")
     lr_base_size: int = _f(256, "global batch size at which lr_base applies")
     momentum: float = _f(0.9, "SGD momentum (optimizers without one ignore it)")
-    weight_decay: float = _f(0.0, "weight decay")
+    weight_decay: float = _f(0.05, "weight decay")
     eps: float | None = _f(None, "optimizer epsilon (null: the optimizer's default)")
     filter_bias_and_bn: bool = _f(True, "exempt biases and norm weights from weight decay")
 
@@ -214,7 +214,8 @@ def _type_name(tp) -> str:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return " or ".join(_type_name(a) for a in args) + " or null"
     if origin is list:
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
+        item = typing.get_args(tp)[0]
+        return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(item, str(item))
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 
@@ -231,6 +232,8 @@ def _coerce(value, tp, key: str):
         (item,) = typing.get_args(tp)
         if isinstance(value, str):  # "30,60,80" from a command line
             value = [yaml.safe_load(v) for v in value.split(",") if v.strip()]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]  # a single value for a one-element list
         if not isinstance(value, (list, tuple)):
             raise bad
         try:
@@ -250,6 +253,11 @@ def _coerce(value, tp, key: str):
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise bad
     if tp is str:
         if isinstance(value, str):

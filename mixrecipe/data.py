@@ -223,6 +223,7 @@ class _ArraysOnly(pickle.Unpickler):
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"), ("numpy", "dtype"),
         ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),  # how python 3 writes bytes at pickle protocol 2
     }
 
     def find_class(self, module, name):

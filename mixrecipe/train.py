@@ -552,6 +552,9 @@ def _fit(cfg: Config, d: _Dist, holder: _Holder) -> dict:
             mixup.mixup_enabled = not (cfg.mixup.off_epoch and epoch >= cfg.mixup.off_epoch)
         record = {"epoch": epoch + 1}
         record.update(_train_one_epoch(net, train_loader, optimizer, scheduler, mixup, ctx, epoch))
+        if d.enabled:  # BN running stats drift apart per rank: evaluate and save rank 0's everywhere
+            for buf in model.buffers():
+                dist.broadcast(buf, src=0)
         record.update(_evaluate(model, val_loader, ctx, "val"))
         if mem_loader is not None:
             record.update(_memorization(model, mem_loader, ctx))
