@@ -182,13 +182,13 @@ def main(argv=None) -> None:
             print(common.markdown_table(r, COLUMNS), flush=True)
     checks = target_checks(rows, device)
     print("\n" + "\n".join(checks))
-    stem = args.out / f"{device.type}-loss"
+    stem = common.stem(args, device, "loss")
     common.write_csv(rows, stem.with_suffix(".csv"))
     md = [f"# Loss benchmark ({device.type}): forward + backward", "", f"`{common.command_line()}`", "", env,
           "", "Times in ms (median, p20, p80) of one forward + backward; GB/s by the 3·B·K·e bytes model; "
           "peak MiB allocated above the start, the gradient included; `x vs P` is P's time over ours.",
-          "", "## Targets", "", *checks, "", "## Summary", "", summary_table(rows), "",
-          "## All rows", "", common.markdown_table(rows, COLUMNS), ""]
+          common.load_note(rows), "", "## Targets", "", *checks, "", "## Summary", "", summary_table(rows),
+          "", "## All rows", "", common.markdown_table(rows, COLUMNS), ""]
     common.write_text("\n".join(md), stem.with_suffix(".md"))
     print(f"\nwrote {stem}.csv, .md")
 

@@ -470,13 +470,14 @@ def main(argv=None) -> None:
     print("\n" + "\n".join(checks))
 
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"{device.type}-mixup"
+    stem = common.stem(args, device, "mixup")
     common.write_csv(rows, stem.with_suffix(".csv"))
     md = [f"# Mixup benchmark ({device.type})", "", f"`{common.command_line()}`", "", env, "",
           "Times in ms (median, p20, p80); GB/s by the minimum-bytes model in bench/bench_mixup.py; "
           "`t / copy` is the time over `dst.copy_(x)` of the same batch (loader cases: the bare "
           "uint8 -> bf16 conversion) in the same mode; `x vs P` is P's time over ours.", "",
-          "## Targets", "", *checks, "", "## Summary: time / copy (eager mode)", "", summary_table(rows), ""]
+          common.load_note(rows), "", "## Targets", "", *checks, "",
+          "## Summary: time / copy (eager mode)", "", summary_table(rows), ""]
     if any(r["mode"] == "graph" for r in rows):
         md += ["## Summary: time / copy (CUDA-graph mode)", "", summary_table(rows, "graph"), ""]
     md += ["## All rows", "", common.markdown_table(rows, COLUMNS), ""]

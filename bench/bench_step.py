@@ -227,14 +227,14 @@ def main(argv=None) -> None:
             checks.append(f"- {r['variant']}: mixup share of the step {r['mix_share_pct']:.3f}% "
                           f"(target <= 0.5%) -> {'met' if ok else 'MISSED'}{scope}")
     print("\n".join(checks))
-    stem = args.out / f"{device.type}-step"
+    stem = common.stem(args, device, "step")
     common.write_csv(rows, stem.with_suffix(".csv"))
     md = [f"# Training-step benchmark ({device.type})", "", f"`{common.command_line()}`", "", env, "",
           f"Model {model_name}, batch {batch}x3x{size}x{size} {str(in_dtype).removeprefix('torch.')}, "
           f"{num_classes} classes, Mixup alpha {alpha}, label smoothing {SMOOTHING}, SGD momentum 0.9, "
           f"autocast {amp_dtype}; {steps} timed steps per variant after {warmup} warm-up steps. "
           "Times in ms (median, p20, p80); `mixup ms` is the mixing call inside the step.", "",
-          "## Targets", "", *checks, "", "## Rows", "", table, ""]
+          common.load_note(rows), "", "## Targets", "", *checks, "", "## Rows", "", table, ""]
     common.write_text("\n".join(md), stem.with_suffix(".md"))
     print(f"\nwrote {stem}.csv, .md")
 

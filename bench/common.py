@@ -46,7 +46,14 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=RESULTS_DIR,
                    help=f"folder for the CSV/Markdown/PNG results (default: {RESULTS_DIR})")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on CPU (default: 2)")
+    p.add_argument("--tag", default="", help="appended to the device in the file names: <device>-<tag>-...")
     return p
+
+
+def stem(args, device: torch.device, name: str) -> Path:
+    """``<out>/<device>[-<tag>]-<name>``: the results files' common path, without suffix."""
+    tag = f"-{args.tag}" if args.tag else ""
+    return args.out / f"{device.type}{tag}-{name}"
 
 
 def setup(args) -> torch.device:
@@ -103,6 +110,15 @@ def environment(device: torch.device) -> str:
     return (f"device: {device_name(device)}; torch {torch.__version__}; triton {triton.__version__}; "
             f"python {platform.python_version()}; commit {git_commit()}; "
             f"load average at start: {load1()}; {time.strftime('%Y-%m-%d %H:%M %Z')}")
+
+
+def load_note(rows: list[dict]) -> str:
+    """'1-minute load average during the run: a to b' from the rows' load_before/load_after (CPU runs)."""
+    loads = [r[k] for r in rows for k in ("load_before", "load_after") if r.get(k) is not None]
+    if not loads:
+        return ""
+    return (f"1-minute load average during the run: {min(loads):.1f} to {max(loads):.1f} "
+            f"(on {os.cpu_count()} logical CPUs).")
 
 
 def sync(device: torch.device) -> None:
