@@ -208,7 +208,8 @@ class _MixBase(Callback):
     def __init__(self):
         super().__init__()
         self._pending = False
-        self.lam = self.perm = self._lam_y = self._dense = None
+        self.lam = self.perm = self._lam_y = self._dense = self.old_lf = None
+        self.stack_y = False
         self.yb1 = ()
 
     # Loss wrapping ------------------------------------------------------------------------------------
@@ -216,7 +217,15 @@ class _MixBase(Callback):
         loss_func = self.learn.loss_func
         while isinstance(loss_func, _MixedLoss):  # left behind by a fit that raised: unwrap it
             loss_func = loss_func.loss_func
+        self.old_lf = loss_func  # fastai's names, for code that inspects the callback
+        self.stack_y = bool(getattr(loss_func, "y_int", False))
         self.learn.loss_func = _MixedLoss(self, loss_func)
+
+    def lf(self, pred, *yb):
+        """fastai's ``MixHandler.lf``: the current batch's mixed loss (the original one at validation)."""
+        if not self.training or not self._pending:
+            return self.old_lf(pred, *yb)
+        return self._mixed_loss(self.old_lf, pred, *yb)
 
     def _restore(self):
         self._pending = False

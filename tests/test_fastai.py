@@ -48,7 +48,7 @@ _X = torch.tensor(_DIGITS.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1
 _Y = torch.tensor(_DIGITS.target, dtype=torch.long)
 
 
-def digits_dls(n_train=320, n_valid=96, bs=32, *, shuffle=True, drop_last=False, onehot=False,
+def digits_dls(n_train=320, n_valid=64, bs=32, *, shuffle=True, drop_last=False, onehot=False,
                dtype=torch.float32):
     x, y = _X.to(dtype), _Y
     if onehot:
@@ -162,7 +162,8 @@ def test_fit_one_cycle_learns_digits_and_restores_the_loss(make_cb):
                          ids=["MixUp", "CutMix", "MixupCallback"])
 def test_integer_label_losses_train(make_cb, loss_func):
     # fastai's own MixUp fails on nn.CrossEntropyLoss / F.cross_entropy (it lerps the integer targets).
-    learn = Learner(digits_dls(n_train=96, bs=32), digits_model(), loss_func=loss_func, cbs=make_cb())
+    learn = Learner(digits_dls(n_train=64, n_valid=16, bs=32), digits_model(), loss_func=loss_func,
+                    cbs=make_cb())
     fit_quietly(learn)
     assert learn.loss_func is loss_func
     assert all(torch.isfinite(torch.tensor(learn.recorder.values[-1])))
@@ -191,7 +192,8 @@ def test_batch_of_one_and_an_odd_last_batch(make_cb):
     # bs=1 breaks fastai's MixUp (it squeezes lambda to 0-d); an odd last batch of 5 follows 4 batches of 9.
     for n_train, bs in ((3, 1), (41, 9)):
         rec = Record()
-        learn = Learner(digits_dls(n_train=n_train, bs=bs), digits_model(), loss_func=nn.CrossEntropyLoss(),
+        learn = Learner(digits_dls(n_train=n_train, n_valid=16, bs=bs), digits_model(),
+                        loss_func=nn.CrossEntropyLoss(),
                         cbs=[make_cb(), rec])
         fit_quietly(learn)
         sizes = [x.shape[0] for x in rec.xs]
@@ -279,6 +281,32 @@ def test_plain_cross_entropy_matches_fastai_on_its_flat_loss(ours, theirs):
         got, _ = run_batches(ours(), loss_func, dls=dls)
         for a, b in zip(got.losses, ref.losses):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fastai_attribute_names_are_kept():
+    class Check(Callback):
+        order = 5
+
+        def __init__(self, cb):
+            self.cb, self.checked = cb, 0
+
+        def after_pred(self):
+            if self.training:
+                cb = self.cb
+                assert cb.stack_y and cb.old_lf is loss_func and cb.lam.shape == (self.x.shape[0],)
+                y1 = cb.yb1[0]
+                assert torch.equal(y1, self.y[cb.perm])
+                expected = torch.lerp(nn.functional.cross_entropy(self.pred, y1, reduction="none"),
+                                      nn.functional.cross_entropy(self.pred, self.y, reduction="none"),
+                                      cb.lam).mean()
+                torch.testing.assert_close(cb.lf(self.pred, self.y), expected, rtol=1e-5, atol=1e-6)
+                self.checked += 1
+
+    loss_func = CrossEntropyLossFlat()
+    cb = MixUp()
+    check = Check(cb)
+    run_batches(cb, loss_func, n_batches=2, extra_cbs=[check])
+    assert check.checked == 2
 
 
 def test_mixup_loss_formula_with_fixed_lambda_and_permutation():
@@ -528,18 +556,26 @@ def test_engine_fastai_writes_the_outputs_and_matches_the_torch_engine(fastai_tw
         summary = json.load(fh)
     assert summary["test_top1"] == history[-1]["val_top1"] and summary["engine"] == "fastai"
     # The same recipe through the default torch loop: the same numbers (same data order, init, draws).
-    torch_history = _train(tmp_path / "torch", "engine=torch", "epochs=2", *policy)
+    torch_history = _train(tmp_path / "torch", "engine=torch", "epochs=2", "preview=false", *policy)
     _same_metrics(history, torch_history)
     assert history[-1]["val_top1"] > 15.0  # 2 short epochs on 128 images: above chance (10%)
 
 
-def test_engine_fastai_resumes_to_the_same_metrics(fastai_two_epochs, tmp_path):
+def test_engine_fastai_resumes_to_the_same_metrics(fastai_two_epochs, tmp_path, monkeypatch):
     _, history, policy = fastai_two_epochs
-    cmd = [sys.executable, "-m", "mixrecipe.train", _RECIPE, f"output={tmp_path}", "data.train_subset=128",
-           "batch_size=32", "progress=false", "epochs=2", "_kill_after_steps=6", *policy]  # dies in epoch 2
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    killed = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    assert killed.returncode != 0
+
+    class Killed(BaseException):
+        pass
+
+    def kill(pid, sig):  # the test hook's SIGKILL, in process: nothing after it runs (no cleanup, no save)
+        raise Killed
+
+    monkeypatch.setattr(os, "kill", kill)
+    with pytest.raises(Killed):
+        _train(tmp_path, "epochs=2", "_kill_after_steps=6", *policy)  # dies in epoch 2 (4 steps per epoch)
+    monkeypatch.undo()
+    with open(tmp_path / "metrics.jsonl") as fh:
+        assert len(fh.readlines()) == 1
     resumed = _train(tmp_path, "epochs=2", "resume=true", *policy)
     _same_metrics(resumed, history)
 
