@@ -327,7 +327,7 @@ def _train_one_epoch(net, loader, optimizer, scheduler, mixup, ctx: _Ctx, epoch:
             bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:,.0f}", refresh=False)
         bar.update(1)
     bar.close()
-    seconds = _max(time.perf_counter() - start, ctx.dist, "cpu")
+    seconds = _max(time.perf_counter() - start, ctx.dist, ctx.dist.device)
     total_loss, total_seen = _sum([loss_sum.item(), float(seen)], ctx.dist, ctx.dist.device)
     return {"train_loss": total_loss / max(total_seen, 1), "lr": lr,
             "images_per_s": total_seen / max(seconds, 1e-9)}
@@ -346,16 +346,13 @@ def _predict(model, loader, ctx: _Ctx):
 
 def _evaluate(model, loader, ctx: _Ctx, prefix: str) -> dict:
     """Top-1, top-5 (%) and cross-entropy, summed over ranks."""
-    loss = c1 = c5 = n = 0.0
+    sums = torch.zeros(4, dtype=torch.float64, device=ctx.dist.device)  # loss, top-1, top-5, count
     for logits, y in _predict(model, loader, ctx):
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        hit = top == y[:, None]
-        loss += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
-        c1 += hit[:, 0].sum().item()
-        c5 += hit.any(dim=1).sum().item()
-        n += y.shape[0]
-    loss, c1, c5, n = _sum([loss, c1, c5, n], ctx.dist, ctx.dist.device)
+        hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
+        sums += torch.stack([torch.nn.functional.cross_entropy(logits, y, reduction="sum").double(),
+                             hit[:, 0].sum().double(), hit.any(dim=1).sum().double(),
+                             torch.tensor(float(y.shape[0]), dtype=torch.float64, device=y.device)])
+    loss, c1, c5, n = _sum(sums.tolist(), ctx.dist, ctx.dist.device)
     n = max(n, 1.0)
     return {f"{prefix}_loss": loss / n, f"{prefix}_top1": 100.0 * c1 / n, f"{prefix}_top5": 100.0 * c5 / n}
 
@@ -523,6 +520,7 @@ def _fit(cfg: Config, d: _Dist, holder: _Holder) -> dict:
     amp = cuda and cfg.amp
     in_dtype = torch.bfloat16 if amp else torch.float32
     net = torch.compile(model) if cfg.compile else model
+    fwd = net  # evaluation runs this (compiled, not DDP-wrapped: ranks evaluate shards of unequal length)
     if d.enabled:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[d.local_rank] if cuda else None)
     holder.net = net
@@ -555,10 +553,10 @@ def _fit(cfg: Config, d: _Dist, holder: _Holder) -> dict:
         if d.enabled:  # BN running stats drift apart per rank: evaluate and save rank 0's everywhere
             for buf in model.buffers():
                 dist.broadcast(buf, src=0)
-        record.update(_evaluate(model, val_loader, ctx, "val"))
+        record.update(_evaluate(fwd, val_loader, ctx, "val"))
         if mem_loader is not None:
-            record.update(_memorization(model, mem_loader, ctx))
-        record["seconds"] = _max(time.perf_counter() - t0, d, "cpu")
+            record.update(_memorization(fwd, mem_loader, ctx))
+        record["seconds"] = _max(time.perf_counter() - t0, d, d.device)
         history.append(record)
         if d.is_main:
             improved = record["val_top1"] > best
@@ -584,7 +582,7 @@ def _fit(cfg: Config, d: _Dist, holder: _Holder) -> dict:
     summary = dict(history[-1]) if history else {}
     if bundle.test is not None:
         summary.update({k.replace("val_", "test_"): v for k, v in
-                        _evaluate(model, _eval_loader(bundle.test, cfg, d), ctx, "val").items()})
+                        _evaluate(fwd, _eval_loader(bundle.test, cfg, d), ctx, "val").items()})
     elif history:
         summary.update({"test_loss": history[-1]["val_loss"], "test_top1": history[-1]["val_top1"],
                         "test_top5": history[-1]["val_top5"]})

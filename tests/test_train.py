@@ -79,6 +79,9 @@ def test_digits_default_end_to_end(tmp_path, capsys):
     # A finished run may be started over in the same place.
     again = train.main([f"output={out}", "epochs=1", *QUICK])
     assert len(_metrics(out)) == 1 and again["epoch"] == 1
+    # Resuming a finished run trains nothing and reports the same numbers.
+    done = train.main([f"output={out}", "epochs=1", "resume=true", *QUICK])
+    assert done["test_top1"] == again["test_top1"] and len(_metrics(out)) == 1
 
 
 def test_erm_and_mixup_off_epoch(tmp_path, monkeypatch):
