@@ -639,6 +639,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     positional = [a for a in argv if "=" not in a]
     overrides = [a for a in argv if "=" in a]
     try:
+        dashed = [a for a in positional if a.startswith("-")]
+        if dashed:
+            raise RecipeError(f"options are written key=value (e.g. epochs=2), got {dashed[0]}; see --help")
         if len(positional) > 1:
             raise RecipeError(f"expected one recipe and key=value overrides, got {' '.join(positional)}")
         recipe = resolve_recipe(positional[0]) if positional else None

@@ -260,6 +260,7 @@ def test_cli_exit_status_two_on_a_bad_key():
         (["data.name=cifar"], ["cifar10"]),
         (["no_such_recipe.yaml"], ["recipe file not found", "cifar10"]),
         (["a.yaml", "b.yaml"], ["one recipe"]),
+        (["--epochs", "2"], ["key=value", "--epochs"]),
         (["model=resnet5O", "epochs=1"], ["resnet5O", "resnet50"]),
         (["optim.opt=adamm", "epochs=1"], ["optim.opt"]),
         (["device=cuda"] if not torch.cuda.is_available() else ["data.val_size=99999"], ["device=cuda"]
