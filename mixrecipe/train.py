@@ -652,6 +652,10 @@ def main(argv: list[str] | None = None) -> dict | None:
         prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
         print(f"{prefix}error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":
+            print("\ninterrupted; add resume=true to continue from the last finished epoch", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":
