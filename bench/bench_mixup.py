@@ -438,9 +438,11 @@ def plot(rows: list[dict], path, title: str) -> None:
         ax.set_title(f"{shape} (labels: K={_find(rows, f'{shape} {variants[0]}', 'copy')['num_classes']})",
                      fontsize=10, loc="left")
         ax.grid(axis="y", which="both", alpha=0.25)
-    axes[0, 0].legend(ncol=len(provs), fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, 1.32))
-    fig.suptitle(title, fontsize=10, y=0.995)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.75 / (3.6 * len(shapes))))
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, ncol=len(provs), fontsize=7.5, loc="upper center",
+               bbox_to_anchor=(0.5, 1 - 0.32 / (3.6 * len(shapes))), frameon=False)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -83,7 +83,8 @@ def device_name(device: torch.device) -> str:
     except OSError:
         pass
     model = model or platform.processor() or platform.machine()
-    return f"{model} ({torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"{model} ({n} thread{'s' if n != 1 else ''})"
 
 
 def load1() -> float:
