@@ -511,7 +511,8 @@ def write_report(cells, s: Settings, out: Path, cmd: str, machine: str, wall: fl
         lv, a, sd, n = max(multi, key=lambda t: t[2])
         text = (f"Seed-to-seed spread: over the {len(multi)} cells with {n} or more seeds, the largest "
                 f"sample std of the last-epoch error is {sd:.2f} points ({round(lv * 100)}% noise, "
-                f"{_method(a)}); per-run values are in `accuracy.csv`. With so few seeds a std is only a rough guide")
+                f"{_method(a)}); per-run values are in `accuracy.csv`. With so few seeds a std is only a "
+                "rough guide")
         if gaps:
             text += (f"; the smallest ERM − best-mixup gap in last-epoch error ({min(gaps):.1f} points) is "
                      f"{min(gaps) / max(sd, 1e-9):.0f}× that std")
