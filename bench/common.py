@@ -242,6 +242,29 @@ def count_cuda_kernels(fn: Callable[[], object]) -> int | None:
         return None
 
 
+def count_aten_ops(fn: Callable[[], object]) -> int | None:
+    """Top-level ATen operators one call dispatches (views included; ops nested inside another ATen op
+    are not counted), from torch.profiler: the CPU analogue of a kernel-launch count. None on failure."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        fn()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        count = 0
+        for e in prof.events():
+            if not e.name.startswith("aten::"):
+                continue
+            parent = e.cpu_parent
+            while parent is not None and not parent.name.startswith("aten::"):
+                parent = parent.cpu_parent
+            count += parent is None
+        return count
+    except Exception as exc:  # informative only
+        print(f"  (op count unavailable: {exc})", file=sys.stderr)
+        return None
+
+
 # --------------------------------------------------------------------------------------------------
 # Peak memory of one call, above what was allocated before it.
 # --------------------------------------------------------------------------------------------------
