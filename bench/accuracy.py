@@ -463,7 +463,8 @@ def write_report(cells, s: Settings, out: Path, cmd: str, machine: str, wall: fl
         "training images (`data.train_subset`) with "
         f"{', '.join(f'{round(v * 100)}%' for v in s.noise_levels)} of their labels moved to a different "
         "random class (`data.label_noise`); test error on the clean "
-        f"10,000 test images after every epoch; seed {', '.join(map(str, s.noise_seeds))} at every level"
+        f"10,000 test images after every epoch; seed{'s' if len(s.noise_seeds) > 1 else ''} "
+        f"{', '.join(map(str, s.noise_seeds))} at every level"
         + (f", plus seed {', '.join(map(str, s.spread_seeds))} at {round(s.spread_level * 100)}% noise to "
            "measure the spread" if s.spread_seeds else "")
         + " (`seed` and `data.seed`: model init, order, mixup, subset and which labels are corrupted); "
@@ -488,7 +489,7 @@ def write_report(cells, s: Settings, out: Path, cmd: str, machine: str, wall: fl
                 f"{', '.join(str(x['best_epoch']) for x in r)} | {_ms([x['last_err'] for x in r])} | "
                 f"{_ms([x['fit_noisy'] for x in r], 1)} | {_ms([x['true_noisy'] for x in r], 1)} |")
     # verdict, from the numbers
-    verdict, gaps = [], []
+    verdict, ratios = [], []
     for level in s.noise_levels:
         erm_r = _group(cells, group="noise", noise=level, alpha=0.0)
         mix = [a for a in s.noise_alphas if a != 0 and _group(cells, group="noise", noise=level, alpha=a)]
@@ -499,7 +500,10 @@ def write_report(cells, s: Settings, out: Path, cmd: str, machine: str, wall: fl
                                                     _group(cells, group="noise", noise=level, alpha=a)])[0])
         m_last = _mean_std([c.record["last_err"] for c in _group(cells, group="noise", noise=level,
                                                                   alpha=best_a)])[0]
-        gaps.append(e_last - m_last)
+        sds = [_mean_std([c.record["last_err"] for c in
+                          _group(cells, group="noise", noise=level, alpha=x)])[1] for x in (0.0, best_a)]
+        if not any(math.isnan(v) for v in sds):
+            ratios.append(f"{(e_last - m_last) / max(max(sds), 1e-9):.0f}× (at {round(level * 100)}%)")
         verdict.append(f"{round(level * 100)}% noise: ERM last {e_last:.1f}% vs mixup α={best_a:g} "
                        f"{m_last:.1f}% ({e_last - m_last:+.1f} points)")
     if verdict:
@@ -513,9 +517,9 @@ def write_report(cells, s: Settings, out: Path, cmd: str, machine: str, wall: fl
                 f"sample std of the last-epoch error is {sd:.2f} points ({round(lv * 100)}% noise, "
                 f"{_method(a)}); per-run values are in `accuracy.csv`. With so few seeds a std is only a "
                 "rough guide")
-        if gaps:
-            text += (f"; the smallest ERM − best-mixup gap in last-epoch error ({min(gaps):.1f} points) is "
-                     f"{min(gaps) / max(sd, 1e-9):.0f}× that std")
+        if ratios:
+            text += ("; the ERM − best-mixup gap in last-epoch error is "
+                     + ", ".join(ratios) + " the larger std of the two cells")
         lines += ["", text + "."]
     if noise:
         cmd_n = noise[0].command()
