@@ -81,7 +81,7 @@ def _row_weights(x: Tensor, lam, box: Tensor | None) -> Tensor | float:
 def _as_float(v: Tensor, mean, inv_std, in_scale, shape) -> Tensor:
     """A chunk in fp32, normalized like the kernel does: (v * in_scale - mean) * inv_std."""
     if mean is None:
-        return v.float()  # a view when v already is fp32: callers copy before writing in place
+        return v if v.dtype == torch.float32 else v.float()  # fp32: a view, callers copy before writing
     return (v.float() * in_scale - mean.view(shape)) * inv_std.view(shape)
 
 
@@ -120,15 +120,21 @@ def _mix_images_eager(x, out, perm, lam_x, box, mean, inv_std, in_scale):
             _lerp_into(out[r0:r1], partner, own, _rows(weights, r0, r1))
         return
     half = batch // 2
+    front_is_view = mean is None and x.dtype == torch.float32
     for i0 in range(0, half, step):
         i1 = min(half, i0 + step)
         j0, j1 = batch - i1, batch - i0
         front = _as_float(x[i0:i1], *norm)
         back = _as_float(x[j0:j1], *norm)
-        back_flipped = back.flip(0)  # copies: taken before anything is written
-        front_flipped = front.flip(0)
-        _lerp_into(out[i0:i1], back_flipped, front, _rows(weights, i0, i1))
-        _lerp_into(out[j0:j1], front_flipped, back, _rows(weights, j0, j1))
+        if i1 - i0 > 1:
+            back_partners = back.flip(0)  # flip copies: both taken before anything is written
+            front_partners = front.flip(0)
+        else:
+            # One pair (large samples): no reordering needed; keep the front row only if it gets overwritten.
+            back_partners = back
+            front_partners = front.clone() if front_is_view and out is x else front
+        _lerp_into(out[i0:i1], back_partners, front, _rows(weights, i0, i1))
+        _lerp_into(out[j0:j1], front_partners, back, _rows(weights, j0, j1))
     if batch % 2 and (out is not x or mean is not None):
         out[half:half + 1].copy_(_as_float(x[half:half + 1], *norm))  # the middle row is its own partner
 

@@ -433,6 +433,11 @@ def test_eager_path_chunking(monkeypatch, chunk_elems, batch):
     ops.mixup(y, None, lam, mean=(0.1, 0.2, 0.3), std=(0.5, 2.0, 1.0), inplace=True)
     ref, _ = R.mix_reference(x, None, lam, mean=(0.1, 0.2, 0.3), std=(0.5, 2.0, 1.0), out_dtype=torch.float32)
     assert_matches_reference(y, ref, 16.0, torch.float32)
+    for dtype in DTYPES:  # in place, plain: the front row must be kept before it is overwritten
+        z = x.to(dtype)
+        ref, _ = R.mix_reference(z, None, lam)
+        ops.mixup(z, None, lam, inplace=True)
+        assert_matches_reference(z, ref, 8.0, dtype)
 
 
 def test_inplace_normalization_odd_batch_kernel(backend):
