@@ -80,6 +80,18 @@ def _load_normalized(ptr, offs, mask, mean, inv_std, in_scale, HAS_NORM: tl.cons
 
 
 @triton.jit
+def _partner(perm_ptr, row_i, B, PAIRED: tl.constexpr):
+    """(row_j, valid): flip pairing or perm[row_i]. Bad indices can't be checked on the host without a
+    sync, so an out-of-range partner is replaced by the row itself and reported invalid (-> NaN output)."""
+    if PAIRED:
+        row_j = B - 1 - row_i
+    else:
+        row_j = tl.load(perm_ptr + row_i)
+    valid = (row_j >= 0) & (row_j < B)
+    return tl.where(valid, row_j, row_i), valid
+
+
+@triton.jit
 def _mix_images(
     x_ptr, out_ptr, perm_ptr, lam_ptr, lam_value, box_ptr, mean_ptr, inv_std_ptr, in_scale,
     pid, B, N, C, H, W, stride_xb, stride_ob, stride_c, stride_h, stride_w, n_blocks,
@@ -89,13 +101,7 @@ def _mix_images(
     group = pid // n_blocks
     blk = (pid % n_blocks).to(tl.int32)  # in-sample offsets stay int32 (ops checks N < 2**31): cheap div/mod
     row_i = group
-    if PAIRED:
-        row_j = B - 1 - row_i
-    else:
-        row_j = tl.load(perm_ptr + row_i)
-    # Bad partner indices cannot be checked on the host without a sync: read nothing, write NaN instead.
-    valid = (row_j >= 0) & (row_j < B)
-    row_j = tl.where(valid, row_j, row_i)
+    row_j, valid = _partner(perm_ptr, row_i, B, PAIRED)
 
     offs = blk * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)  # offset inside one sample, in memory order
     mask = offs < N
@@ -141,12 +147,7 @@ def _mix_labels(
     PAIRED: tl.constexpr, LAM_SCALAR: tl.constexpr, TARGET_DENSE: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     row_i = group
-    if PAIRED:
-        row_j = B - 1 - row_i
-    else:
-        row_j = tl.load(perm_ptr + row_i)
-    valid = (row_j >= 0) & (row_j < B)
-    row_j = tl.where(valid, row_j, row_i)
+    row_j, valid = _partner(perm_ptr, row_i, B, PAIRED)
     if not TARGET_DENSE:
         # A class index outside [0, K) poisons its own row (and its partner's) with NaN: never silent.
         ci = tl.load(target_ptr + row_i)

@@ -19,7 +19,6 @@ import scipy.stats
 import torch
 from timm.data import mixup as timm_mixup
 
-from mixrecipe import ops
 from mixrecipe.kernels import interpreting
 from mixrecipe.loss import SoftTargetCrossEntropy, mixup_cross_entropy
 from mixrecipe.mixup import (
@@ -41,15 +40,6 @@ HAS_CUDA = torch.cuda.is_available()
 BACKENDS = ["eager", "triton"] if (interpreting() or HAS_CUDA) else ["eager"]
 K = 10
 P_MIN = 1e-3  # KS p-value floor: the seeds are fixed, so a pass is deterministic, and 1e-3 is no fishing
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    if request.param == "triton" and not HAS_CUDA:
-        with ops.cpu_backend("triton"):
-            yield request.param
-    else:
-        yield request.param
 
 
 def gen(seed=0, device="cpu"):

@@ -24,15 +24,6 @@ def _device_for(backend):
     return "cuda" if HAS_CUDA and backend == "triton" else "cpu"
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    if request.param == "triton" and not HAS_CUDA:
-        with ops.cpu_backend("triton"):
-            yield request.param
-    else:
-        yield request.param
-
-
 # --------------------------------------------------------------------------------------------------
 # PyTorch reference helpers
 # --------------------------------------------------------------------------------------------------
