@@ -49,6 +49,7 @@ from .train import (
     create_optimizer,
     create_schedule,
     load_checkpoint,
+    restore_checkpoint,
     save_checkpoint,
     write_metrics,
     write_preview,
@@ -292,13 +293,7 @@ def run_fastai(cfg: Config) -> dict:
 
     start_epoch, history, best = 0, [], -math.inf
     if resume_from is not None:
-        state = load_checkpoint(resume_from)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state.get("scheduler") is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        start_epoch, history = state["epoch"], list(state["history"])
-        best = state.get("best_top1", -math.inf)
+        start_epoch, history, best = restore_checkpoint(resume_from, model, optimizer, scheduler)
         print(f"resuming {out} after epoch {start_epoch}/{cfg.epochs}", file=sys.stderr)
     write_metrics(os.path.join(out, "metrics.jsonl"), history)
 
@@ -328,7 +323,7 @@ def run_fastai(cfg: Config) -> dict:
         learn.to_bf16()
     learn.create_opt()  # fastai clears the optimizer state when it creates its own: do it before loading
     if resume_from is not None:
-        learn.opt.opt.load_state_dict(state["optimizer"])
+        learn.opt.opt.load_state_dict(load_checkpoint(resume_from)["optimizer"])
     remaining = cfg.epochs - start_epoch
     if remaining > 0:
         show = cfg.progress and sys.stderr.isatty()

@@ -85,6 +85,16 @@ def load_checkpoint(path: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def restore_checkpoint(path: str, model, optimizer, scheduler) -> tuple[int, list[dict], float]:
+    """Load a checkpoint into the training objects; -> (epochs done, metrics history, best val top-1)."""
+    state = load_checkpoint(path)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    return state["epoch"], list(state["history"]), state.get("best_top1", -math.inf)
+
+
 def append_metrics(path: str, record: dict) -> None:
     """Add one epoch's record to metrics.jsonl."""
     with open(path, "a", encoding="utf-8") as fh:
@@ -505,13 +515,7 @@ def _fit(cfg: Config, d: _Dist, holder: _Holder) -> dict:
 
     start_epoch, history, best = 0, [], -math.inf
     if resume_from is not None:
-        state = load_checkpoint(resume_from)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state.get("scheduler") is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        start_epoch, history = state["epoch"], list(state["history"])
-        best = state.get("best_top1", -math.inf)
+        start_epoch, history, best = restore_checkpoint(resume_from, model, optimizer, scheduler)
         if d.is_main:
             print(f"resuming {out} after epoch {start_epoch}/{cfg.epochs}", file=sys.stderr)
     if d.is_main:
