@@ -46,9 +46,11 @@ from .train import (
     _train_loader,
     append_metrics,
     build_mixup,
+    count_memorization,
     create_optimizer,
     create_schedule,
     load_checkpoint,
+    memorization_percent,
     restore_checkpoint,
     save_checkpoint,
     write_metrics,
@@ -215,19 +217,7 @@ def _evaluate(model, loader, run: dict) -> dict:
 
 
 def _memorization(model, loader, run: dict) -> dict:
-    n_noisy = fit_noisy = true_noisy = n_clean = fit_clean = 0.0
-    for logits, y in _predict(model, loader, run):
-        pred = logits.argmax(dim=1)
-        given, true = y[:, 0], y[:, 1]
-        noisy = given != true
-        n_noisy += noisy.sum().item()
-        fit_noisy += (noisy & (pred == given)).sum().item()
-        true_noisy += (noisy & (pred == true)).sum().item()
-        n_clean += (~noisy).sum().item()
-        fit_clean += (~noisy & (pred == given)).sum().item()
-    return {"train_fit_noisy": 100.0 * fit_noisy / max(n_noisy, 1.0),
-            "train_true_noisy": 100.0 * true_noisy / max(n_noisy, 1.0),
-            "train_fit_clean": 100.0 * fit_clean / max(n_clean, 1.0)}
+    return memorization_percent(count_memorization(_predict(model, loader, run)))
 
 
 def _policy(cfg: Config, num_classes: int, mean, std, in_dtype, generator) -> tuple[Mixup, bool]:

@@ -367,15 +367,11 @@ def _evaluate(model, loader, ctx: _Ctx, prefix: str) -> dict:
     return {f"{prefix}_loss": loss / n, f"{prefix}_top1": 100.0 * c1 / n, f"{prefix}_top5": 100.0 * c5 / n}
 
 
-def _memorization(model, loader, ctx: _Ctx) -> dict:
-    """On the un-augmented training set with label noise: how much of the noise the model has fitted.
-
-    ``train_fit_noisy``: % of corrupted samples predicted as their corrupted (training) label;
-    ``train_true_noisy``: % of them predicted as their true label; ``train_fit_clean``: % of clean samples
-    predicted as their label.
-    """
+def count_memorization(batches) -> list[float]:
+    """Over (logits, y) batches, y = (given label, true label): [n_noisy, fit_noisy, true_noisy, n_clean,
+    fit_clean], where 'fit' means predicted as the given (training) label."""
     n_noisy = fit_noisy = true_noisy = n_clean = fit_clean = 0.0
-    for logits, y in _predict(model, loader, ctx):
+    for logits, y in batches:
         pred = logits.argmax(dim=1)
         given, true = y[:, 0], y[:, 1]
         noisy = given != true
@@ -384,11 +380,25 @@ def _memorization(model, loader, ctx: _Ctx) -> dict:
         true_noisy += (noisy & (pred == true)).sum().item()
         n_clean += (~noisy).sum().item()
         fit_clean += (~noisy & (pred == given)).sum().item()
-    n_noisy, fit_noisy, true_noisy, n_clean, fit_clean = _sum(
-        [n_noisy, fit_noisy, true_noisy, n_clean, fit_clean], ctx.dist, ctx.dist.device)
+    return [n_noisy, fit_noisy, true_noisy, n_clean, fit_clean]
+
+
+def memorization_percent(counts: list[float]) -> dict:
+    n_noisy, fit_noisy, true_noisy, n_clean, fit_clean = counts
     return {"train_fit_noisy": 100.0 * fit_noisy / max(n_noisy, 1.0),
             "train_true_noisy": 100.0 * true_noisy / max(n_noisy, 1.0),
             "train_fit_clean": 100.0 * fit_clean / max(n_clean, 1.0)}
+
+
+def _memorization(model, loader, ctx: _Ctx) -> dict:
+    """On the un-augmented training set with label noise: how much of the noise the model has fitted.
+
+    ``train_fit_noisy``: % of corrupted samples predicted as their corrupted (training) label;
+    ``train_true_noisy``: % of them predicted as their true label; ``train_fit_clean``: % of clean samples
+    predicted as their label.
+    """
+    counts = count_memorization(_predict(model, loader, ctx))
+    return memorization_percent(_sum(counts, ctx.dist, ctx.dist.device))
 
 
 def _eval_loader(ds, cfg: Config, d: _Dist):

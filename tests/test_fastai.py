@@ -583,3 +583,17 @@ def test_engine_fastai_resumes_to_the_same_metrics(fastai_two_epochs, tmp_path, 
 def test_engine_fastai_erm_with_label_smoothing_matches_the_torch_engine(tmp_path):
     erm = ["epochs=1", "mixup.alpha=0", "mixup.label_smoothing=0.1", "preview=false"]
     _same_metrics(_train(tmp_path / "fastai", *erm), _train(tmp_path / "torch", "engine=torch", *erm))
+
+
+def test_fastai_engine_reports_memorization_with_label_noise(tmp_path):
+    import json
+
+    from mixrecipe import train
+
+    train.main(["digits_fastai", f"output={tmp_path}", "epochs=1", "data.label_noise=0.5",
+                "data.train_subset=400", "progress=false", "preview=false"])
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("train_fit_noisy", "train_true_noisy", "train_fit_clean"):
+        assert 0.0 <= record[key] <= 100.0, (key, record[key])
+    # Half the labels are wrong: after one epoch the model cannot agree with both the given and true labels.
+    assert record["train_fit_noisy"] + record["train_true_noisy"] <= 100.0
