@@ -14,7 +14,6 @@ Only fastai does the looping: forward, loss, backward, step, validation, callbac
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import sys
@@ -30,28 +29,23 @@ from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.optimizer import OptimWrapper
 
-from .config import Config, RecipeError, config_to_dict, save_config
-from .data import build_data, normalize_batch
+from .config import Config, RecipeError, config_to_dict
+from .data import normalize_batch
 from .fastai import MixupCallback
 from .mixup import Mixup
 from .train import (
     CHECKPOINT_VERSION,
-    _check_output,
     _epoch_seed,
     _eval_loader,
     _fmt,
-    _fresh_output,
+    _prepare_run,
     _reseed,
     _setup_distributed,
-    _train_loader,
     append_metrics,
     build_mixup,
     count_memorization,
-    create_optimizer,
-    create_schedule,
     load_checkpoint,
     memorization_percent,
-    restore_checkpoint,
     save_checkpoint,
     write_metrics,
     write_preview,
@@ -249,42 +243,8 @@ def run_fastai(cfg: Config) -> dict:
     if cfg.compile:
         raise RecipeError("compile=true is supported by engine=torch only")
     d = _setup_distributed(cfg)
-    from .models import create_model
-
-    out = cfg.output
-    resume_from = _check_output(cfg)
-    bundle = build_data(cfg.data)
-    os.makedirs(out, exist_ok=True)
-    if resume_from is None:
-        _fresh_output(out)
-    save_config(cfg, os.path.join(out, "config.yaml"))
-
-    cuda = d.device.type == "cuda"
-    if cuda:
-        torch.backends.cudnn.benchmark = True
-    _reseed(cfg.seed)  # the model init, as the torch engine
-    model = create_model(cfg.model, bundle.num_classes, bundle.in_chans, cfg.pretrained,
-                         img_size=bundle.input_size[0])
-    channels_last = cfg.channels_last if cfg.channels_last is not None else cuda
-    model.to(d.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    lr = cfg.optim.lr
-    if lr is None:
-        lr = cfg.optim.lr_base * cfg.batch_size / cfg.optim.lr_base_size
-    optimizer = create_optimizer(model, cfg, lr)
-
-    train_loader, sampler = _train_loader(bundle.train, cfg, d)
-    steps = len(train_loader)
-    if steps == 0:
-        raise RecipeError(f"the training set ({len(bundle.train)} images) is smaller than one batch "
-                          f"(batch_size={cfg.batch_size}): lower batch_size or set drop_last=false")
-    val_loader = _eval_loader(bundle.val, cfg, d)
-    mem_loader = _eval_loader(bundle.train_eval, cfg, d) if bundle.train_eval is not None else None
-    scheduler = create_schedule(optimizer, cfg, steps)
-
-    start_epoch, history, best = 0, [], -math.inf
-    if resume_from is not None:
-        start_epoch, history, best = restore_checkpoint(resume_from, model, optimizer, scheduler)
-        print(f"resuming {out} after epoch {start_epoch}/{cfg.epochs}", file=sys.stderr)
+    (out, resume_from, bundle, model, cuda, channels_last, _, lr, optimizer, train_loader, sampler, steps,
+     val_loader, mem_loader, scheduler, start_epoch, history, best) = _prepare_run(cfg, d)
     write_metrics(os.path.join(out, "metrics.jsonl"), history)
 
     amp = cuda and cfg.amp

@@ -32,6 +32,7 @@ import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -485,7 +486,30 @@ def fit(cfg: Config) -> dict:
             dist.destroy_process_group()
 
 
-def _fit(cfg: Config, d: _Dist, holder: _Holder) -> dict:
+class _Prepared(NamedTuple):
+    out: str
+    resume_from: str | None
+    bundle: object
+    model: nn.Module
+    cuda: bool
+    channels_last: bool
+    global_batch: int
+    lr: float
+    optimizer: torch.optim.Optimizer
+    train_loader: object
+    train_sampler: object
+    steps: int
+    val_loader: object
+    mem_loader: object
+    scheduler: object
+    start_epoch: int
+    history: list
+    best: float
+
+
+def _prepare_run(cfg: Config, d: _Dist) -> _Prepared:
+    """What every engine does before its first epoch: output directory, data, model, optimizer, loaders,
+    schedule, and the state of a run being resumed."""
     from .models import create_model
 
     out = cfg.output
@@ -502,7 +526,7 @@ def _fit(cfg: Config, d: _Dist, holder: _Holder) -> dict:
     cuda = d.device.type == "cuda"
     if cuda:
         torch.backends.cudnn.benchmark = True
-    _reseed(cfg.seed)  # the model init: the same on every rank
+    _reseed(cfg.seed)  # the model init: the same on every rank and in every engine
     model = create_model(cfg.model, bundle.num_classes, bundle.in_chans, cfg.pretrained,
                          img_size=bundle.input_size[0])
     channels_last = cfg.channels_last if cfg.channels_last is not None else cuda
@@ -528,6 +552,15 @@ def _fit(cfg: Config, d: _Dist, holder: _Holder) -> dict:
         start_epoch, history, best = restore_checkpoint(resume_from, model, optimizer, scheduler)
         if d.is_main:
             print(f"resuming {out} after epoch {start_epoch}/{cfg.epochs}", file=sys.stderr)
+    return _Prepared(out, resume_from, bundle, model, cuda, channels_last, global_batch, lr, optimizer,
+                     train_loader, train_sampler, steps, val_loader, mem_loader, scheduler, start_epoch,
+                     history, best)
+
+
+def _fit(cfg: Config, d: _Dist, holder: _Holder) -> dict:
+    (out, resume_from, bundle, model, cuda, channels_last, global_batch, lr, optimizer, train_loader,
+     train_sampler, steps, val_loader, mem_loader, scheduler, start_epoch, history,
+     best) = _prepare_run(cfg, d)
     if d.is_main:
         write_metrics(os.path.join(out, "metrics.jsonl"), history)
 
