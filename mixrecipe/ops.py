@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .kernels import interpreting, mix_launch
+from .reference import pixel_weights, smooth_targets
 
 __all__ = ["mix", "mixup", "mixup_target", "cpu_backend"]
 
@@ -63,19 +64,10 @@ def _norm_constants(x: Tensor, mean: Tensor | None, std: Tensor | None):
 
 
 def _row_weights(x: Tensor, lam, box: Tensor | None) -> Tensor | float:
-    """Each sample's own-pixel weight: a float, (B, 1, ...) per sample, or (B, 1, H, W) with boxes."""
-    batch = x.shape[0]
-    if box is None:
-        if not isinstance(lam, Tensor):
-            return float(lam)
-        return lam.float().view([batch] + [1] * (x.ndim - 1))
-    lam_t = lam.float() if isinstance(lam, Tensor) else torch.full((batch,), float(lam))
-    h, w = x.shape[2], x.shape[3]
-    rows = torch.arange(h, device=x.device).view(1, h, 1)
-    cols = torch.arange(w, device=x.device).view(1, 1, w)
-    y0, y1, x0, x1 = (box[:, k].long().view(-1, 1, 1) for k in range(4))
-    inside = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
-    return torch.where(inside, 0.0, lam_t.view(-1, 1, 1)).unsqueeze(1)
+    """Each sample's own-pixel weight: a float (one lam, no box), else reference.pixel_weights in fp32."""
+    if box is None and not isinstance(lam, Tensor):
+        return float(lam)  # a scalar weight keeps the eager lerp on its cheapest path
+    return pixel_weights(x.shape, lam, box, torch.float32, x.device)
 
 
 def _as_float(v: Tensor, mean, inv_std, in_scale, shape) -> Tensor:
@@ -139,14 +131,8 @@ def _mix_images_eager(x, out, perm, lam_x, box, mean, inv_std, in_scale):
         out[half:half + 1].copy_(_as_float(x[half:half + 1], *norm))  # the middle row is its own partner
 
 
-def _mix_labels_eager(target, soft, perm, lam_y, off, keep):
-    batch, num_classes = soft.shape
-    if target.ndim == 1:
-        s = torch.zeros(batch, num_classes, dtype=torch.float32, device=target.device)
-        s.scatter_(1, target.view(-1, 1), 1.0)
-    else:
-        s = target.float()
-    s = s * keep + off
+def _mix_labels_eager(target, soft, perm, lam_y, label_smoothing):
+    s = smooth_targets(target, soft.shape[1], label_smoothing, torch.float32)
     partner = s.flip(0) if perm is None else s.index_select(0, perm)
     w = float(lam_y) if not isinstance(lam_y, Tensor) else lam_y.float().view(-1, 1)
     soft.copy_(torch.lerp(partner, s, w))
@@ -166,7 +152,7 @@ def _run(x, out, target, soft, perm, lam_x, lam_y, box, mean, std, num_classes, 
     if x is not None:
         _mix_images_eager(x, out, perm, lam_x, box, *norm)
     if target is not None:
-        _mix_labels_eager(target, soft, perm, lam_y, off, keep)
+        _mix_labels_eager(target, soft, perm, lam_y, label_smoothing)
 
 
 def _lam_arg(tensor: Tensor | None, value: float):
