@@ -3,6 +3,7 @@
 Only torch and triton are imported here; validation and dispatch live in ``mixrecipe.ops``.
 """
 
-from .mixup import interpreting, mix_launch
+from ._common import interpreting
+from .mixup import mix_launch
 
 __all__ = ["interpreting", "mix_launch"]

@@ -19,11 +19,11 @@ gives a NaN loss instead of an out-of-bounds access (no host-device sync is need
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from ._common import cast_to, interpreting, launch, plan_for_interpreter
 
 __all__ = ["mixup_ce_fwd", "mixup_ce_bwd"]
 
@@ -31,20 +31,6 @@ __all__ = ["mixup_ce_fwd", "mixup_ce_bwd"]
 MAX_BLOCK_K = 4096
 # The interpreter runs a chunk as one numpy op: bigger chunks are simply faster there.
 MAX_BLOCK_K_INTERPRETER = 1 << 16
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-@triton.jit
-def _bf16_rne(v):
-    # fp32 -> bf16 rounded to nearest even by hand: the interpreter truncates, the GPU rounds.
-    # Round the fp32 bits to a multiple of 2**16 first; the final cast is then exact on both.
-    bits = v.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    rounded = bits.to(tl.float32, bitcast=True)
-    return tl.where(v != v, v, rounded).to(tl.bfloat16)  # a NaN stays NaN (its bits could carry)
 
 
 @triton.jit
@@ -147,16 +133,13 @@ def _mixup_ce_bwd_kernel(
         y = off + tl.where(offs == t_own, w_own, 0.0) + tl.where(offs == t_mix, w_mix, 0.0)
         dz = g * (tl.exp(z - lse) - y)
         dz = tl.where(valid, dz, float("nan"))
-        if ROUND_BF16:
-            tl.store(out_ptr + offs, _bf16_rne(dz), mask=mask)
-        else:
-            tl.store(out_ptr + offs, dz.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + offs, cast_to(dz, out_ptr.dtype.element_ty, ROUND_BF16), mask=mask)
 
 
 def _block_k(n_cols: int, block_k: int | None) -> int:
     if block_k is not None:
         return triton.next_power_of_2(block_k)
-    cap = MAX_BLOCK_K_INTERPRETER if _interpreting() else MAX_BLOCK_K
+    cap = MAX_BLOCK_K_INTERPRETER if plan_for_interpreter() else MAX_BLOCK_K
     return min(cap, triton.next_power_of_2(n_cols))
 
 
@@ -165,7 +148,7 @@ def _num_warps(block_k: int) -> int:
 
 
 def _check_launchable(logits: torch.Tensor) -> None:
-    if not logits.is_cuda and not _interpreting():
+    if not logits.is_cuda and not interpreting():
         raise RuntimeError(
             "the Triton mixup cross-entropy needs CUDA tensors, or TRITON_INTERPRET=1 set before triton "
             f"is imported to run on {logits.device.type} tensors"
@@ -210,7 +193,9 @@ def mixup_ce_fwd(
     if lse is None:
         lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     block = _block_k(n_cols, block_k)
-    _mixup_ce_fwd_kernel[(n_rows,)](
+    launch(
+        _mixup_ce_fwd_kernel,
+        (n_rows,),
         logits,
         logits.stride(0),
         target,
@@ -263,7 +248,9 @@ def mixup_ce_bwd(
     if grad is None:
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
     block = _block_k(n_cols, block_k)
-    _mixup_ce_bwd_kernel[(n_rows,)](
+    launch(
+        _mixup_ce_bwd_kernel,
+        (n_rows,),
         logits,
         logits.stride(0),
         grad,
@@ -278,7 +265,7 @@ def mixup_ce_bwd(
         n_cols,
         float(smoothing),
         HAS_PERM=perm is not None,
-        ROUND_BF16=grad.dtype == torch.bfloat16 and _interpreting(),
+        ROUND_BF16=grad.dtype == torch.bfloat16 and plan_for_interpreter(),
         BLOCK_K=block,
         num_warps=_num_warps(block),
     )

@@ -14,18 +14,13 @@ uint8 in, 2-byte out: read M + write 2*M.  Labels add B*K*4 bytes written (plus 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["mix_launch", "interpreting"]
+from ._common import cast_to, launch, plan_for_interpreter
 
-
-def interpreting() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+__all__ = ["mix_launch"]
 
 
 @triton.jit
@@ -35,27 +30,15 @@ def _lerp(start, end, w):
     return tl.where(w < 0.5, start + w * diff, end - diff * (1.0 - w))
 
 
-@triton.jit
-def _round_bf16(v):
-    # Round fp32 -> bf16 to nearest even by hand: the interpreter truncates, the GPU rounds.
-    bits = v.to(tl.uint32, bitcast=True)
-    bits = bits + (((bits >> 16) & 1) + 0x7FFF)
-    r = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return tl.where(v != v, v.to(tl.bfloat16), r)  # keep NaN a NaN (rounding could carry it into inf)
-
-
-@triton.jit
-def _to_out(v, out_ptr, ROUND_BF16: tl.constexpr):
-    if ROUND_BF16:
-        return _round_bf16(v)
-    return v.to(out_ptr.dtype.element_ty)
-
-
+# Helpers below assign in both branches of a constexpr `if` and return once: `triton.compile` rejects a
+# function whose branches return different types (a block vs a scalar), which the interpreter accepts.
 @triton.jit
 def _row_lam(lam_ptr, lam_value, row, LAM_SCALAR: tl.constexpr):
     if LAM_SCALAR:
-        return lam_value
-    return tl.load(lam_ptr + row).to(tl.float32)
+        lam = lam_value
+    else:
+        lam = tl.load(lam_ptr + row).to(tl.float32)
+    return lam
 
 
 @triton.jit
@@ -67,8 +50,10 @@ def _pixel_weight(lam, box_ptr, row, hh, ww, HAS_BOX: tl.constexpr):
         x0 = tl.load(box_ptr + row * 4 + 2)
         x1 = tl.load(box_ptr + row * 4 + 3)
         inside = (hh >= y0) & (hh < y1) & (ww >= x0) & (ww < x1)
-        return tl.where(inside, 0.0, lam)
-    return lam
+        w = tl.where(inside, 0.0, lam)
+    else:
+        w = lam
+    return w
 
 
 @triton.jit
@@ -123,12 +108,13 @@ def _mix_images(
     lam_i = _row_lam(lam_ptr, lam_value, row_i, LAM_SCALAR)
     out_i = _lerp(b, a, _pixel_weight(lam_i, box_ptr, row_i, hh, ww, HAS_BOX))
     out_i = tl.where(valid, out_i, float("nan"))
-    tl.store(out_ptr + row_i * stride_ob + offs, _to_out(out_i, out_ptr, ROUND_BF16), mask=mask)
+    out_dtype = out_ptr.dtype.element_ty
+    tl.store(out_ptr + row_i * stride_ob + offs, cast_to(out_i, out_dtype, ROUND_BF16), mask=mask)
     if PAIRED:
         # The partner row, from the same two loads: this is what makes the in-place pass safe.
         lam_j = _row_lam(lam_ptr, lam_value, row_j, LAM_SCALAR)
         out_j = _lerp(a, b, _pixel_weight(lam_j, box_ptr, row_j, hh, ww, HAS_BOX))
-        tl.store(out_ptr + row_j * stride_ob + offs, _to_out(out_j, out_ptr, ROUND_BF16), mask=mask)
+        tl.store(out_ptr + row_j * stride_ob + offs, cast_to(out_j, out_dtype, ROUND_BF16), mask=mask)
 
 
 @triton.jit
@@ -195,7 +181,7 @@ def _mix_fwd_kernel(
 
 def _block_size(n: int) -> tuple[int, int]:
     """(BLOCK_SIZE, num_warps). The interpreter runs programs one by one, so it gets few, big ones."""
-    if interpreting():
+    if plan_for_interpreter():
         return min(triton.next_power_of_2(max(n, 1)), 1 << 14), 1
     if n >= 8192:
         return 4096, 8
@@ -260,12 +246,13 @@ def mix_launch(
         return
 
     num_classes = soft.shape[1] if has_target else 1
-    block_k = min(triton.next_power_of_2(num_classes), 1 << 14 if interpreting() else 2048)
+    block_k = min(triton.next_power_of_2(num_classes), 1 << 14 if plan_for_interpreter() else 2048)
     lamx_scalar = not isinstance(lam_x, torch.Tensor)
     lamy_scalar = not isinstance(lam_y, torch.Tensor)
-    round_bf16 = has_image and out.dtype == torch.bfloat16 and interpreting()
+    round_bf16 = has_image and out.dtype == torch.bfloat16 and plan_for_interpreter()
 
-    _mix_fwd_kernel[(n_programs,)](
+    launch(
+        _mix_fwd_kernel, (n_programs,),
         x if has_image else dummy, out if has_image else dummy, perm if perm is not None else dummy,
         dummy if lamx_scalar else lam_x, float(lam_x) if lamx_scalar else 0.0,
         box if box is not None else dummy,

@@ -1,0 +1,149 @@
+"""The launches the public API makes, recorded as a GPU would compile them (no GPU needed).
+
+``record_public_api`` drives ``mix``, ``mixup``, ``cutmix``, ``mixup_target``, ``Mixup`` and
+``mixup_cross_entropy`` (forward and backward) over their option space inside
+``record_launches(as_gpu=True)``: the launchers pick a GPU's block sizes, warps and switches, and nothing
+runs. ``main_paths`` records the launches a training loop makes at ImageNet size. Used by
+tests/test_gpu_compile.py and bench/ptx_report.py.
+"""
+
+import contextlib
+import itertools
+
+import torch
+
+import mixrecipe
+from mixrecipe import loss, ops
+from mixrecipe.kernels._common import record_launches
+from mixrecipe.kernels.aot import describe
+
+__all__ = ["kernels_planned_for_gpu", "record_public_api", "main_paths", "IMAGE_PATHS"]
+
+IMAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# (B, C, H, W): odd and tiny (one small block), CIFAR (one block a sample), above 8192 elements (big blocks).
+SHAPES = ((5, 3, 7, 5), (4, 3, 32, 32), (3, 3, 48, 64))
+NUM_CLASSES = 10
+
+
+@contextlib.contextmanager
+def kernels_planned_for_gpu():
+    """Route CPU tensors to the Triton launchers and record what a GPU would compile, without running it."""
+    with ops.cpu_backend("triton"), loss.triton_on_cpu(), record_launches(as_gpu=True) as recorder:
+        yield recorder
+
+
+def _images(shape, dtype, layout):
+    if dtype == torch.uint8:
+        x = torch.randint(0, 256, shape, dtype=torch.uint8)
+    else:
+        x = torch.rand(shape).to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
+def _drive_ops(gen, full: bool = False):
+    """mix() over its option space: every combination of the options that switch code paths in the kernel
+    (pairing, λ kind, box, normalization, target kind), each with a dtype pair and a (shape, layout) cycled
+    through all of them. ``full``: the whole product with every dtype pair, shape and layout too (about 8x
+    the specializations; ``python bench/ptx_report.py --full`` compiles it)."""
+    same = [(d, d) for d in IMAGE_DTYPES]
+    in_out = same + [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)]
+    in_out += [(torch.uint8, d) for d in IMAGE_DTYPES]
+    geometries = list(itertools.product(SHAPES, ("nchw", "channels_last")))
+    switches = itertools.product(("flip", "flip-inplace", "perm"), ("scalar", "per-sample"), (False, True),
+                                 (False, True), (None, "index", "dense"))
+    for i, (pairing, lam_kind, with_box, norm, target_kind) in enumerate(switches):
+        dtype_pairs = same if pairing == "flip-inplace" else in_out
+        cases = (itertools.product(dtype_pairs, geometries) if full else
+                 [(dtype_pairs[i % len(dtype_pairs)], geometries[i % len(geometries)])])
+        for (dt_in, dt_out), (shape, layout) in cases:
+            b = shape[0]
+            x = _images(shape, dt_in, layout)
+            lam = 0.3 if lam_kind == "scalar" else torch.rand(b, generator=gen)
+            target = None
+            if target_kind == "index":
+                target = torch.randint(0, NUM_CLASSES, (b,), generator=gen)
+            elif target_kind == "dense":
+                target = torch.rand(b, NUM_CLASSES, generator=gen)
+            box = torch.tensor([1, 4, 2, 5]) if with_box else None
+            mean, std = ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3)) if norm else (None, None)
+            perm = torch.randperm(b, generator=gen) if pairing == "perm" else None
+            mixrecipe.mix(x, target, lam, None if with_box else lam, perm, box, num_classes=NUM_CLASSES,
+                          label_smoothing=0.1 if norm else 0.0, mean=mean, std=std, out_dtype=dt_out,
+                          inplace=pairing == "flip-inplace")
+
+
+def _drive_wrappers(gen):
+    """The other public entry points, each with its own argument preparation."""
+    x = torch.rand(6, 3, 16, 16)
+    y = torch.randint(0, NUM_CLASSES, (6,), generator=gen)
+    for lam, perm in itertools.product((0.7, torch.rand(6, generator=gen)), (None, torch.randperm(6))):
+        mixrecipe.mixup(x, y, lam, perm, num_classes=NUM_CLASSES)
+        mixrecipe.mixup_target(y, NUM_CLASSES, lam, perm, label_smoothing=0.1)
+        mixrecipe.mixup_target(torch.rand(6, NUM_CLASSES), None, lam, perm)
+    for per_sample, dtype in itertools.product((False, True), (torch.float32, torch.bfloat16, torch.uint8)):
+        mixrecipe.cutmix(_images((6, 3, 16, 16), dtype, "nchw"), y, per_sample=per_sample,
+                         num_classes=NUM_CLASSES, generator=gen,
+                         out_dtype=torch.float32 if dtype == torch.uint8 else None)
+    alphas = ((1.0, 0.0), (0.0, 1.0), (0.8, 1.0))  # mixup only, CutMix only, both
+    for mode, pairing, (mix_a, cut_a), multi in itertools.product(
+            ("batch", "pair", "elem"), ("flip", "random"), alphas, (False, True)):
+        policy = mixrecipe.Mixup(mixup_alpha=mix_a, cutmix_alpha=cut_a, mode=mode, pairing=pairing,
+                                 num_classes=NUM_CLASSES, multi_label=multi, generator=gen)
+        target = torch.rand(6, NUM_CLASSES, generator=gen) if multi else y
+        policy(torch.rand(6, 3, 16, 16), target)
+
+
+def _drive_loss(gen):
+    """mixup_cross_entropy forward and backward: logit dtypes, pairings, smoothing, K below/above a block."""
+    for dtype, k, perm_kind, smoothing, lam_kind in itertools.product(
+            IMAGE_DTYPES, (10, 1000, 5000), ("flip", "perm"), (0.0, 0.1), ("scalar", "per-sample")):
+        b = 5
+        logits = torch.randn(b, k, generator=gen).to(dtype).requires_grad_()
+        target = torch.randint(0, k, (b,), generator=gen)
+        perm = torch.randperm(b, generator=gen) if perm_kind == "perm" else None
+        lam = 0.4 if lam_kind == "scalar" else torch.rand(b, generator=gen)
+        mixrecipe.mixup_cross_entropy(logits, target, lam, perm, label_smoothing=smoothing).backward()
+
+
+def record_public_api(full: bool = False) -> list[dict]:
+    """Descriptions of every launch the public API makes over its option space, planned for a GPU."""
+    gen = torch.Generator().manual_seed(0)
+    with kernels_planned_for_gpu() as recorder:
+        _drive_ops(gen, full)
+        _drive_wrappers(gen)
+        _drive_loss(gen)
+    return describe(recorder.launches)
+
+
+# The image paths whose compiled code must be 128-bit wide without spills (tests/test_gpu_compile.py).
+IMAGE_PATHS = ("fp32 in-place flip", "bf16 in-place flip", "uint8 -> bf16 normalized", "fp32 CutMix box")
+
+
+def main_paths() -> dict[str, list[dict]]:
+    """The launches a training loop makes, at ImageNet size: name -> descriptions (the loss has two)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 224, 224, generator=gen)
+    y = torch.randint(0, 1000, (4,), generator=gen)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    logits = torch.randn(256, 1000, generator=gen).bfloat16().requires_grad_()
+    target = torch.randint(0, 1000, (256,), generator=gen)
+    x8 = (x * 255).to(torch.uint8)
+    calls = {
+        "fp32 in-place flip": lambda: mixrecipe.mixup(x, y, 0.7, num_classes=1000, inplace=True),
+        "bf16 in-place flip": lambda: mixrecipe.mixup(x.bfloat16(), y, 0.7, num_classes=1000, inplace=True),
+        "fp16 in-place flip": lambda: mixrecipe.mixup(x.half(), y, 0.7, num_classes=1000, inplace=True),
+        "uint8 -> bf16 normalized": lambda: mixrecipe.mixup(x8, y, 0.7, num_classes=1000, mean=mean, std=std,
+                                                            out_dtype=torch.bfloat16),
+        "fp32 CutMix box": lambda: mixrecipe.mix(x, y, 1.0, 0.6, None, torch.tensor([10, 100, 20, 90]),
+                                                 num_classes=1000, inplace=True),
+        "fp32 random perm, per-sample lam": lambda: mixrecipe.mixup(
+            x, y, torch.rand(4, generator=gen), torch.tensor([2, 0, 3, 1]), num_classes=1000),
+        "mixup_cross_entropy bf16 (256, 1000)": lambda: mixrecipe.mixup_cross_entropy(
+            logits, target, 0.7, label_smoothing=0.1).backward(),
+    }
+    out = {}
+    for name, call in calls.items():
+        with kernels_planned_for_gpu() as recorder:
+            call()
+        out[name] = describe(recorder.launches)
+    return out

@@ -1,0 +1,87 @@
+"""What more than one kernel needs: the interpreter flag, fp32 -> bf16 rounding, and the launch point.
+
+Every launch goes through ``launch`` so that ``mixrecipe.kernels.aot`` can record the exact arguments the
+public API passes (and, while planning for a GPU, skip running them): the compile-for-GPU test derives its
+specializations from real launches, never from a hand-kept list.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import triton
+import triton.language as tl
+
+__all__ = ["interpreting", "plan_for_interpreter", "launch", "record_launches", "to_bf16_rne", "cast_to"]
+
+_launch_recorder = None  # the active LaunchRecorder, if any
+
+
+class LaunchRecorder:
+    """Collects ``(kernel, grid, args, kwargs)`` of every launch made while it is active."""
+
+    def __init__(self, as_gpu: bool):
+        self.as_gpu = as_gpu
+        self.launches: list[tuple] = []
+
+    def record(self, kernel, grid, args, kwargs) -> None:
+        self.launches.append((kernel, grid, args, dict(kwargs)))
+
+
+@contextlib.contextmanager
+def record_launches(as_gpu: bool = True):
+    """Record every kernel launch made inside the block.
+
+    With ``as_gpu`` the launchers pick the block sizes, warps and switches they would pick on a GPU and the
+    kernels do not run (their outputs stay unwritten): what is recorded is what a GPU would compile.
+    """
+    global _launch_recorder
+    previous, _launch_recorder = _launch_recorder, LaunchRecorder(as_gpu)
+    try:
+        yield _launch_recorder
+    finally:
+        _launch_recorder = previous
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def plan_for_interpreter() -> bool:
+    """Whether launchers pick the interpreter's configuration (few big programs, bf16 rounded by hand).
+
+    False on a GPU, and also while ``aot.record_launches`` records launches for GPU compilation."""
+    return interpreting() and not (_launch_recorder is not None and _launch_recorder.as_gpu)
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)``, seen first by an active launch recorder."""
+    recorder = _launch_recorder
+    if recorder is not None:
+        recorder.record(kernel, grid, args, kwargs)
+        if recorder.as_gpu:
+            return  # the configuration is a GPU's: record it, don't run it here
+    kernel[grid](*args, **kwargs)
+
+
+@triton.jit
+def to_bf16_rne(v):
+    # fp32 -> bf16 rounded to nearest even by hand: the interpreter truncates, the GPU rounds. Rounding
+    # the fp32 bits to a multiple of 2**16 first makes the final cast exact on both.
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    rounded = bits.to(tl.float32, bitcast=True)
+    return tl.where(v != v, v, rounded).to(tl.bfloat16)  # a NaN stays NaN (its bits could carry)
+
+
+@triton.jit
+def cast_to(v, dtype: tl.constexpr, ROUND_BF16: tl.constexpr):
+    # One return for both branches: the compiler (unlike the interpreter) rejects a function whose
+    # constexpr branches return different types.
+    if ROUND_BF16:
+        r = to_bf16_rne(v)
+    else:
+        r = v.to(dtype)
+    return r
