@@ -20,6 +20,7 @@ import csv
 import gc
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -50,10 +51,17 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def results_prefix(device: torch.device) -> str:
+    """``cpu``, or the GPU's name as a slug (``nvidia-h100-80gb-hbm3``): results files name their device."""
+    if device.type != "cuda":
+        return device.type
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+
+
 def stem(args, device: torch.device, name: str) -> Path:
     """``<out>/<device>[-<tag>]-<name>``: the results files' common path, without suffix."""
     tag = f"-{args.tag}" if args.tag else ""
-    return args.out / f"{device.type}{tag}-{name}"
+    return args.out / f"{results_prefix(device)}{tag}-{name}"
 
 
 def setup(args) -> torch.device:

@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import common  # noqa: E402  (bench/common.py)
+
 ROOT = Path(__file__).resolve().parent.parent
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -26,10 +29,11 @@ def _run(script: str, out: Path, device: str, *extra: str) -> list[dict]:
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     name = {"bench_mixup.py": "mixup", "bench_loss.py": "loss", "bench_step.py": "step"}[script]
-    with open(out / f"{device}-{name}.csv") as f:
+    prefix = common.results_prefix(torch.device(device))
+    with open(out / f"{prefix}-{name}.csv") as f:
         rows = list(csv.DictReader(f))
     assert rows, "no rows written"
-    assert (out / f"{device}-{name}.md").read_text().count("\n|") > len(rows)  # the table made it
+    assert (out / f"{prefix}-{name}.md").read_text().count("\n|") > len(rows)  # the table made it
     for r in rows:
         assert r["device"], "every row names its device"
     return rows
@@ -43,7 +47,7 @@ def _positive(value: str) -> bool:
 def test_bench_mixup_quick(tmp_path, device):
     extra = ["--no-compile"] if device == "cuda" else []  # compiling each tiny case would dominate
     rows = _run("bench_mixup.py", tmp_path, device, *extra)
-    assert (tmp_path / f"{device}-mixup.png").stat().st_size > 10_000
+    assert (tmp_path / f"{common.results_prefix(torch.device(device))}-mixup.png").stat().st_size > 10_000
     cases = {r["case"] for r in rows}
     assert len(cases) == 3 and any("u8->bf16" in c for c in cases)
     for case in cases:
