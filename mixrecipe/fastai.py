@@ -55,8 +55,8 @@ from torch import Tensor, nn
 from torch.distributions.beta import Beta
 
 from .loss import SoftTargetCrossEntropy, mixup_cross_entropy
-from .mixup import Mixup
 from .ops import mix, mixup, mixup_target
+from .policy import Mixup
 
 __all__ = ["MixUp", "CutMix", "MixupCallback", "loss_kind", "run_recipe"]
 

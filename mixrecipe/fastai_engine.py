@@ -32,7 +32,7 @@ from fastai.optimizer import OptimWrapper
 from .config import Config, RecipeError, config_to_dict
 from .data import normalize_batch
 from .fastai import MixupCallback
-from .mixup import Mixup
+from .policy import Mixup
 from .train import (
     CHECKPOINT_VERSION,
     _epoch_seed,

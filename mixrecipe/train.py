@@ -126,7 +126,7 @@ def write_summary(path: str, summary: dict) -> None:
 
 def build_mixup(cfg: Config, num_classes: int, *, mean=None, std=None, out_dtype=None, generator=None):
     """The ``mixrecipe.Mixup`` of a config, or None for ERM (mixup.alpha = cutmix_alpha = 0)."""
-    from .mixup import Mixup
+    from .policy import Mixup
 
     m = cfg.mixup
     if m.alpha == 0 and m.cutmix_alpha == 0 and m.cutmix_minmax is None:

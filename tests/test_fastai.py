@@ -34,7 +34,7 @@ from fastai.metrics import accuracy  # noqa: E402
 from mixrecipe import mixup_target  # noqa: E402
 from mixrecipe.fastai import CutMix, MixUp, MixupCallback, loss_kind  # noqa: E402
 from mixrecipe.loss import SoftTargetCrossEntropy, mixup_cross_entropy  # noqa: E402
-from mixrecipe.mixup import Mixup  # noqa: E402
+from mixrecipe.policy import Mixup  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*CUDA is not available.*")
 warnings.filterwarnings("ignore", message=".*torch.cuda.amp.*")

@@ -85,7 +85,7 @@ def test_digits_default_end_to_end(tmp_path, capsys):
 
 
 def test_erm_and_mixup_off_epoch(tmp_path, monkeypatch):
-    from mixrecipe.mixup import Mixup
+    from mixrecipe.policy import Mixup
 
     enabled = []
     original = Mixup.mix_batch

@@ -1,4 +1,4 @@
-"""The timm-compatible Mixup policy, CutMix alone and the sampling helpers (mixrecipe.mixup).
+"""The timm-compatible Mixup policy, CutMix alone and the sampling helpers (mixrecipe.policy).
 
 Three kinds of checks:
 - statistics of the draws (λ against Beta(α, α) by Kolmogorov–Smirnov, apply/switch probabilities, pairs);
@@ -21,7 +21,7 @@ from timm.data import mixup as timm_mixup
 
 from mixrecipe.kernels import interpreting
 from mixrecipe.loss import SoftTargetCrossEntropy, mixup_cross_entropy
-from mixrecipe.mixup import (
+from mixrecipe.policy import (
     MixedBatch,
     Mixup,
     box_lam,
@@ -34,7 +34,7 @@ from mixrecipe.mixup import (
 )
 from mixrecipe.reference import mix_reference, smooth_targets
 
-M = importlib.import_module("mixrecipe.mixup")  # the module: the attribute mixrecipe.mixup is the op
+M = importlib.import_module("mixrecipe.policy")
 
 HAS_CUDA = torch.cuda.is_available()
 BACKENDS = ["eager", "triton"] if (interpreting() or HAS_CUDA) else ["eager"]
