@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions.beta import Beta
 
-from .loss import SoftTargetCrossEntropy, mixup_cross_entropy
+from .loss import SoftTargetCrossEntropy, mixup_cross_entropy, reduce_loss
 from .ops import mix, mixup, mixup_target
 from .policy import Mixup
 
@@ -116,14 +116,6 @@ def loss_kind(loss_func) -> tuple[str, float, str]:
     elif cls.__name__ == "SoftTargetCrossEntropy":
         return "soft", 0.0, reduction
     return "other", 0.0, reduction
-
-
-def _reduce(loss: Tensor, reduction: str) -> Tensor:
-    if reduction == "mean":
-        return loss.mean()
-    if reduction == "sum":
-        return loss.sum()
-    return loss
 
 
 def _per_sample(loss_func, pred, *yb) -> Tensor:
@@ -314,7 +306,7 @@ class _MixBase(Callback):
                 f"{tuple(own.shape)} for a batch of {batch}"
             )
         loss = _lerp_rows(other, own, lam)
-        return _reduce(loss, getattr(loss_func, "reduction", "mean"))
+        return reduce_loss(loss, getattr(loss_func, "reduction", "mean"))
 
 
 class MixUp(_MixBase):

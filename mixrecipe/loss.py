@@ -12,43 +12,24 @@ comes back in fp32, the gradient in the logits' dtype.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixrecipe.kernels.cross_entropy import mixup_ce_bwd, mixup_ce_fwd
+from .backend import runs_kernel
+from .kernels.cross_entropy import mixup_ce_bwd, mixup_ce_fwd
 
-__all__ = ["SoftTargetCrossEntropy", "mixup_cross_entropy", "triton_on_cpu"]
+__all__ = ["SoftTargetCrossEntropy", "mixup_cross_entropy", "reduce_loss"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 _LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-# When True, CPU tensors also go through the Triton kernels (needs TRITON_INTERPRET=1): for tests.
-_use_triton_on_cpu = False
-
-
-@contextlib.contextmanager
-def triton_on_cpu(enabled: bool = True):
-    """Run CPU tensors through the Triton kernels (under the interpreter) inside this block.
-
-    Args:
-        enabled: the value of the switch inside the block.
-    """
-    global _use_triton_on_cpu
-    previous, _use_triton_on_cpu = _use_triton_on_cpu, enabled
-    try:
-        yield
-    finally:
-        _use_triton_on_cpu = previous
 
 
 def _use_triton(logits: torch.Tensor) -> bool:
     # fp64 is a checking dtype (gradcheck): it keeps fp64 math on the eager path everywhere.
     if logits.dtype == torch.float64:
         return False
-    return logits.is_cuda or _use_triton_on_cpu
+    return runs_kernel(logits)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -238,7 +219,8 @@ def _check_smoothing(label_smoothing) -> float:
     return float(label_smoothing)
 
 
-def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
+def reduce_loss(loss: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Per-sample losses reduced as ``reduction`` says: "mean", "sum" or "none" (unchanged)."""
     if reduction == "mean":
         return loss.mean()
     if reduction == "sum":
@@ -284,7 +266,7 @@ def mixup_cross_entropy(
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     loss, _ = _mixup_ce_rows(logits, target, lam_t, perm, smoothing)
-    return _reduce(loss, reduction)
+    return reduce_loss(loss, reduction)
 
 
 class SoftTargetCrossEntropy(nn.Module):
@@ -314,7 +296,7 @@ class SoftTargetCrossEntropy(nn.Module):
             raise ValueError(f"target must have the shape of x {tuple(x.shape)}, got {tuple(target.shape)}")
         dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None
         loss = torch.sum(-target * F.log_softmax(x, dim=-1, dtype=dtype), dim=-1)
-        return _reduce(loss, self.reduction)
+        return reduce_loss(loss, self.reduction)
 
     def extra_repr(self) -> str:
         return f"reduction={self.reduction!r}"

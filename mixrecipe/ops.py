@@ -2,8 +2,8 @@
 
 CUDA tensors run the fused Triton kernel (``mixrecipe.kernels.mixup``); CPU tensors run an eager path with
 the same semantics (``mixrecipe.reference``), or the Triton kernel through the interpreter when asked
-(``cpu_backend("triton")``, used by the tests). The work is registered with ``torch.library.custom_op`` so
-that ``torch.compile(fullgraph=True)`` sees one opaque op.
+(``mixrecipe.backend.cpu_backend("triton")``, used by the tests). The work is registered with
+``torch.library.custom_op`` so that ``torch.compile(fullgraph=True)`` sees one opaque op.
 
 No host-device synchronization happens here: checks that need tensor values (lam in [0, 1], perm is a
 permutation, class indices in range) run only on CPU tensors and outside torch.compile. On CUDA the kernel
@@ -12,40 +12,19 @@ writes NaN rows for out-of-range partners or class indices instead of reading ou
 
 from __future__ import annotations
 
-import contextlib
-import os
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from .kernels import interpreting, mix_launch
+from .backend import runs_kernel
+from .kernels import mix_launch
 from .reference import pixel_weights, smooth_targets
 
-__all__ = ["mix", "mixup", "mixup_target", "cpu_backend"]
+__all__ = ["mix", "mixup", "mixup_target"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_CPU_BACKEND = os.environ.get("MIXRECIPE_CPU_BACKEND", "eager")
 _CHUNK_ELEMS = 1 << 17  # eager CPU path: rows per chunk sized so a chunk's temporaries stay in cache
-
-
-@contextlib.contextmanager
-def cpu_backend(name: str):
-    """Run CPU tensors through ``"eager"`` PyTorch (default) or the ``"triton"`` kernel (interpreter)."""
-    global _CPU_BACKEND
-    if name not in ("eager", "triton"):
-        raise ValueError(f"cpu_backend must be 'eager' or 'triton', got {name!r}")
-    if name == "triton" and not interpreting():
-        raise RuntimeError("cpu_backend('triton') needs TRITON_INTERPRET=1 set before triton is imported")
-    previous, _CPU_BACKEND = _CPU_BACKEND, name
-    try:
-        yield
-    finally:
-        _CPU_BACKEND = previous
-
-
-def _use_kernel(t: Tensor) -> bool:
-    return t.device.type == "cuda" or (t.device.type == "cpu" and _CPU_BACKEND == "triton")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -143,7 +122,7 @@ def _run(x, out, target, soft, perm, lam_x, lam_y, box, mean, std, num_classes, 
     off = label_smoothing / num_classes if target is not None else 0.0
     keep = 1.0 - label_smoothing
     norm = _norm_constants(x, mean, std) if x is not None else (None, None, 1.0)
-    if _use_kernel(ref):
+    if runs_kernel(ref):
         mix_launch(
             x, out, target, soft, batch_size=ref.shape[0], perm=perm, lam_x=lam_x, lam_y=lam_y,
             box=box, mean=norm[0], inv_std=norm[1], in_scale=norm[2], label_off=off, label_keep=keep,

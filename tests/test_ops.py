@@ -1,7 +1,7 @@
 """The fused mixup op and its Triton kernel against the float64 reference.
 
 On a machine without a GPU the kernel runs through the Triton interpreter (conftest sets TRITON_INTERPRET=1),
-selected with ``ops.cpu_backend("triton")``; the eager CPU path is tested on the same cases.
+selected with ``mixrecipe.backend.cpu_backend("triton")``; the eager CPU path is tested on the same cases.
 """
 
 import pytest
@@ -9,6 +9,7 @@ import torch
 
 from mixrecipe import ops
 from mixrecipe import reference as R
+from mixrecipe.backend import cpu_backend
 from mixrecipe.kernels import interpreting, mix_launch
 
 HAS_CUDA = torch.cuda.is_available()
@@ -362,7 +363,7 @@ def _bad_calls():
         ("box needs x of shape", lambda: ops.mix(x.view(4, -1), None, 1.0, box=torch.tensor([0, 1, 0, 1]))),
         ("box must be integer", lambda: ops.mix(x, None, 1.0, box=torch.tensor([0, 1, 0]))),
         ("inplace=True needs x contiguous", lambda: ops.mixup(x[:, :, ::2], None, 0.5, inplace=True)),
-        ("cpu_backend must be", lambda: ops.cpu_backend("cuda").__enter__()),
+        ("cpu_backend must be", lambda: cpu_backend("cuda").__enter__()),
     ]
 
 
