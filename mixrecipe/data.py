@@ -37,6 +37,7 @@ __all__ = [
     "read_cifar10",
     "normalize_batch",
     "keep_batch",
+    "loader_collate",
     "DEFAULT_ROOTS",
 ]
 
@@ -124,6 +125,11 @@ def _random_crop(x: Tensor, pad: int, generator: torch.Generator) -> Tensor:
 def keep_batch(batch):
     """collate_fn for :class:`ImageTensors`: ``__getitems__`` already returns a collated batch."""
     return batch
+
+
+def loader_collate(ds):
+    """The DataLoader ``collate_fn`` for a data set of this module (None: PyTorch's default)."""
+    return keep_batch if isinstance(ds, ImageTensors) else None
 
 
 class ImageFiles(Dataset):

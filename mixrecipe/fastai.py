@@ -58,7 +58,7 @@ from .loss import SoftTargetCrossEntropy, mixup_cross_entropy, reduce_loss
 from .ops import mix, mixup, mixup_target
 from .policy import Mixup
 
-__all__ = ["MixUp", "CutMix", "MixupCallback", "loss_kind", "run_recipe"]
+__all__ = ["MixUp", "CutMix", "MixupCallback", "loss_kind"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -473,16 +473,3 @@ class MixupCallback(_MixBase):
         self.yb1 = tuple(t[perm] if isinstance(t, Tensor) and t.shape[:1] == (batch,) else t for t in self.yb)
         self._pending = True
 
-
-def run_recipe(cfg) -> dict:
-    """``engine: fastai``: train a recipe config with a fastai Learner (see ``mixrecipe.fastai_engine``).
-
-    Args:
-        cfg: a resolved ``mixrecipe.config.Config``.
-
-    Returns:
-        The final metrics, as the default engine returns them.
-    """
-    from .fastai_engine import run_fastai
-
-    return run_fastai(cfg)
