@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions.beta import Beta
 
+from .checks import check_alpha
 from .loss import SoftTargetCrossEntropy, mixup_cross_entropy, reduce_loss
 from .ops import mix, mixup, mixup_target
 from .policy import Mixup
@@ -327,7 +328,7 @@ class MixUp(_MixBase):
 
     def __init__(self, alpha: float = 0.4):
         super().__init__()
-        self.alpha = _check_alpha(alpha)
+        self.alpha = check_alpha("alpha", alpha)
         self.distrib = Beta(torch.tensor(self.alpha), torch.tensor(self.alpha))
 
     def _draw(self, batch: int, device) -> tuple[Tensor, Tensor]:
@@ -361,13 +362,6 @@ def _mix_input(t, lam: Tensor, perm: Tensor, batch: int):
     return retain_type(out, t)
 
 
-def _check_alpha(alpha) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0 \
-            or alpha == float("inf"):
-        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
-    return float(alpha)
-
-
 class CutMix(_MixBase):
     """fastai's ``CutMix`` (https://arxiv.org/abs/1905.04899) on mixrecipe's one-pass op.
 
@@ -385,7 +379,7 @@ class CutMix(_MixBase):
 
     def __init__(self, alpha: float = 1.0):
         super().__init__()
-        self.alpha = _check_alpha(alpha)
+        self.alpha = check_alpha("alpha", alpha)
         self.distrib = Beta(torch.tensor(self.alpha), torch.tensor(self.alpha))
         self.box = None
 

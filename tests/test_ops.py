@@ -330,7 +330,7 @@ def _bad_calls():
     x = torch.randn(4, 3, 4, 4)
     t = torch.tensor([0, 1, 2, 3])
     return [
-        ("target has 3 rows", lambda: ops.mixup(x, t[:3], 0.5, num_classes=4)),
+        ("target must have shape (4,), got (3,)", lambda: ops.mixup(x, t[:3], 0.5, num_classes=4)),
         ("outside", lambda: ops.mixup(x, torch.tensor([0, 1, 2, 9]), 0.5, num_classes=4)),
         ("outside", lambda: ops.mixup(x, torch.tensor([0, -1, 2, 1]), 0.5, num_classes=4)),
         ("num_classes is required", lambda: ops.mixup(x, t, 0.5)),
@@ -342,8 +342,8 @@ def _bad_calls():
         ("lam_x must be a float", lambda: ops.mixup(x, t, "0.5", num_classes=4)),
         ("lam must lie in", lambda: ops.mixup_target(t, 4, -0.2)),
         ("perm must be a permutation", lambda: ops.mixup(x, None, 0.5, torch.tensor([0, 0, 1, 2]))),
-        ("perm must be an integer tensor of shape", lambda: ops.mixup(x, None, 0.5, torch.arange(3))),
-        ("perm must be an integer tensor of shape", lambda: ops.mixup(x, None, 0.5, torch.arange(4.0))),
+        ("perm must have shape", lambda: ops.mixup(x, None, 0.5, torch.arange(3))),
+        ("perm must be None or an int64", lambda: ops.mixup(x, None, 0.5, torch.arange(4.0))),
         ("inplace=True needs the flip pairing", lambda: ops.mixup(x, t, 0.5, torch.arange(4), num_classes=4,
                                                                    inplace=True)),
         ("pass a floating out_dtype", lambda: ops.mixup(x.to(torch.uint8), t, 0.5, num_classes=4)),
