@@ -168,3 +168,12 @@ def test_help_lists_every_public_key():
     for key in list_keys():
         assert f"  {key}=" in text
     assert "mixup.alpha=0.2" in text
+
+
+def test_default_loader_workers_fit_the_machine():
+    import os
+
+    from mixrecipe.config import DEFAULT_WORKERS, Config
+
+    # At most 4 per rank, and never more than the machine has cores (2 on the CI machine, where 4 warned).
+    assert Config().data.workers == DEFAULT_WORKERS == min(4, os.cpu_count() or 1)
