@@ -83,6 +83,10 @@ class DataConfig:
     mean: list[float] | None = _f(None, "per-channel mean in [0, 1] units (null: the data set's usual one)")
     std: list[float] | None = _f(None, "per-channel std in [0, 1] units (null: the data set's usual one)")
     workers: int = _f(DEFAULT_WORKERS, "image folders: data loader worker processes per rank")
+    skip_corrupt: bool = _f(
+        False, "image folders: skip unreadable or corrupt files (counted in the log and summary) instead of "
+        "stopping with an error naming the file"
+    )
     train_subset: int = _f(0, "train on a random subset of this many images (0: all); seeded by data.seed")
     label_noise: float = _f(
         0.0, "replace this fraction of training labels by a different random class (seeded by data.seed)"

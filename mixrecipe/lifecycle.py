@@ -31,10 +31,11 @@ import numpy as np
 import torch
 
 from .config import Config, RecipeError, config_to_dict, save_config
-from .data import DataBundle, ImageTensors, build_data
+from .data import DataBundle, ImageTensors, build_data, count_unreadable
 from .distributed import (
     DistContext,
     all_max,
+    all_sum,
     broadcast_buffers,
     setup_distributed,
     shutdown_distributed,
@@ -206,11 +207,18 @@ def begin_epoch(state: RunState, epoch: int) -> None:
 
 
 def evaluate_epoch(engine: Engine, state: RunState) -> dict:
-    """The epoch's evaluation: validation accuracy and loss, and memorization with label noise."""
+    """The epoch's evaluation: validation accuracy and loss, memorization with label noise, and the count
+    of image files skipped as unreadable when ``data.skip_corrupt`` is on."""
     broadcast_buffers(state.model, state.dist)  # evaluate (and save) rank 0's BatchNorm statistics
     metrics = evaluate(engine.predict(state.val_loader), state.dist, "val")
     if state.mem_loader is not None:
         metrics.update(memorization(engine.predict(state.mem_loader), state.dist))
+    if state.cfg.data.skip_corrupt:
+        skipped = count_unreadable(state.bundle)  # ranks read disjoint shards: their counts add up
+        count = metrics["skipped_images"] = int(all_sum([float(len(skipped))], state.dist)[0])
+        if skipped and state.dist.is_main:
+            print(f"skipped {count} unreadable image file(s) so far (data.skip_corrupt=true), "
+                  f"e.g. {skipped[0]}", file=sys.stderr, flush=True)
     return metrics
 
 
@@ -260,6 +268,9 @@ def summarize(state: RunState, engine: Engine) -> dict:
         summary.update({"test_loss": history[-1]["val_loss"], "test_top1": history[-1]["val_top1"],
                         "test_top5": history[-1]["val_top5"]})
     summary["best_val_top1"] = state.best_top1 if history else None
+    if state.cfg.data.skip_corrupt:  # also the files first met by the test evaluation above
+        skipped = int(all_sum([float(len(count_unreadable(bundle)))], state.dist)[0])
+        summary["skipped_images"] = skipped
     summary["output"] = out
     summary["engine"] = engine.name
     if state.dist.is_main:
@@ -302,8 +313,14 @@ def _train(cfg: Config, d: DistContext, holder: list) -> dict:
         t0 = time.perf_counter()
         begin_epoch(state, epoch)
         metrics = {"epoch": epoch + 1}
-        metrics.update(engine.train_epoch(epoch))
-        metrics.update(evaluate_epoch(engine, state))
+        try:
+            metrics.update(engine.train_epoch(epoch))
+            metrics.update(evaluate_epoch(engine, state))
+        except RecipeError as exc:  # bad data found mid-epoch: the last checkpoint is whole, say so
+            if epoch == 0:
+                raise
+            raise RecipeError(f"{exc}; then resume=true continues after epoch {epoch}/{cfg.epochs} "
+                              f"({os.path.join(state.out, 'last.pt')})") from None
         metrics["seconds"] = all_max(time.perf_counter() - t0, d)
         record(state, engine, metrics)
     return summarize(state, engine)

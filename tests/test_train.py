@@ -340,3 +340,75 @@ def test_run_is_programmatic(tmp_path):
     cfg.data.train_subset = 128
     result = train.run(cfg)
     assert result["epoch"] == 1 and "test_top1" in result and result["output"] == str(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad destinations and bad data: exit 2, one line naming the path and the fix
+
+
+@pytest.mark.parametrize("where", ["/proc/forbidden/run", "a_file/run"])
+def test_an_output_that_cannot_be_written_exits_two_before_training(tmp_path, capsys, where):
+    (tmp_path / "a_file").write_text("not a directory")
+    out = where if where.startswith("/") else str(tmp_path / where)
+    with pytest.raises(SystemExit) as info:
+        train.main([f"output={out}", "epochs=1", *QUICK])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert out in err and "output=DIR" in err
+
+
+def test_the_writability_check_leaves_no_empty_folders(tmp_path, capsys):
+    out = tmp_path / "new" / "run"
+    with pytest.raises(SystemExit):  # no such data: the run stops after the output check
+        train.main(["imagenet", f"data.root={tmp_path / 'nowhere'}", f"output={out}"])
+    assert "image folder" in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
+IMAGENET_TINY = ["model=digits_cnn", "data.img_size=16", "batch_size=4", "data.workers=1", "preview=false",
+                 *QUICK]
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+
+
+def test_a_corrupt_image_is_named_or_skipped_and_counted(tmp_path, capsys):
+    root = Path(write_imagefolder(str(tmp_path / "inet"), n_train=4, n_val=2))
+    bad = root / "train" / "bee" / "bee_1.JPEG"
+    _truncate(bad)
+    common = ["imagenet", f"data.root={root}", "epochs=1", *IMAGENET_TINY]
+    with pytest.raises(SystemExit) as info:  # read in a loader worker process
+        train.main([*common, f"output={tmp_path / 'stop'}"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err and err.count("\n") == 1, err
+    assert str(bad) in err and "data.skip_corrupt=true" in err
+    result = train.main([*common, f"output={tmp_path / 'skip'}", "data.skip_corrupt=true"])
+    assert result["skipped_images"] == 1 and _metrics(tmp_path / "skip")[0]["skipped_images"] == 1
+    assert str(bad) in capsys.readouterr().err
+
+
+def test_a_data_error_mid_run_leaves_a_resumable_checkpoint(tmp_path, capsys, monkeypatch):
+    from mixrecipe import lifecycle
+
+    root = Path(write_imagefolder(str(tmp_path / "inet"), n_train=4, n_val=2))
+    bad = root / "train" / "ant" / "ant_0.JPEG"
+    good_bytes = bad.read_bytes()
+    record = lifecycle.record
+
+    def record_then_break_a_file(state, engine, metrics):  # the file goes bad after epoch 1 is saved
+        record(state, engine, metrics)
+        _truncate(bad)
+
+    monkeypatch.setattr(lifecycle, "record", record_then_break_a_file)
+    common = ["imagenet", f"data.root={root}", f"output={tmp_path / 'run'}", "epochs=2", *IMAGENET_TINY]
+    with pytest.raises(SystemExit) as info:
+        train.main(common)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and str(bad) in err and "resume=true" in err and "1/2" in err
+    assert load_checkpoint(str(tmp_path / "run" / "last.pt"))["epoch"] == 1
+    monkeypatch.undo()
+    bad.write_bytes(good_bytes)
+    result = train.main([*common, "resume=true"])
+    assert result["epoch"] == 2 and [r["epoch"] for r in _metrics(tmp_path / "run")] == [1, 2]
