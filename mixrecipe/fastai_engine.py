@@ -65,7 +65,7 @@ class _EpochDriver(Callback):
 
     def __init__(self, state: RunState):
         self.state = state
-        self.epoch = 0
+        self.run_epoch = 0  # the run's epoch (fastai's own counts from 0 in every fit(1))
 
     def before_train(self):
         self.t_train = time.perf_counter()
@@ -76,7 +76,7 @@ class _EpochDriver(Callback):
     def before_batch(self):
         scheduler = self.state.scheduler
         if self.training and scheduler is not None:
-            scheduler.step_update(self.epoch * self.state.steps_per_epoch + self.iter)
+            scheduler.step_update(self.run_epoch * self.state.steps_per_epoch + self.iter)
 
     def after_batch(self):
         if self.training:
@@ -131,7 +131,7 @@ class FastaiEngine(Engine):
         self.show_progress = state.cfg.progress and sys.stderr.isatty()
 
     def train_epoch(self, epoch: int) -> dict:
-        self.driver.epoch = epoch
+        self.driver.run_epoch = epoch
         learn = self.learn
         with learn.no_logging():
             if self.show_progress:
