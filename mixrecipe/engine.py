@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from .config import Config
 from .data import DataBundle, normalize_batch
 from .distributed import DistContext
+from .policy import Mixup
 
 __all__ = ["RunState", "Engine", "batch_to_device"]
 
@@ -67,7 +68,7 @@ class RunState:
     channels_last: bool
     amp: bool
     in_dtype: torch.dtype
-    mixup: object | None
+    mixup: Mixup | None
     generator: torch.Generator
     start_epoch: int = 0
     history: list[dict] = field(default_factory=list)
