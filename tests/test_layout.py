@@ -17,7 +17,7 @@ PACKAGES = {"mixrecipe": REPO / "mixrecipe", "mixrecipe.kernels": REPO / "kernel
 # Bottom (0) to top. The docstring of each module says what it does; DESIGN.md section 2 draws the same.
 LAYERS = {
     "mixrecipe.kernels._common": 0,
-    "mixrecipe.kernels.mixup": 1, "mixrecipe.kernels.cross_entropy": 1,
+    "mixrecipe.kernels.mixup": 1, "mixrecipe.kernels.cross_entropy": 1, "mixrecipe.kernels.aot": 1,
     "mixrecipe.kernels": 2,
     # Pure helpers: settings, float64 semantics, argument checks, the CPU switch, plots, metric math.
     "mixrecipe.config": 3, "mixrecipe.reference": 3, "mixrecipe.checks": 3, "mixrecipe.backend": 3,
