@@ -1,4 +1,4 @@
-"""The autograd-free mixup ops: validate, allocate, dispatch.
+"""The autograd-free mixup ops: validate (``mixrecipe.checks``), allocate, dispatch.
 
 CUDA tensors run the fused Triton kernel (``mixrecipe.kernels.mixup``); CPU tensors run an eager path with
 the same semantics (``mixrecipe.reference``), or the Triton kernel through the interpreter when asked
