@@ -1,13 +1,13 @@
 """mixrecipe: mixup training, done right and done fast.
 
 The public API lives here and nothing else. Importing mixrecipe imports neither timm nor fastai.
-
-Note: ``mixrecipe.mixup`` is the op (a function). The module that holds the Mixup policy is also named
-``mixup``; import from it with ``from mixrecipe.mixup import ...`` (or use the names re-exported here).
+``mixrecipe.mixup`` is the op (a function); the Mixup policy lives in ``mixrecipe.policy``, so no public
+name here shadows a submodule.
 """
 
 from .loss import SoftTargetCrossEntropy, mixup_cross_entropy
-from .mixup import (
+from .ops import mix, mixup, mixup_target
+from .policy import (
     MixedBatch,
     MixParams,
     Mixup,
@@ -19,7 +19,6 @@ from .mixup import (
     random_involution,
     sample_beta,
 )
-from .ops import mix, mixup, mixup_target
 
 __version__ = "0.1.0"
 

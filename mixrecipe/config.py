@@ -36,7 +36,11 @@ __all__ = [
     "save_config",
     "list_keys",
     "format_help",
+    "DEFAULT_WORKERS",
 ]
+
+# Loader worker processes per rank: more than the machine's cores only adds contention (torch warns).
+DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 
 
 class RecipeError(Exception):
@@ -78,7 +82,11 @@ class DataConfig:
     scale: list[float] = _f([0.08, 1.0], "rrc_flip: range of the cropped area fraction")
     mean: list[float] | None = _f(None, "per-channel mean in [0, 1] units (null: the data set's usual one)")
     std: list[float] | None = _f(None, "per-channel std in [0, 1] units (null: the data set's usual one)")
-    workers: int = _f(4, "image folders: data loader worker processes per rank")
+    workers: int = _f(DEFAULT_WORKERS, "image folders: data loader worker processes per rank")
+    skip_corrupt: bool = _f(
+        False, "image folders: skip unreadable or corrupt files (counted in the log and summary) instead of "
+        "stopping with an error naming the file"
+    )
     train_subset: int = _f(0, "train on a random subset of this many images (0: all); seeded by data.seed")
     label_noise: float = _f(
         0.0, "replace this fraction of training labels by a different random class (seeded by data.seed)"
@@ -151,8 +159,6 @@ class Config:
     mixup: MixupConfig = field(default_factory=MixupConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
-    # Test hook: SIGKILL the process after this many training steps (0: off). Not shown in --help.
-    _kill_after_steps: int = _f(0, "testing only: kill the process after this many steps")
 
     @property
     def name(self) -> str:

@@ -29,6 +29,9 @@ from .config import DataConfig, RecipeError
 
 __all__ = [
     "DataNotFoundError",
+    "UnreadableImageError",
+    "collate_readable",
+    "count_unreadable",
     "DataBundle",
     "ImageTensors",
     "ImageFiles",
@@ -37,6 +40,7 @@ __all__ = [
     "read_cifar10",
     "normalize_batch",
     "keep_batch",
+    "loader_collate",
     "DEFAULT_ROOTS",
 ]
 
@@ -60,6 +64,17 @@ DIGITS_TEST_SIZE = 360
 
 class DataNotFoundError(RecipeError):
     """The data set is not where the recipe says; the message says where it is expected and how to get it."""
+
+
+class UnreadableImageError(RecipeError):
+    """An image file that cannot be decoded; the message names the file and what to do."""
+
+    def __init__(self, message: str):
+        # Raised in a loader worker, the error reaches the main process re-created from the worker's
+        # formatted traceback: keep only our own line, so the CLI still reports one line.
+        marker = f"{type(self).__name__}: "
+        ours = [line.split(marker, 1)[1] for line in str(message).splitlines() if marker in line]
+        super().__init__(ours[-1] if ours else message)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -126,17 +141,35 @@ def keep_batch(batch):
     return batch
 
 
+def loader_collate(ds):
+    """The DataLoader ``collate_fn`` for a data set of this module (None: PyTorch's default)."""
+    if isinstance(ds, ImageFiles):
+        return collate_readable
+    return keep_batch if isinstance(ds, ImageTensors) else None
+
+
 class ImageFiles(Dataset):
     """Image files decoded by PIL and transformed by timm to uint8 (C, H, W) tensors.
+
+    An unreadable or corrupt file raises :class:`UnreadableImageError` naming it; with ``skip_corrupt`` the
+    item is None instead (:func:`collate_readable` drops it from its batch) and the file is remembered in
+    shared memory, so the count covers the loader's worker processes too (:meth:`unreadable`).
 
     Args:
         paths: image file paths.
         targets: (N,) int64 labels, or (N, 2) (given label, true label).
         transform: PIL image -> uint8 tensor (timm's ``create_transform(..., use_prefetcher=True)``).
+        skip_corrupt: skip unreadable files instead of stopping.
     """
 
-    def __init__(self, paths: list[str], targets: Tensor, transform):
+    def __init__(self, paths: list[str], targets: Tensor, transform, skip_corrupt: bool = False):
         self.paths, self.targets, self.transform = list(paths), targets, transform
+        self.skip_corrupt = skip_corrupt
+        self.bad = torch.zeros(len(self.paths), dtype=torch.uint8).share_memory_()
+
+    def unreadable(self) -> list[str]:
+        """The files found unreadable so far (with ``skip_corrupt``)."""
+        return [self.paths[i] for i in self.bad.nonzero().flatten().tolist()]
 
     def reseed(self, seed: int) -> None:
         """Nothing to do: worker processes are seeded by the loader from the (reseeded) global RNG."""
@@ -147,9 +180,38 @@ class ImageFiles(Dataset):
     def __getitem__(self, i):
         from PIL import Image
 
-        with Image.open(self.paths[i]) as img:
-            x = self.transform(img.convert("RGB"))
+        try:
+            with Image.open(self.paths[i]) as img:
+                x = self.transform(img.convert("RGB"))
+        except (OSError, ValueError, SyntaxError) as exc:  # what PIL raises for truncated or garbled files
+            if self.skip_corrupt:
+                self.bad[i] = 1
+                return None
+            raise UnreadableImageError(
+                f"cannot read image {self.paths[i]} ({type(exc).__name__}: {exc}): replace or delete the "
+                "file, or set data.skip_corrupt=true to skip unreadable images"
+            ) from None
         return x, self.targets[i]
+
+
+def collate_readable(batch):
+    """collate_fn for :class:`ImageFiles`: PyTorch's default, without the items of skipped files."""
+    from torch.utils.data import default_collate
+
+    kept = [item for item in batch if item is not None]
+    if not kept:
+        raise UnreadableImageError(f"all {len(batch)} images of a batch were unreadable and skipped: check "
+                                   "the data set's files (data.root)")
+    return default_collate(kept)
+
+
+def count_unreadable(bundle) -> list[str]:
+    """Every file of the bundle's data sets skipped as unreadable so far (``data.skip_corrupt=true``)."""
+    found = set()
+    for ds in (bundle.train, bundle.val, bundle.test, bundle.train_eval):
+        if isinstance(ds, ImageFiles):
+            found.update(ds.unreadable())
+    return sorted(found)
 
 
 def _select(ds, idx: Tensor, targets: Tensor | None = None, plain: Dataset | None = None):
@@ -158,7 +220,7 @@ def _select(ds, idx: Tensor, targets: Tensor | None = None, plain: Dataset | Non
     if isinstance(ds, ImageTensors):
         return ImageTensors(ds.images[idx], targets, "none" if plain is not None else ds.augment, ds.pad)
     transform = plain.transform if plain is not None else ds.transform
-    return ImageFiles([ds.paths[i] for i in idx.tolist()], targets, transform)
+    return ImageFiles([ds.paths[i] for i in idx.tolist()], targets, transform, ds.skip_corrupt)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -441,8 +503,8 @@ def build_data(cfg: DataConfig) -> DataBundle:
         if cfg.augment == "rrc_flip":
             train_tf = create_transform(size, is_training=True, scale=tuple(cfg.scale), hflip=0.5,
                                         color_jitter=None, **common)
-        train_full = ImageFiles(tx, ty, train_tf)
-        test = ImageFiles(vx, vy, eval_tf)
+        train_full = ImageFiles(tx, ty, train_tf, cfg.skip_corrupt)
+        test = ImageFiles(vx, vy, eval_tf, cfg.skip_corrupt)
         in_chans, input_size = 3, (size, size)
     else:
         if cfg.img_size is not None and cfg.img_size != tx.shape[-1]:

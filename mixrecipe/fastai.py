@@ -54,11 +54,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions.beta import Beta
 
-from .loss import SoftTargetCrossEntropy, mixup_cross_entropy
-from .mixup import Mixup
+from .checks import check_alpha
+from .loss import SoftTargetCrossEntropy, mixup_cross_entropy, reduce_loss
 from .ops import mix, mixup, mixup_target
+from .policy import Mixup
 
-__all__ = ["MixUp", "CutMix", "MixupCallback", "loss_kind", "run_recipe"]
+__all__ = ["MixUp", "CutMix", "MixupCallback", "loss_kind"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -116,14 +117,6 @@ def loss_kind(loss_func) -> tuple[str, float, str]:
     elif cls.__name__ == "SoftTargetCrossEntropy":
         return "soft", 0.0, reduction
     return "other", 0.0, reduction
-
-
-def _reduce(loss: Tensor, reduction: str) -> Tensor:
-    if reduction == "mean":
-        return loss.mean()
-    if reduction == "sum":
-        return loss.sum()
-    return loss
 
 
 def _per_sample(loss_func, pred, *yb) -> Tensor:
@@ -314,7 +307,7 @@ class _MixBase(Callback):
                 f"{tuple(own.shape)} for a batch of {batch}"
             )
         loss = _lerp_rows(other, own, lam)
-        return _reduce(loss, getattr(loss_func, "reduction", "mean"))
+        return reduce_loss(loss, getattr(loss_func, "reduction", "mean"))
 
 
 class MixUp(_MixBase):
@@ -335,7 +328,7 @@ class MixUp(_MixBase):
 
     def __init__(self, alpha: float = 0.4):
         super().__init__()
-        self.alpha = _check_alpha(alpha)
+        self.alpha = check_alpha("alpha", alpha)
         self.distrib = Beta(torch.tensor(self.alpha), torch.tensor(self.alpha))
 
     def _draw(self, batch: int, device) -> tuple[Tensor, Tensor]:
@@ -369,13 +362,6 @@ def _mix_input(t, lam: Tensor, perm: Tensor, batch: int):
     return retain_type(out, t)
 
 
-def _check_alpha(alpha) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0 \
-            or alpha == float("inf"):
-        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
-    return float(alpha)
-
-
 class CutMix(_MixBase):
     """fastai's ``CutMix`` (https://arxiv.org/abs/1905.04899) on mixrecipe's one-pass op.
 
@@ -393,7 +379,7 @@ class CutMix(_MixBase):
 
     def __init__(self, alpha: float = 1.0):
         super().__init__()
-        self.alpha = _check_alpha(alpha)
+        self.alpha = check_alpha("alpha", alpha)
         self.distrib = Beta(torch.tensor(self.alpha), torch.tensor(self.alpha))
         self.box = None
 
@@ -481,16 +467,3 @@ class MixupCallback(_MixBase):
         self.yb1 = tuple(t[perm] if isinstance(t, Tensor) and t.shape[:1] == (batch,) else t for t in self.yb)
         self._pending = True
 
-
-def run_recipe(cfg) -> dict:
-    """``engine: fastai``: train a recipe config with a fastai Learner (see ``mixrecipe.fastai_engine``).
-
-    Args:
-        cfg: a resolved ``mixrecipe.config.Config``.
-
-    Returns:
-        The final metrics, as the default engine returns them.
-    """
-    from .fastai_engine import run_fastai
-
-    return run_fastai(cfg)

@@ -12,43 +12,24 @@ comes back in fp32, the gradient in the logits' dtype.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixrecipe.kernels.cross_entropy import mixup_ce_bwd, mixup_ce_fwd
+from .backend import runs_kernel
+from .checks import check_index_target, check_lam, check_perm, check_reduction, check_unit_interval
+from .kernels.cross_entropy import mixup_ce_bwd, mixup_ce_fwd
 
-__all__ = ["SoftTargetCrossEntropy", "mixup_cross_entropy", "triton_on_cpu"]
+__all__ = ["SoftTargetCrossEntropy", "mixup_cross_entropy", "reduce_loss"]
 
-_REDUCTIONS = ("mean", "sum", "none")
 _LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-# When True, CPU tensors also go through the Triton kernels (needs TRITON_INTERPRET=1): for tests.
-_use_triton_on_cpu = False
-
-
-@contextlib.contextmanager
-def triton_on_cpu(enabled: bool = True):
-    """Run CPU tensors through the Triton kernels (under the interpreter) inside this block.
-
-    Args:
-        enabled: the value of the switch inside the block.
-    """
-    global _use_triton_on_cpu
-    previous, _use_triton_on_cpu = _use_triton_on_cpu, enabled
-    try:
-        yield
-    finally:
-        _use_triton_on_cpu = previous
 
 
 def _use_triton(logits: torch.Tensor) -> bool:
     # fp64 is a checking dtype (gradcheck): it keeps fp64 math on the eager path everywhere.
     if logits.dtype == torch.float64:
         return False
-    return logits.is_cuda or _use_triton_on_cpu
+    return runs_kernel(logits)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -159,10 +140,6 @@ _mixup_ce_rows.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _checking_values(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
-
-
 def _check_logits(logits) -> None:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
@@ -174,71 +151,26 @@ def _check_logits(logits) -> None:
         raise ValueError(f"logits must have at least one row and one class, got shape {tuple(logits.shape)}")
 
 
-def _check_target(target, logits: torch.Tensor) -> torch.Tensor:
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"target must be a torch.Tensor of class indices, got {type(target).__name__}")
-    if target.is_floating_point() or target.is_complex():
+def _check_class_target(target, logits: torch.Tensor) -> torch.Tensor:
+    if isinstance(target, torch.Tensor) and target.is_floating_point():
         raise TypeError(
             "target must hold integer class indices (B,); for dense (B, K) soft targets use "
             "mixrecipe.loss.SoftTargetCrossEntropy"
         )
-    if target.dtype == torch.bool:
-        raise TypeError("target must hold integer class indices, got torch.bool")
     batch, classes = logits.shape
-    if target.shape != (batch,):
-        raise ValueError(f"target must have shape ({batch},) to match logits, got {tuple(target.shape)}")
-    if target.device != logits.device:
-        raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
-    if _checking_values(target) and bool(((target < 0) | (target >= classes)).any()):
-        raise ValueError(f"target holds a class index outside [0, {classes})")
-    return target.long()
+    return check_index_target(target, batch, classes, logits.device)
 
 
-def _check_lam(lam, logits: torch.Tensor) -> torch.Tensor:
-    """lam as a (B,) fp32 (fp64 for fp64 logits) tensor on the logits' device; a scalar is expanded."""
+def _lam_rows(lam, logits: torch.Tensor) -> torch.Tensor:
+    """A checked lam as a (B,) tensor in the loss's compute dtype on the logits' device."""
     batch = logits.shape[0]
-    dtype = _compute_dtype(logits)
-    if isinstance(lam, torch.Tensor):
-        if lam.is_complex() or lam.dtype == torch.bool:
-            raise TypeError(f"lam must be a real number or tensor, got {lam.dtype}")
-        if lam.shape not in ((), (batch,)):
-            raise ValueError(f"lam must be a scalar or have shape ({batch},), got {tuple(lam.shape)}")
-        if _checking_values(lam) and not bool(((lam >= 0) & (lam <= 1)).all()):
-            raise ValueError("lam must lie in [0, 1]")
-        lam_t = lam.detach().to(device=logits.device, dtype=dtype)
-    elif isinstance(lam, (int, float)) and not isinstance(lam, bool):
-        if not 0.0 <= lam <= 1.0:  # also rejects NaN
-            raise ValueError(f"lam must lie in [0, 1], got {lam}")
-        lam_t = torch.full((), lam, dtype=dtype, device=logits.device)
-    else:
-        raise TypeError(f"lam must be a float or a tensor, got {type(lam).__name__}")
+    lam = check_lam("lam", lam, batch, logits.device)
+    lam_t = torch.as_tensor(lam).detach().to(device=logits.device, dtype=_compute_dtype(logits))
     return lam_t.expand(batch) if lam_t.ndim == 0 else lam_t.contiguous()
 
 
-def _check_perm(perm, logits: torch.Tensor) -> torch.Tensor | None:
-    if perm is None:
-        return None
-    batch = logits.shape[0]
-    if not isinstance(perm, torch.Tensor) or perm.is_floating_point() or perm.dtype == torch.bool:
-        raise TypeError("perm must be None or an integer tensor of partner indices")
-    if perm.shape != (batch,):
-        raise ValueError(f"perm must have shape ({batch},) to match logits, got {tuple(perm.shape)}")
-    if perm.device != logits.device:
-        raise ValueError(f"perm is on {perm.device} but logits are on {logits.device}")
-    if _checking_values(perm) and bool(((perm < 0) | (perm >= batch)).any()):
-        raise ValueError(f"perm holds an index outside [0, {batch})")
-    return perm.long().contiguous()
-
-
-def _check_smoothing(label_smoothing) -> float:
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
-        raise TypeError(f"label_smoothing must be a float, got {type(label_smoothing).__name__}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
-    return float(label_smoothing)
-
-
-def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
+def reduce_loss(loss: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Per-sample losses reduced as ``reduction`` says: "mean", "sum" or "none" (unchanged)."""
     if reduction == "mean":
         return loss.mean()
     if reduction == "sum":
@@ -277,14 +209,13 @@ def mixup_cross_entropy(
         The loss in float32 (float64 for float64 logits): a scalar, or (B,) for ``reduction="none"``.
     """
     _check_logits(logits)
-    target = _check_target(target, logits)
-    lam_t = _check_lam(lam, logits)
-    perm = _check_perm(perm, logits)
-    smoothing = _check_smoothing(label_smoothing)
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    target = _check_class_target(target, logits)
+    lam_t = _lam_rows(lam, logits)
+    perm = check_perm(perm, logits.shape[0], logits.device)
+    smoothing = check_unit_interval("label_smoothing", label_smoothing)
+    reduction = check_reduction(reduction)
     loss, _ = _mixup_ce_rows(logits, target, lam_t, perm, smoothing)
-    return _reduce(loss, reduction)
+    return reduce_loss(loss, reduction)
 
 
 class SoftTargetCrossEntropy(nn.Module):
@@ -299,9 +230,7 @@ class SoftTargetCrossEntropy(nn.Module):
 
     def __init__(self, reduction: str = "mean"):
         super().__init__()
-        if reduction not in _REDUCTIONS:
-            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-        self.reduction = reduction
+        self.reduction = check_reduction(reduction)
 
     def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Args:
@@ -314,7 +243,7 @@ class SoftTargetCrossEntropy(nn.Module):
             raise ValueError(f"target must have the shape of x {tuple(x.shape)}, got {tuple(target.shape)}")
         dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None
         loss = torch.sum(-target * F.log_softmax(x, dim=-1, dtype=dtype), dim=-1)
-        return _reduce(loss, self.reduction)
+        return reduce_loss(loss, self.reduction)
 
     def extra_repr(self) -> str:
         return f"reduction={self.reduction!r}"

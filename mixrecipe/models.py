@@ -1,40 +1,43 @@
-"""Models that timm lacks, addressed by name like timm's, and one ``create_model`` for both.
+"""Models that timm lacks, registered with timm: after ``import mixrecipe.models``,
+``timm.create_model("preact_resnet18", num_classes=10)`` builds them like any timm model.
 
 - ``digits_cnn``: a small CNN for scikit-learn's 8x8 digits (the embedded default recipe).
 - ``keras_cnn``: the CNN of the keras.io mixup example on Fashion-MNIST (Glorot init, as Keras does).
 - ``preact_resnet18``: PreAct ResNet-18 for 32x32 images, the network of the mixup paper's CIFAR-10 runs.
+- ``wide_mlp``: the 2-hidden-layer MLP of the corrupted-label benchmark.
 
-Any other name goes to ``timm.create_model``. Other modules may add models with :func:`register_model`.
+:func:`create_model` is the recipe runner's way in: ``timm.create_model`` for every name, with the
+recipe's errors. (``import mixrecipe`` alone imports no timm; the runner imports this module.)
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
 
+import timm
 import torch
+from timm.models import register_model
 from torch import nn
 
-from .config import RecipeError
+from .config import ConfigError, RecipeError
 
-__all__ = ["register_model", "list_local_models", "create_model", "DigitsCNN", "KerasCNN", "PreActResNet18"]
+__all__ = ["LOCAL_MODELS", "list_local_models", "create_model", "DigitsCNN", "KerasCNN", "PreActResNet18"]
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register_model(name: str):
-    """Decorator: make ``fn(num_classes=, in_chans=, **kwargs) -> nn.Module`` available as ``model=name``."""
-
-    def wrap(fn):
-        _REGISTRY[name] = fn
-        return fn
-
-    return wrap
+LOCAL_MODELS = ("digits_cnn", "keras_cnn", "preact_resnet18", "wide_mlp")
+# What timm.create_model passes to every entry point besides the model's own arguments.
+_TIMM_ARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 
 def list_local_models() -> list[str]:
-    """Names of the models defined in mixrecipe (not timm's)."""
-    return sorted(_REGISTRY)
+    """Names of the models defined in mixrecipe (registered with timm)."""
+    return sorted(LOCAL_MODELS)
+
+
+def _model_kwargs(name: str, pretrained: bool, kwargs: dict) -> dict:
+    """The arguments of a local model from a timm entry-point call; there are no pretrained weights."""
+    if pretrained:
+        raise ConfigError(f"model {name} is defined in mixrecipe and has no pretrained weights")
+    return {k: v for k, v in kwargs.items() if k not in _TIMM_ARGS}
 
 
 class DigitsCNN(nn.Module):
@@ -129,25 +132,44 @@ class PreActResNet18(nn.Module):
         return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(out, 1), 1))
 
 
-@register_model("digits_cnn")
-def digits_cnn(num_classes: int = 10, in_chans: int = 1, **kwargs) -> nn.Module:
-    return DigitsCNN(num_classes, in_chans, **kwargs)
+@register_model
+def digits_cnn(pretrained: bool = False, **kwargs) -> nn.Module:
+    return DigitsCNN(**_model_kwargs("digits_cnn", pretrained, kwargs))
 
 
-@register_model("keras_cnn")
-def keras_cnn(num_classes: int = 10, in_chans: int = 1, **kwargs) -> nn.Module:
-    return KerasCNN(num_classes, in_chans, **kwargs)
+@register_model
+def keras_cnn(pretrained: bool = False, **kwargs) -> nn.Module:
+    return KerasCNN(**_model_kwargs("keras_cnn", pretrained, kwargs))
 
 
-@register_model("preact_resnet18")
-def preact_resnet18(num_classes: int = 10, in_chans: int = 3, **kwargs) -> nn.Module:
-    return PreActResNet18(num_classes, in_chans, **kwargs)
+@register_model
+def preact_resnet18(pretrained: bool = False, **kwargs) -> nn.Module:
+    return PreActResNet18(**_model_kwargs("preact_resnet18", pretrained, kwargs))
+
+
+@register_model
+def wide_mlp(pretrained: bool = False, num_classes: int = 10, in_chans: int = 1, width: int = 1024,
+             size: int = 28, **kwargs) -> nn.Module:
+    """A 2-hidden-layer MLP without dropout or normalization (784-1024-1024-K, ~1.9M parameters for
+    28x28 gray images): enough capacity to memorize thousands of random labels, the model of the
+    corrupted-label benchmark (recipes/fashion_mnist_noise.yaml). Inputs of another size are
+    average-pooled to ``size`` x ``size`` first (an identity for 28x28).
+    """
+    extra = _model_kwargs("wide_mlp", pretrained, kwargs)
+    if extra:
+        raise TypeError(f"wide_mlp got unexpected arguments {sorted(extra)}")
+    return nn.Sequential(
+        nn.AdaptiveAvgPool2d(size), nn.Flatten(),
+        nn.Linear(in_chans * size * size, width), nn.ReLU(inplace=True),
+        nn.Linear(width, width), nn.ReLU(inplace=True),
+        nn.Linear(width, num_classes),
+    )
 
 
 def create_model(
     name: str, num_classes: int, in_chans: int, pretrained: bool = False, img_size: int | None = None
 ) -> nn.Module:
-    """Build a model by name: mixrecipe's own first, then timm's.
+    """Build a model by name with ``timm.create_model`` (mixrecipe's models are registered with timm).
 
     Args:
         name: a name from :func:`list_local_models` or ``timm.list_models()``.
@@ -159,14 +181,8 @@ def create_model(
     Raises:
         RecipeError: unknown name (with the closest names), or pretrained weights asked of a local model.
     """
-    if name in _REGISTRY:
-        if pretrained:
-            raise RecipeError(f"model {name} is defined in mixrecipe and has no pretrained weights")
-        return _REGISTRY[name](num_classes=num_classes, in_chans=in_chans)
-    import timm
-
     if not timm.is_model(name):
-        names = list_local_models() + timm.list_models()
+        names = timm.list_models()
         close = difflib.get_close_matches(name, names, n=4, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise RecipeError(f"unknown model '{name}' (neither in mixrecipe nor in timm){hint}")
@@ -178,18 +194,3 @@ def create_model(
             pass
     return timm.create_model(name, **kwargs)
 
-
-@register_model("wide_mlp")
-def wide_mlp(num_classes: int = 10, in_chans: int = 1, width: int = 1024, size: int = 28,
-             **kwargs) -> nn.Module:
-    """A 2-hidden-layer MLP without dropout or normalization (784-1024-1024-K, ~1.9M parameters for
-    28x28 gray images): enough capacity to memorize thousands of random labels, the model of the
-    corrupted-label benchmark (recipes/fashion_mnist_noise.yaml). Inputs of another size are
-    average-pooled to ``size`` x ``size`` first (an identity for 28x28).
-    """
-    return nn.Sequential(
-        nn.AdaptiveAvgPool2d(size), nn.Flatten(),
-        nn.Linear(in_chans * size * size, width), nn.ReLU(inplace=True),
-        nn.Linear(width, width), nn.ReLU(inplace=True),
-        nn.Linear(width, num_classes),
-    )

@@ -1,9 +1,9 @@
-"""The autograd-free mixup ops: validate, allocate, dispatch.
+"""The autograd-free mixup ops: validate (``mixrecipe.checks``), allocate, dispatch.
 
 CUDA tensors run the fused Triton kernel (``mixrecipe.kernels.mixup``); CPU tensors run an eager path with
 the same semantics (``mixrecipe.reference``), or the Triton kernel through the interpreter when asked
-(``cpu_backend("triton")``, used by the tests). The work is registered with ``torch.library.custom_op`` so
-that ``torch.compile(fullgraph=True)`` sees one opaque op.
+(``mixrecipe.backend.cpu_backend("triton")``, used by the tests). The work is registered with
+``torch.library.custom_op`` so that ``torch.compile(fullgraph=True)`` sees one opaque op.
 
 No host-device synchronization happens here: checks that need tensor values (lam in [0, 1], perm is a
 permutation, class indices in range) run only on CPU tensors and outside torch.compile. On CUDA the kernel
@@ -12,40 +12,17 @@ writes NaN rows for out-of-range partners or class indices instead of reading ou
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
-from .kernels import interpreting, mix_launch
+from .backend import runs_kernel
+from .checks import check_box, check_images, check_lam, check_perm, check_target, check_unit_interval
+from .kernels import mix_launch
 from .reference import pixel_weights, smooth_targets
 
-__all__ = ["mix", "mixup", "mixup_target", "cpu_backend"]
+__all__ = ["mix", "mixup", "mixup_target"]
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_CPU_BACKEND = os.environ.get("MIXRECIPE_CPU_BACKEND", "eager")
 _CHUNK_ELEMS = 1 << 17  # eager CPU path: rows per chunk sized so a chunk's temporaries stay in cache
-
-
-@contextlib.contextmanager
-def cpu_backend(name: str):
-    """Run CPU tensors through ``"eager"`` PyTorch (default) or the ``"triton"`` kernel (interpreter)."""
-    global _CPU_BACKEND
-    if name not in ("eager", "triton"):
-        raise ValueError(f"cpu_backend must be 'eager' or 'triton', got {name!r}")
-    if name == "triton" and not interpreting():
-        raise RuntimeError("cpu_backend('triton') needs TRITON_INTERPRET=1 set before triton is imported")
-    previous, _CPU_BACKEND = _CPU_BACKEND, name
-    try:
-        yield
-    finally:
-        _CPU_BACKEND = previous
-
-
-def _use_kernel(t: Tensor) -> bool:
-    return t.device.type == "cuda" or (t.device.type == "cpu" and _CPU_BACKEND == "triton")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -143,7 +120,7 @@ def _run(x, out, target, soft, perm, lam_x, lam_y, box, mean, std, num_classes, 
     off = label_smoothing / num_classes if target is not None else 0.0
     keep = 1.0 - label_smoothing
     norm = _norm_constants(x, mean, std) if x is not None else (None, None, 1.0)
-    if _use_kernel(ref):
+    if runs_kernel(ref):
         mix_launch(
             x, out, target, soft, batch_size=ref.shape[0], perm=perm, lam_x=lam_x, lam_y=lam_y,
             box=box, mean=norm[0], inv_std=norm[1], in_scale=norm[2], label_off=off, label_keep=keep,
@@ -220,154 +197,12 @@ def _new_soft(ref: Tensor, target: Tensor | None, num_classes: int) -> Tensor:
                        device=ref.device)
 
 
-# --------------------------------------------------------------------------------------------------
-# Validation: clear errors that name the argument. Value checks only where they cost no sync.
-# --------------------------------------------------------------------------------------------------
-def _can_inspect(t: Tensor) -> bool:
-    """Whether reading tensor values is free: a CPU tensor, outside torch.compile tracing."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
-
-
-def _check_device(name: str, t: Tensor, device: torch.device) -> None:
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but the batch is on {device}: devices must match")
-
-
-def _check_lam(name: str, lam, batch: int, device: torch.device):
-    """-> (tensor or None, float). A Python number or a 0-d CPU tensor becomes a kernel scalar."""
+def _lam_parts(name: str, lam, batch: int, device) -> tuple[Tensor | None, float]:
+    """A checked lam as the registered ops take it: (fp32 (B,) tensor, 0.0) or (None, the float)."""
+    lam = check_lam(name, lam, batch, device)
     if isinstance(lam, Tensor):
-        if lam.ndim == 0 and lam.device.type == "cpu" and not torch.compiler.is_compiling():
-            lam = float(lam)
-        else:
-            if not lam.is_floating_point():
-                raise TypeError(f"{name} must be a float or a floating-point tensor, got {lam.dtype}")
-            if lam.ndim > 1 or (lam.ndim == 1 and lam.shape[0] != batch):
-                raise ValueError(f"{name} must be a scalar or have shape ({batch},), got {tuple(lam.shape)}")
-            _check_device(name, lam, device)
-            if _can_inspect(lam) and lam.numel() and not bool(((lam >= 0) & (lam <= 1)).all()):
-                raise ValueError(f"{name} must lie in [0, 1]; got values from {float(lam.min())} "
-                                 f"to {float(lam.max())}")
-            lam = lam.float().reshape(-1).expand(batch).contiguous()
-            return lam, 0.0
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)):
-        raise TypeError(f"{name} must be a float or a tensor, got {type(lam).__name__}")
-    if not 0.0 <= float(lam) <= 1.0:  # also rejects NaN
-        raise ValueError(f"{name} must lie in [0, 1], got {lam}")
-    return None, float(lam)
-
-
-def _check_perm(perm, batch: int, device: torch.device):
-    if perm is None:
-        return None
-    if not isinstance(perm, Tensor):
-        raise TypeError(f"perm must be a LongTensor or None, got {type(perm).__name__}")
-    if perm.dtype not in (torch.int64, torch.int32) or perm.shape != (batch,):
-        raise ValueError(f"perm must be an integer tensor of shape ({batch},), "
-                         f"got {perm.dtype} {tuple(perm.shape)}")
-    _check_device("perm", perm, device)
-    if _can_inspect(perm) and not torch.equal(torch.sort(perm.long()).values, torch.arange(batch)):
-        raise ValueError(f"perm must be a permutation of range({batch})")
-    return perm.long().contiguous()
-
-
-def _check_target(target, batch: int, num_classes, device):
-    """-> (target, num_classes) with target int64 (B,) or float (B, K), contiguous."""
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target must be a tensor, got {type(target).__name__}")
-    _check_device("target", target, device)
-    if target.ndim == 1:
-        if target.is_floating_point() or target.dtype == torch.bool:
-            raise TypeError(f"target of shape (B,) must hold integer class indices, got {target.dtype}")
-        if num_classes is None:
-            raise ValueError("num_classes is required when target holds class indices")
-        _check_num_classes(num_classes)
-        if target.shape[0] != batch:
-            raise ValueError(f"target has {target.shape[0]} rows but the batch has {batch}")
-        target = target.long().contiguous()
-        if _can_inspect(target) and target.numel():
-            lo, hi = int(target.min()), int(target.max())
-            if lo < 0 or hi >= num_classes:
-                raise ValueError(f"target holds class indices from {lo} to {hi}, outside "
-                                 f"[0, num_classes={num_classes})")
-    elif target.ndim == 2:
-        if not target.is_floating_point():
-            raise TypeError(f"target of shape (B, K) must be floating point, got {target.dtype}")
-        if target.shape[0] != batch:
-            raise ValueError(f"target has {target.shape[0]} rows but the batch has {batch}")
-        if num_classes is not None and num_classes != target.shape[1]:
-            raise ValueError(f"num_classes={num_classes} but target has {target.shape[1]} columns")
-        num_classes = target.shape[1]
-        target = target.contiguous()
-    else:
-        raise ValueError(f"target must have shape (B,) or (B, K), got {tuple(target.shape)}")
-    return target, num_classes
-
-
-def _check_num_classes(num_classes) -> None:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-
-
-def _check_smoothing(label_smoothing) -> float:
-    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing!r}")
-    return float(label_smoothing)
-
-
-_CONSTANTS: dict = {}
-
-
-def _channel_vector(name: str, values, channels: int, device: torch.device) -> Tensor:
-    if isinstance(values, Tensor):
-        _check_device(name, values, device)
-        t = values.float().reshape(-1)
-    else:
-        if not isinstance(values, Sequence) or not all(isinstance(v, (int, float)) for v in values):
-            raise TypeError(f"{name} must be a sequence of numbers or a tensor, got {values!r}")
-        key = (name, tuple(float(v) for v in values), str(device))
-        t = _CONSTANTS.get(key)
-        if t is None:  # cached: building it on a GPU is a host-to-device copy, once per (values, device)
-            t = _CONSTANTS[key] = torch.tensor(key[1], dtype=torch.float32, device=device)
-    if t.numel() != channels:
-        raise ValueError(f"{name} has {t.numel()} values but the batch has {channels} channels (dim 1)")
-    return t
-
-
-def _check_images(x, mean, std, out_dtype, inplace):
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-    if x.ndim < 1:
-        raise ValueError("x must have a batch dimension: shape (B, ...)")
-    if x.dtype not in _FLOAT_DTYPES + (torch.uint8,):
-        raise TypeError(f"x must be float32, float16, bfloat16 or uint8, got {x.dtype}")
-    if out_dtype is None:
-        if x.dtype == torch.uint8:
-            raise TypeError("x is uint8: pass a floating out_dtype (e.g. torch.bfloat16) for the result")
-        out_dtype = x.dtype
-    if out_dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
-    if (mean is None) != (std is None):
-        raise ValueError("mean and std go together: pass both or neither")
-    if x.shape[0] and x[0].numel() >= 2**31:
-        raise ValueError(f"one sample of x has {x[0].numel()} elements; at most 2**31 - 1 are supported")
-    if mean is not None:
-        if x.ndim < 2:
-            raise ValueError("mean/std normalize dim 1 (channels): x must have at least 2 dimensions")
-        channels = x.shape[1]
-        mean = _channel_vector("mean", mean, channels, x.device)
-        std = _channel_vector("std", std, channels, x.device)
-        if _can_inspect(std) and not bool((std > 0).all()):
-            raise ValueError("std must be positive")
-    dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
-    if inplace:
-        if out_dtype != x.dtype:
-            raise ValueError(f"inplace=True writes into x ({x.dtype}); out_dtype={out_dtype} needs a new "
-                             "tensor: use inplace=False")
-        if not dense:
-            raise ValueError("inplace=True needs x contiguous or channels_last")
-    elif not dense:
-        x = x.contiguous()
-    return x, mean, std, out_dtype
+        return lam.float().reshape(-1).expand(batch).contiguous(), 0.0
+    return None, lam
 
 
 # --------------------------------------------------------------------------------------------------
@@ -409,17 +244,17 @@ def mix(
     Returns:
         (x_mixed, soft_target): soft_target is (B, K) float32, or None when target is None.
     """
-    x, mean, std, out_dtype = _check_images(x, mean, std, out_dtype, inplace)
+    x, mean, std, out_dtype = check_images(x, mean, std, out_dtype, inplace)
     batch, device = x.shape[0], x.device
-    label_smoothing = _check_smoothing(label_smoothing)
+    label_smoothing = check_unit_interval("label_smoothing", label_smoothing)
     if target is not None:
-        target, num_classes = _check_target(target, batch, num_classes, device)
+        target, num_classes = check_target(target, batch, num_classes, device)
     else:
         num_classes = 0
-    lam_x_t, lam_x_v = _check_lam("lam_x", lam_x, batch, device)
-    lam_y_t, lam_y_v = (lam_x_t, lam_x_v) if lam_y is None else _check_lam("lam_y", lam_y, batch, device)
-    perm = _check_perm(perm, batch, device)
-    box = _check_box(box, x, device)
+    lam_x_t, lam_x_v = _lam_parts("lam_x", lam_x, batch, device)
+    lam_y_t, lam_y_v = (lam_x_t, lam_x_v) if lam_y is None else _lam_parts("lam_y", lam_y, batch, device)
+    perm = check_perm(perm, batch, device)
+    box = check_box(box, x, device)
     if inplace:
         if perm is not None:
             raise ValueError("inplace=True needs the flip pairing (perm=None): with an explicit permutation "
@@ -430,20 +265,6 @@ def mix(
     out, soft = _mix_op(x, target, lam_x_t, lam_x_v, lam_y_t, lam_y_v, perm, box, mean, std,
                         num_classes, label_smoothing, out_dtype)
     return out, (soft if target is not None else None)
-
-
-def _check_box(box, x: Tensor, device):
-    if box is None:
-        return None
-    if x.ndim != 4:
-        raise ValueError(f"box needs x of shape (B, C, H, W), got {tuple(x.shape)}")
-    if not isinstance(box, Tensor):
-        box = torch.tensor(box, dtype=torch.int32, device=device)
-    if box.is_floating_point() or box.shape not in ((4,), (x.shape[0], 4)):
-        raise ValueError(f"box must be integer (y0, y1, x0, x1) of shape (4,) or ({x.shape[0]}, 4), "
-                         f"got {box.dtype} {tuple(box.shape)}")
-    _check_device("box", box, device)
-    return box.to(torch.int32).expand(x.shape[0], 4).contiguous()
 
 
 def mixup(
@@ -488,7 +309,8 @@ def mixup_target(
     if target.ndim < 1:
         raise ValueError("target must have shape (B,) or (B, K)")
     batch, device = target.shape[0], target.device
-    target, num_classes = _check_target(target, batch, num_classes, device)
-    lam_t, lam_v = _check_lam("lam", lam, batch, device)
-    perm = _check_perm(perm, batch, device)
-    return _mix_target_op(target, lam_t, lam_v, perm, num_classes, _check_smoothing(label_smoothing))
+    target, num_classes = check_target(target, batch, num_classes, device)
+    lam_t, lam_v = _lam_parts("lam", lam, batch, device)
+    perm = check_perm(perm, batch, device)
+    smoothing = check_unit_interval("label_smoothing", label_smoothing)
+    return _mix_target_op(target, lam_t, lam_v, perm, num_classes, smoothing)

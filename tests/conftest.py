@@ -10,7 +10,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from mixrecipe import ops  # noqa: E402  (after TRITON_INTERPRET is set)
+from mixrecipe.backend import cpu_backend  # noqa: E402  (after TRITON_INTERPRET is set)
 from mixrecipe.kernels import interpreting  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -30,7 +30,7 @@ BACKENDS = ["eager", "triton"] if (interpreting() or HAS_CUDA) else ["eager"]
 def backend(request):
     """Each test runs on the eager CPU path and on the Triton kernel."""
     if request.param == "triton" and not HAS_CUDA:
-        with ops.cpu_backend("triton"):
+        with cpu_backend("triton"):
             yield request.param
     else:
         yield request.param

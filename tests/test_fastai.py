@@ -34,7 +34,7 @@ from fastai.metrics import accuracy  # noqa: E402
 from mixrecipe import mixup_target  # noqa: E402
 from mixrecipe.fastai import CutMix, MixUp, MixupCallback, loss_kind  # noqa: E402
 from mixrecipe.loss import SoftTargetCrossEntropy, mixup_cross_entropy  # noqa: E402
-from mixrecipe.mixup import Mixup  # noqa: E402
+from mixrecipe.policy import Mixup  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*CUDA is not available.*")
 warnings.filterwarnings("ignore", message=".*torch.cuda.amp.*")
@@ -564,15 +564,22 @@ def test_engine_fastai_writes_the_outputs_and_matches_the_torch_engine(fastai_tw
 def test_engine_fastai_resumes_to_the_same_metrics(fastai_two_epochs, tmp_path, monkeypatch):
     _, history, policy = fastai_two_epochs
 
-    class Killed(BaseException):
+    import mixrecipe.fastai as callbacks
+
+    class Killed(BaseException):  # like SIGKILL, in process: nothing after it runs (no cleanup, no save)
         pass
 
-    def kill(pid, sig):  # the test hook's SIGKILL, in process: nothing after it runs (no cleanup, no save)
-        raise Killed
+    steps, loss = [], callbacks.mixup_cross_entropy
 
-    monkeypatch.setattr(os, "kill", kill)
+    def dies_at_step_6(*args, **kwargs):  # the loss of every training step goes through MixupCallback
+        steps.append(1)
+        if len(steps) >= 6:
+            raise Killed
+        return loss(*args, **kwargs)
+
+    monkeypatch.setattr(callbacks, "mixup_cross_entropy", dies_at_step_6)
     with pytest.raises(Killed):
-        _train(tmp_path, "epochs=2", "_kill_after_steps=6", *policy)  # dies in epoch 2 (4 steps per epoch)
+        _train(tmp_path, "epochs=2", *policy)  # dies in epoch 2 (4 steps per epoch)
     monkeypatch.undo()
     with open(tmp_path / "metrics.jsonl") as fh:
         assert len(fh.readlines()) == 1

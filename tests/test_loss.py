@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mixrecipe.backend import cpu_backend
 from mixrecipe.kernels.cross_entropy import mixup_ce_bwd, mixup_ce_fwd
-from mixrecipe.loss import SoftTargetCrossEntropy, mixup_cross_entropy, triton_on_cpu
+from mixrecipe.loss import SoftTargetCrossEntropy, mixup_cross_entropy
 from mixrecipe.reference import flip_perm, mixup_target_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -67,7 +68,7 @@ def assert_matches(actual, expected, dtype):
 
 def path_context(path):
     """Path "triton" forces the Triton kernels (the interpreter on CPU); "default" is the normal dispatch."""
-    return triton_on_cpu() if path == "triton" else contextlib.nullcontext()
+    return cpu_backend("triton") if path == "triton" else contextlib.nullcontext()
 
 
 def make_batch(batch, classes, dtype, device, seed=0):
@@ -305,7 +306,7 @@ def test_eager_and_kernel_rows_agree(dtype):
     lam, perm = torch.rand(5, generator=gen), torch.randperm(5, generator=gen)
     rows_op = torch.ops.mixrecipe.mixup_cross_entropy_rows
     eager = rows_op(logits, target, lam, perm, 0.1)
-    with triton_on_cpu():
+    with cpu_backend("triton"):
         kernel = rows_op(logits, target, lam, perm, 0.1)
     torch.testing.assert_close(eager[1], torch.logsumexp(logits.float(), 1), rtol=1e-6, atol=1e-6)
     for ours, theirs in zip(eager, kernel):

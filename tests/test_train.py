@@ -16,6 +16,8 @@ from test_data import write_cifar10, write_fashion_mnist, write_imagefolder
 
 from mixrecipe import train
 from mixrecipe.config import Config, load_config
+from mixrecipe.factories import create_schedule
+from mixrecipe.outputs import load_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "recipes"
@@ -27,6 +29,29 @@ ENV.pop("WORLD_SIZE", None)
 
 def _cli(*args, timeout=240):
     return subprocess.run([sys.executable, "-m", "mixrecipe.train", *map(str, args)], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# The CLI in a process that SIGKILLs itself inside training step N: the loss of the torch loop is wrapped
+# here, in the test, so no kill switch ships in the package.
+KILL_AT_STEP = """
+import os, signal, sys
+import mixrecipe.torch_engine as engine
+steps, loss = 0, engine.mixup_cross_entropy
+def counting_loss(*args, **kwargs):
+    global steps
+    steps += 1
+    if steps >= int(sys.argv[1]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return loss(*args, **kwargs)
+engine.mixup_cross_entropy = counting_loss
+from mixrecipe.cli import main
+main(sys.argv[2:])
+"""
+
+
+def _cli_killed_at_step(step, *args, timeout=240):
+    return subprocess.run([sys.executable, "-c", KILL_AT_STEP, str(step), *map(str, args)], cwd=REPO, env=ENV,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -73,7 +98,7 @@ def test_digits_default_end_to_end(tmp_path, capsys):
     # The resolved config is saved beside the run and reproduces it as a recipe.
     assert load_config(str(out / "config.yaml")).epochs == 2
     # Checkpoints load with weights_only=True.
-    state = train.load_checkpoint(str(out / "last.pt"))
+    state = load_checkpoint(str(out / "last.pt"))
     assert state["epoch"] == 2 and state["history"] == records
     assert json.loads((out / "summary.json").read_text())["test_top1"] == result["test_top1"]
     # A finished run may be started over in the same place.
@@ -85,7 +110,7 @@ def test_digits_default_end_to_end(tmp_path, capsys):
 
 
 def test_erm_and_mixup_off_epoch(tmp_path, monkeypatch):
-    from mixrecipe.mixup import Mixup
+    from mixrecipe.policy import Mixup
 
     enabled = []
     original = Mixup.mix_batch
@@ -116,7 +141,7 @@ def test_multistep_schedule_decays_from_the_milestone_epoch():
     opt = torch.optim.SGD(model.parameters(), lr=0.4)
     cfg = load_config(None, ["sched.name=multistep", "sched.milestones=[2,3]", "sched.warmup_epochs=1",
                              "sched.warmup_lr=0.1", "epochs=4"])
-    sched = train.create_schedule(opt, cfg, steps_per_epoch=10)
+    sched = create_schedule(opt, cfg, steps_per_epoch=10)
 
     def lr_at(step):
         sched.step_update(step)
@@ -136,10 +161,10 @@ def test_resume_after_a_kill_mid_epoch_matches_an_uninterrupted_run(tmp_path, ca
     common = ["epochs=3", "data.train_subset=512", "preview=false", *QUICK]  # 8 steps per epoch
     # The killed run is a real process killed with SIGKILL; the others run here, also on one thread.
     train.main([f"output={tmp_path / 'ref'}", *common])
-    killed = _cli(f"output={tmp_path / 'cut'}", "_kill_after_steps=20", *common)  # dies in epoch 3
+    killed = _cli_killed_at_step(20, f"output={tmp_path / 'cut'}", *common)  # dies in epoch 3
     assert killed.returncode == -9, killed.stderr
     assert len(_metrics(tmp_path / "cut")) == 2
-    assert train.load_checkpoint(str(tmp_path / "cut" / "last.pt"))["epoch"] == 2
+    assert load_checkpoint(str(tmp_path / "cut" / "last.pt"))["epoch"] == 2
     assert not list((tmp_path / "cut").glob("*.tmp"))
     # Without resume=true the unfinished run is not clobbered.
     capsys.readouterr()
@@ -154,8 +179,8 @@ def test_resume_after_a_kill_mid_epoch_matches_an_uninterrupted_run(tmp_path, ca
     b = json.loads((tmp_path / "cut" / "summary.json").read_text())
     for key in ("train_loss", "val_loss", "val_top1", "test_top1", "test_loss"):
         assert a[key] == b[key], key
-    ref_state = train.load_checkpoint(str(tmp_path / "ref" / "last.pt"))["model"]
-    cut_state = train.load_checkpoint(str(tmp_path / "cut" / "last.pt"))["model"]
+    ref_state = load_checkpoint(str(tmp_path / "ref" / "last.pt"))["model"]
+    cut_state = load_checkpoint(str(tmp_path / "cut" / "last.pt"))["model"]
     assert all(torch.equal(ref_state[k], cut_state[k]) for k in ref_state)
 
 
@@ -166,7 +191,7 @@ class NotATensor:
 def test_checkpoints_refuse_pickled_code(tmp_path):
     torch.save({"epoch": 1, "payload": NotATensor()}, tmp_path / "last.pt")
     with pytest.raises(Exception, match="(?i)weights.only|unsupported|not an allowed"):
-        train.load_checkpoint(str(tmp_path / "last.pt"))
+        load_checkpoint(str(tmp_path / "last.pt"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -227,16 +252,24 @@ def test_torchrun_two_gloo_processes(tmp_path):
     # 256 images / (2 ranks x 32) = 4 steps per epoch; the reported loss and accuracy cover both ranks:
     # re-evaluating the saved model on the whole validation set in one process gives the same numbers.
     cfg = load_config(None, [f"output={out}", "data.train_subset=256"])
-    state = train.load_checkpoint(str(out / "last.pt"))
+    state = load_checkpoint(str(out / "last.pt"))
     from mixrecipe.data import build_data
     from mixrecipe.models import create_model
 
     bundle = build_data(cfg.data)
     model = create_model(cfg.model, bundle.num_classes, bundle.in_chans)
     model.load_state_dict(state["model"])
-    d = train._Dist(0, 1, 0, torch.device("cpu"), False)
-    ctx = train._Ctx(cfg, d, bundle.mean, bundle.std, torch.float32, train.nullcontext(), False, False)
-    check = train._evaluate(model, train._eval_loader(bundle.val, cfg, d), ctx, "val")
+    from mixrecipe.data import normalize_batch
+    from mixrecipe.distributed import DistContext
+    from mixrecipe.factories import eval_loader
+    from mixrecipe.scoring import evaluate
+
+    d = DistContext(0, 1, 0, torch.device("cpu"), False)
+    model.eval()
+    with torch.no_grad():
+        batches = [(model(normalize_batch(x, bundle.mean, bundle.std)), y)
+                   for x, y in eval_loader(bundle.val, cfg, d)]
+    check = evaluate(batches, d, "val")
     assert check["val_top1"] == pytest.approx(records[-1]["val_top1"])
     assert check["val_loss"] == pytest.approx(records[-1]["val_loss"], rel=1e-5)
 
@@ -307,3 +340,75 @@ def test_run_is_programmatic(tmp_path):
     cfg.data.train_subset = 128
     result = train.run(cfg)
     assert result["epoch"] == 1 and "test_top1" in result and result["output"] == str(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad destinations and bad data: exit 2, one line naming the path and the fix
+
+
+@pytest.mark.parametrize("where", ["/proc/forbidden/run", "a_file/run"])
+def test_an_output_that_cannot_be_written_exits_two_before_training(tmp_path, capsys, where):
+    (tmp_path / "a_file").write_text("not a directory")
+    out = where if where.startswith("/") else str(tmp_path / where)
+    with pytest.raises(SystemExit) as info:
+        train.main([f"output={out}", "epochs=1", *QUICK])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert out in err and "output=DIR" in err
+
+
+def test_the_writability_check_leaves_no_empty_folders(tmp_path, capsys):
+    out = tmp_path / "new" / "run"
+    with pytest.raises(SystemExit):  # no such data: the run stops after the output check
+        train.main(["imagenet", f"data.root={tmp_path / 'nowhere'}", f"output={out}"])
+    assert "image folder" in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
+IMAGENET_TINY = ["model=digits_cnn", "data.img_size=16", "batch_size=4", "data.workers=1", "preview=false",
+                 *QUICK]
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+
+
+def test_a_corrupt_image_is_named_or_skipped_and_counted(tmp_path, capsys):
+    root = Path(write_imagefolder(str(tmp_path / "inet"), n_train=4, n_val=2))
+    bad = root / "train" / "bee" / "bee_1.JPEG"
+    _truncate(bad)
+    common = ["imagenet", f"data.root={root}", "epochs=1", *IMAGENET_TINY]
+    with pytest.raises(SystemExit) as info:  # read in a loader worker process
+        train.main([*common, f"output={tmp_path / 'stop'}"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err and err.count("\n") == 1, err
+    assert str(bad) in err and "data.skip_corrupt=true" in err
+    result = train.main([*common, f"output={tmp_path / 'skip'}", "data.skip_corrupt=true"])
+    assert result["skipped_images"] == 1 and _metrics(tmp_path / "skip")[0]["skipped_images"] == 1
+    assert str(bad) in capsys.readouterr().err
+
+
+def test_a_data_error_mid_run_leaves_a_resumable_checkpoint(tmp_path, capsys, monkeypatch):
+    from mixrecipe import lifecycle
+
+    root = Path(write_imagefolder(str(tmp_path / "inet"), n_train=4, n_val=2))
+    bad = root / "train" / "ant" / "ant_0.JPEG"
+    good_bytes = bad.read_bytes()
+    record = lifecycle.record
+
+    def record_then_break_a_file(state, engine, metrics):  # the file goes bad after epoch 1 is saved
+        record(state, engine, metrics)
+        _truncate(bad)
+
+    monkeypatch.setattr(lifecycle, "record", record_then_break_a_file)
+    common = ["imagenet", f"data.root={root}", f"output={tmp_path / 'run'}", "epochs=2", *IMAGENET_TINY]
+    with pytest.raises(SystemExit) as info:
+        train.main(common)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and str(bad) in err and "resume=true" in err and "1/2" in err
+    assert load_checkpoint(str(tmp_path / "run" / "last.pt"))["epoch"] == 1
+    monkeypatch.undo()
+    bad.write_bytes(good_bytes)
+    result = train.main([*common, "resume=true"])
+    assert result["epoch"] == 2 and [r["epoch"] for r in _metrics(tmp_path / "run")] == [1, 2]

@@ -1,4 +1,4 @@
-"""The timm-compatible Mixup policy, CutMix alone and the sampling helpers (mixrecipe.mixup).
+"""The timm-compatible Mixup policy, CutMix alone and the sampling helpers (mixrecipe.policy).
 
 Three kinds of checks:
 - statistics of the draws (λ against Beta(α, α) by Kolmogorov–Smirnov, apply/switch probabilities, pairs);
@@ -21,7 +21,7 @@ from timm.data import mixup as timm_mixup
 
 from mixrecipe.kernels import interpreting
 from mixrecipe.loss import SoftTargetCrossEntropy, mixup_cross_entropy
-from mixrecipe.mixup import (
+from mixrecipe.policy import (
     MixedBatch,
     Mixup,
     box_lam,
@@ -34,7 +34,7 @@ from mixrecipe.mixup import (
 )
 from mixrecipe.reference import mix_reference, smooth_targets
 
-M = importlib.import_module("mixrecipe.mixup")  # the module: the attribute mixrecipe.mixup is the op
+M = importlib.import_module("mixrecipe.policy")
 
 HAS_CUDA = torch.cuda.is_available()
 BACKENDS = ["eager", "triton"] if (interpreting() or HAS_CUDA) else ["eager"]
@@ -663,18 +663,21 @@ def test_cutmix_rejects_bad_input():
         (dict(switch_prob=2.0), "switch_prob"),
         (dict(num_classes=0), "num_classes"),
         (dict(num_classes=-3), "num_classes"),
-        (dict(num_classes=2.5), "num_classes"),
+        (dict(num_classes=2.5), "num_classes"),  # TypeError: the wrong kind of value
         (dict(label_smoothing=1.5), "label_smoothing"),
         (dict(cutmix_minmax=(0.8, 0.2)), "cutmix_minmax"),
         (dict(cutmix_minmax=(0.5,)), "cutmix_minmax"),
         (dict(pairing="shuffle"), "pairing"),
-        (dict(generator=42), "generator"),
+        (dict(generator=42), "generator"),  # TypeError
         (dict(mean=(0.5,)), "mean and std"),
-        (dict(out_dtype=torch.int32), "out_dtype"),
+        (dict(out_dtype=torch.int32), "out_dtype"),  # TypeError
     ],
 )
 def test_bad_arguments_raise_at_construction(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    # mixrecipe.checks: a value of the wrong kind is a TypeError, a value out of range a ValueError.
+    wrong_kind = any(isinstance(v, float) and k == "num_classes" for k, v in kwargs.items()) \
+        or "generator" in kwargs or "out_dtype" in kwargs
+    with pytest.raises(TypeError if wrong_kind else ValueError, match=match):
         Mixup(**kwargs)
 
 

@@ -23,14 +23,22 @@ and the results are moved to the batch's device with ``non_blocking=True``.
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from . import ops
+from .checks import (
+    check_alpha,
+    check_choice,
+    check_generator,
+    check_lam,
+    check_minmax,
+    check_num_classes,
+    check_out_dtype,
+    check_unit_interval,
+)
 
 __all__ = [
     "sample_beta",
@@ -47,7 +55,6 @@ __all__ = [
 
 _MODES = ("batch", "pair", "elem")
 _PAIRINGS = ("flip", "random")
-_OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -86,35 +93,6 @@ def _size(size) -> tuple[int, ...]:
     return tuple(int(s) for s in size)
 
 
-def _check_alpha(name: str, alpha, allow_zero: bool = True) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
-        raise ValueError(f"{name} must be a finite real number, got {alpha!r}")
-    alpha = float(alpha)
-    if alpha < 0 or (alpha == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {alpha}")
-    return alpha
-
-
-def _check_prob(name: str, p) -> float:
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= float(p) <= 1.0:
-        raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
-    return float(p)
-
-
-def _check_minmax(minmax):
-    if minmax is None:
-        return None
-    try:
-        lo, hi = (float(v) for v in minmax)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"cutmix_minmax must be a pair (min, max) of image fractions, got {minmax!r}"
-        ) from None
-    if not 0.0 <= lo <= hi <= 1.0:
-        raise ValueError(f"cutmix_minmax must satisfy 0 <= min <= max <= 1, got {minmax!r}")
-    return (lo, hi)
-
-
 def _image_hw(img_shape) -> tuple[int, int]:
     if len(img_shape) < 2:
         raise ValueError(f"img_shape must end with (H, W), got {tuple(img_shape)}")
@@ -146,7 +124,7 @@ def sample_beta(alpha: float, size=(), *, generator=None, device=None, dtype=tor
     Returns:
         A tensor of shape ``size`` with values in [0, 1].
     """
-    alpha = _check_alpha("alpha", alpha, allow_zero=False)
+    alpha = check_alpha("alpha", alpha)
     size = _size(size)
     draw_device = _gen_device(generator, device)
     conc = torch.full((2,) + size, alpha + 1.0, dtype=torch.float64, device=draw_device)
@@ -203,7 +181,7 @@ def rand_box_minmax(img_shape, minmax, size=(), *, generator=None, device=None) 
         int32 tensor of shape ``size + (4,)``: (y0, y1, x0, x1), half-open.
     """
     h, w = _image_hw(img_shape)
-    lo_f, hi_f = _check_minmax(minmax)
+    lo_f, hi_f = check_minmax(minmax)
     size = _size(size)
     device = _gen_device(generator, device) if device is None else torch.device(device)
     sides = []
@@ -348,10 +326,12 @@ def cutmix(
     batch = x.shape[0]
     if batch < 1:
         raise ValueError("cutmix needs a batch of at least one sample")
+    if lam is not None:
+        lam = check_lam("lam", lam, batch, x.device)
     if box is None:
-        minmax = _check_minmax(minmax)
+        minmax = check_minmax(minmax)
         if lam is None:
-            alpha = _check_alpha("alpha", alpha, allow_zero=False)
+            alpha = check_alpha("alpha", alpha)
             lam = sample_beta(alpha, (batch,) if per_sample else (), generator=generator,
                               device=_gen_device(generator, x.device), dtype=torch.float64)
         elif not isinstance(lam, Tensor):
@@ -455,8 +435,10 @@ class Mixup:
         inplace: with flip pairing and an unchanged dtype, mix into the input tensor like timm does.
 
     Raises:
-        ValueError: bad arguments (negative or non-finite alphas, neither Mixup nor CutMix active, unknown
-            mode or pairing, probabilities outside [0, 1], num_classes < 1, ...).
+        TypeError: an argument of the wrong kind (a string or bool for a number, a float num_classes, ...).
+        ValueError: a value out of range (negative or non-finite alphas, neither Mixup nor CutMix active,
+            unknown mode or pairing, probabilities outside [0, 1], num_classes < 1, ...). The rules are
+            those of every entry point (``mixrecipe.checks``).
     """
 
     def __init__(
@@ -479,40 +461,27 @@ class Mixup:
         out_dtype: torch.dtype | None = None,
         inplace: bool = True,
     ):
-        self.mixup_alpha = _check_alpha("mixup_alpha", mixup_alpha)
-        self.cutmix_alpha = _check_alpha("cutmix_alpha", cutmix_alpha)
-        self.cutmix_minmax = _check_minmax(cutmix_minmax)
+        self.mixup_alpha = check_alpha("mixup_alpha", mixup_alpha, allow_zero=True)
+        self.cutmix_alpha = check_alpha("cutmix_alpha", cutmix_alpha, allow_zero=True)
+        self.cutmix_minmax = check_minmax(cutmix_minmax)
         if self.cutmix_minmax is not None:
             self.cutmix_alpha = 1.0  # as timm: the box comes from minmax, alpha only decides lam != 1
         if self.mixup_alpha == 0.0 and self.cutmix_alpha == 0.0:
             raise ValueError("neither Mixup nor CutMix is active: set mixup_alpha > 0, cutmix_alpha > 0 "
                              "or cutmix_minmax")
-        self.mix_prob = _check_prob("prob", prob)
-        self.switch_prob = _check_prob("switch_prob", switch_prob)
-        if mode not in _MODES:
-            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-        self.mode = mode
+        self.mix_prob = check_unit_interval("prob", prob)
+        self.switch_prob = check_unit_interval("switch_prob", switch_prob)
+        self.mode = check_choice("mode", mode, _MODES)
         self.correct_lam = bool(correct_lam)
-        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real) \
-                or not 0.0 <= float(label_smoothing) <= 1.0:
-            raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing!r}")
-        self.label_smoothing = float(label_smoothing)
-        if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
-            raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
-        self.num_classes = int(num_classes)
+        self.label_smoothing = check_unit_interval("label_smoothing", label_smoothing)
+        self.num_classes = check_num_classes(num_classes)
         self.multi_label = bool(multi_label)
-        if pairing not in _PAIRINGS:
-            raise ValueError(f"pairing must be one of {_PAIRINGS}, got {pairing!r}")
-        self.pairing = pairing
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-        self.generator = generator
+        self.pairing = check_choice("pairing", pairing, _PAIRINGS)
+        self.generator = check_generator(generator)
         if (mean is None) != (std is None):
             raise ValueError("mean and std go together: pass both or neither")
         self.mean, self.std = mean, std
-        if out_dtype is not None and out_dtype not in _OUT_DTYPES:
-            raise ValueError(f"out_dtype must be one of {_OUT_DTYPES} or None, got {out_dtype!r}")
-        self.out_dtype = out_dtype
+        self.out_dtype = check_out_dtype(out_dtype)
         self.inplace = bool(inplace)
         self.mixup_enabled = True  # set to False to disable mixing (intended to be set by the train loop)
 

@@ -1,0 +1,89 @@
+"""What a recipe's sections build: the Mixup policy, the optimizer, the schedule and the data loaders."""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+
+from .config import Config, RecipeError
+from .data import ImageTensors, loader_collate
+from .distributed import DistContext
+
+__all__ = ["build_mixup", "create_optimizer", "create_schedule", "train_loader", "eval_loader"]
+
+
+def build_mixup(cfg: Config, num_classes: int, *, mean=None, std=None, out_dtype=None, generator=None):
+    """The ``mixrecipe.Mixup`` of a config, or None for ERM (mixup.alpha = cutmix_alpha = 0)."""
+    from .policy import Mixup
+
+    m = cfg.mixup
+    if m.alpha == 0 and m.cutmix_alpha == 0 and m.cutmix_minmax is None:
+        return None
+    try:
+        return Mixup(
+            mixup_alpha=m.alpha, cutmix_alpha=m.cutmix_alpha, cutmix_minmax=m.cutmix_minmax, prob=m.prob,
+            switch_prob=m.switch_prob, mode=m.mode, correct_lam=m.correct_lam,
+            label_smoothing=m.label_smoothing, num_classes=num_classes, pairing=m.pairing,
+            generator=generator, mean=None if mean is None else list(mean),
+            std=None if std is None else list(std), out_dtype=out_dtype,
+        )
+    except (TypeError, ValueError) as exc:
+        raise RecipeError(f"mixup: {exc}") from None
+
+
+def create_schedule(optimizer, cfg: Config, steps_per_epoch: int):
+    """A timm scheduler updated every step (``step_update(step)``), or None for a constant lr.
+
+    ``multistep`` milestones are epochs from which the lr is decayed (the paper's "divide by 10 at 30, 60,
+    80"); timm's MultiStepLRScheduler applies milestone m at index m - 1, hence the +1 below.
+    """
+    from timm.scheduler import MultiStepLRScheduler, create_scheduler_v2
+
+    s = cfg.sched
+    if s.name == "none":
+        return None
+    if s.name == "multistep":
+        return MultiStepLRScheduler(
+            optimizer, decay_t=[m * steps_per_epoch + 1 for m in s.milestones], decay_rate=s.decay_rate,
+            warmup_t=s.warmup_epochs * steps_per_epoch, warmup_lr_init=s.warmup_lr, warmup_prefix=False,
+            t_in_epochs=False,
+        )
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=s.name, num_epochs=cfg.epochs, decay_epochs=s.decay_epochs, decay_rate=s.decay_rate,
+        min_lr=s.min_lr, warmup_lr=s.warmup_lr, warmup_epochs=s.warmup_epochs, step_on_epochs=False,
+        updates_per_epoch=steps_per_epoch,
+    )
+    return scheduler
+
+
+def create_optimizer(model: nn.Module, cfg: Config, lr: float):
+    """timm's ``create_optimizer_v2`` from the optim section."""
+    from timm.optim import create_optimizer_v2
+
+    o = cfg.optim
+    kwargs = {} if o.eps is None else {"eps": o.eps}
+    try:
+        return create_optimizer_v2(model, opt=o.opt, lr=lr, weight_decay=o.weight_decay, momentum=o.momentum,
+                                   filter_bias_and_bn=o.filter_bias_and_bn, **kwargs)
+    except (AssertionError, ValueError, TypeError) as exc:
+        raise RecipeError(f"optim.opt={o.opt}: {exc}") from None
+
+
+def _loader(ds, cfg: Config, d: DistContext, **kwargs) -> DataLoader:
+    tensors = isinstance(ds, ImageTensors)  # in memory: batches are slices, workers would only add copies
+    return DataLoader(ds, collate_fn=loader_collate(ds), num_workers=0 if tensors else cfg.data.workers,
+                      pin_memory=d.device.type == "cuda", **kwargs)
+
+
+def train_loader(ds, cfg: Config, d: DistContext) -> tuple[DataLoader, DistributedSampler]:
+    """Shuffled by a seeded DistributedSampler (also with one process, so the order is the same anywhere)."""
+    sampler = DistributedSampler(ds, num_replicas=d.world, rank=d.rank, shuffle=True, seed=cfg.seed)
+    return _loader(ds, cfg, d, batch_size=cfg.batch_size, sampler=sampler, drop_last=cfg.drop_last), sampler
+
+
+def eval_loader(ds, cfg: Config, d: DistContext) -> DataLoader:
+    """This rank's shard in order, without padding: every image is counted exactly once."""
+    shard = list(range(d.rank, len(ds), d.world))
+    return _loader(ds, cfg, d, batch_size=cfg.batch_size * 2, sampler=shard)
+

@@ -1,0 +1,348 @@
+"""The run lifecycle, the same for every engine: prepare -> per epoch (train, evaluate, record) -> summary.
+
+- prepare: the run directory (checked writable, a previous run's files cleared or its checkpoint picked
+  up), the resolved config saved beside the run, data, model, optimizer, loaders, schedule, the Mixup
+  policy, and the state of a run being resumed (:func:`prepare`);
+- each epoch: every random stream (shuffling, augmentation, mixup, dropout) is re-seeded from
+  (seed, epoch, rank), the engine trains one epoch, the lifecycle evaluates through the engine's
+  ``predict`` (:func:`mixrecipe.scoring.evaluate`) and records the epoch (:func:`record`): a line in
+  ``metrics.jsonl``, ``curves.png``, an atomic ``last.pt`` (and ``best.pt``), a console line;
+- summary: the test set (or the last validation) and ``summary.json``.
+
+Because of the per-epoch reseeding and the end-of-epoch checkpoint, a run killed at any point and resumed
+with ``resume=true`` ends with the same metrics as one never interrupted (on CPU, with the same number of
+threads and processes). Under ``torchrun`` every rank runs this; only rank 0 writes files.
+
+Engines are looked up by name in :data:`ENGINES` and imported only when used (fastai is optional).
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import math
+import os
+import random
+import sys
+import time
+import traceback
+
+import numpy as np
+import torch
+
+from .config import Config, RecipeError, config_to_dict, save_config
+from .data import DataBundle, ImageTensors, build_data, count_unreadable
+from .distributed import (
+    DistContext,
+    all_max,
+    all_sum,
+    broadcast_buffers,
+    setup_distributed,
+    shutdown_distributed,
+)
+from .engine import Engine, RunState
+from .factories import build_mixup, create_optimizer, create_schedule, eval_loader, train_loader
+from .outputs import (
+    CHECKPOINT_VERSION,
+    UnwritableOutputError,
+    append_metrics,
+    check_writable,
+    clear_run_files,
+    format_record,
+    load_checkpoint,
+    resume_point,
+    save_checkpoint,
+    write_metrics,
+    write_summary,
+)
+from .scoring import evaluate, memorization
+
+__all__ = ["ENGINES", "run", "prepare", "begin_epoch", "evaluate_epoch", "record", "summarize",
+           "write_preview", "epoch_seed"]
+
+# engine name -> "module:class"; the module is imported only for runs that use it.
+ENGINES = {"torch": "mixrecipe.torch_engine:TorchEngine", "fastai": "mixrecipe.fastai_engine:FastaiEngine"}
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of every random stream in one epoch of one rank."""
+    return ((seed * 1_000_003 + epoch) * 1009 + rank) % (2**62)
+
+
+def _reseed(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prepare
+
+
+def prepare(cfg: Config, d: DistContext) -> RunState:
+    """Everything before the first epoch (see the module docstring).
+
+    Raises:
+        RecipeError: an unwritable output, an unfinished run without resume=true, missing data, bad
+            settings; all before any training step.
+    """
+    from .models import create_model
+
+    out = cfg.output
+    if d.is_main:
+        check_writable(out)
+    resume_from = resume_point(out, cfg.resume, cfg.overwrite)
+    bundle = build_data(cfg.data)
+    if d.enabled:
+        torch.distributed.barrier()  # every rank has looked at the output directory before rank 0 clears it
+    if d.is_main:
+        try:
+            os.makedirs(out, exist_ok=True)
+            if resume_from is None:
+                clear_run_files(out)
+            save_config(cfg, os.path.join(out, "config.yaml"))
+        except OSError as exc:
+            raise UnwritableOutputError(out, exc.strerror or type(exc).__name__) from None
+
+    cuda = d.device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    _reseed(cfg.seed)  # the model init: the same on every rank and in every engine
+    model = create_model(cfg.model, bundle.num_classes, bundle.in_chans, cfg.pretrained,
+                         img_size=bundle.input_size[0])
+    channels_last = cfg.channels_last if cfg.channels_last is not None else cuda
+    model.to(d.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    global_batch = cfg.batch_size * d.world
+    lr = cfg.optim.lr
+    if lr is None:  # the linear scaling rule (Goyal et al.), as the paper's ImageNet runs
+        lr = cfg.optim.lr_base * global_batch / cfg.optim.lr_base_size
+    optimizer = create_optimizer(model, cfg, lr)
+
+    loader, sampler = train_loader(bundle.train, cfg, d)
+    steps = len(loader)
+    if steps == 0:
+        raise RecipeError(f"the training set ({len(bundle.train)} images) is smaller than one batch "
+                          f"(batch_size={cfg.batch_size} x {d.world} processes): lower batch_size or "
+                          "set drop_last=false")
+    scheduler = create_schedule(optimizer, cfg, steps)
+    amp = cuda and cfg.amp
+    in_dtype = torch.bfloat16 if amp else torch.float32
+    generator = torch.Generator(device=d.device)
+    mixup = build_mixup(cfg, bundle.num_classes, mean=bundle.mean, std=bundle.std, out_dtype=in_dtype,
+                        generator=generator)
+    state = RunState(
+        cfg=cfg, dist=d, out=out, resume_from=resume_from, bundle=bundle, model=model, optimizer=optimizer,
+        scheduler=scheduler, lr=lr, global_batch=global_batch, train_loader=loader, train_sampler=sampler,
+        steps_per_epoch=steps, val_loader=eval_loader(bundle.val, cfg, d),
+        mem_loader=eval_loader(bundle.train_eval, cfg, d) if bundle.train_eval is not None else None,
+        channels_last=channels_last, amp=amp, in_dtype=in_dtype, mixup=mixup, generator=generator,
+    )
+    if resume_from is not None:
+        _restore(state, load_checkpoint(resume_from))
+        if d.is_main:
+            print(f"resuming {out} after epoch {state.start_epoch}/{cfg.epochs}", file=sys.stderr)
+    return state
+
+
+def _restore(state: RunState, checkpoint: dict) -> None:
+    state.model.load_state_dict(checkpoint["model"])
+    state.optimizer.load_state_dict(checkpoint["optimizer"])
+    if state.scheduler is not None and checkpoint.get("scheduler") is not None:
+        state.scheduler.load_state_dict(checkpoint["scheduler"])
+    state.start_epoch = checkpoint["epoch"]
+    state.history = list(checkpoint["history"])
+    state.best_top1 = checkpoint.get("best_top1", -math.inf)
+
+
+def write_preview(path: str, bundle: DataBundle, cfg: Config, rows: int = 4, cols: int = 4) -> None:
+    """mixup_preview.png: training images mixed as in training, titled with both labels and their weights.
+
+    Each row is one separate draw on a batch of ``cols`` images, so a one-λ-per-batch recipe still shows
+    ``rows`` different λ.
+    """
+    from .plots import plot_mixup_preview
+
+    ds = bundle.train
+    n = min(rows * cols, len(ds))
+    if isinstance(ds, ImageTensors):
+        x, y = ds.__getitems__(list(range(n)))
+    else:
+        items = [ds[i] for i in range(n)]
+        items = [it for it in items if it is not None]  # unreadable images skipped by data.skip_corrupt
+        n = len(items)
+        x, y = torch.stack([it[0] for it in items]), torch.stack([torch.as_tensor(it[1]) for it in items])
+    mixup = build_mixup(cfg, bundle.num_classes, out_dtype=torch.float32,
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    if mixup is None:
+        images, lam, partner = x.float() / 255.0, torch.ones(n), y
+        title = "training images (mixup off: ERM)"
+    else:
+        images, lam, partner = [], [], []
+        for start in range(0, n, cols):
+            xb, yb = x[start:start + cols], y[start:start + cols]
+            mb = mixup.mix_batch(xb, yb)
+            images.append(mb.x)
+            lam.append(mb.lam)
+            partner.append(yb.flip(0) if mb.perm is None else yb[mb.perm])
+        images, lam, partner = torch.cat(images), torch.cat(lam), torch.cat(partner)
+        title = (f"mixup α={cfg.mixup.alpha:g}, {cfg.mixup.mode} mode, {cfg.mixup.pairing} pairing "
+                 f"(one draw per row)")
+    plot_mixup_preview(images, y, partner, lam, bundle.classes, path, title=title, cols=cols)
+
+
+# ----------------------------------------------------------------------------------------------------
+# One epoch
+
+
+def begin_epoch(state: RunState, epoch: int) -> None:
+    """Re-seed every random stream from (seed, epoch, rank) and switch mixing for this epoch."""
+    cfg = state.cfg
+    seed = epoch_seed(cfg.seed, epoch, state.dist.rank)
+    _reseed(seed)
+    state.bundle.train.reseed(seed)
+    state.generator.manual_seed(seed)
+    state.train_sampler.set_epoch(epoch)
+    if state.mixup is not None:
+        state.mixup.mixup_enabled = not (cfg.mixup.off_epoch and epoch >= cfg.mixup.off_epoch)
+
+
+def evaluate_epoch(engine: Engine, state: RunState) -> dict:
+    """The epoch's evaluation: validation accuracy and loss, memorization with label noise, and the count
+    of image files skipped as unreadable when ``data.skip_corrupt`` is on."""
+    broadcast_buffers(state.model, state.dist)  # evaluate (and save) rank 0's BatchNorm statistics
+    metrics = evaluate(engine.predict(state.val_loader), state.dist, "val")
+    if state.mem_loader is not None:
+        metrics.update(memorization(engine.predict(state.mem_loader), state.dist))
+    if state.cfg.data.skip_corrupt:
+        skipped = count_unreadable(state.bundle)  # ranks read disjoint shards: their counts add up
+        count = metrics["skipped_images"] = int(all_sum([float(len(skipped))], state.dist)[0])
+        if skipped and state.dist.is_main:
+            print(f"skipped {count} unreadable image file(s) so far (data.skip_corrupt=true), "
+                  f"e.g. {skipped[0]}", file=sys.stderr, flush=True)
+    return metrics
+
+
+def record(state: RunState, engine: Engine, metrics: dict) -> None:
+    """Add one epoch's metrics to the history; on rank 0 write metrics.jsonl, curves.png, last.pt (and
+    best.pt when val top-1 improved) and print the epoch's line.
+
+    Args:
+        metrics: ``epoch`` (1-based), ``val_top1`` and any other keys: every key is recorded as it is.
+    """
+    state.history.append(metrics)
+    improved = metrics["val_top1"] > state.best_top1
+    state.best_top1 = max(state.best_top1, metrics["val_top1"])
+    if not state.dist.is_main:
+        return
+    cfg, out = state.cfg, state.out
+    checkpoint = {
+        "version": CHECKPOINT_VERSION, "epoch": metrics["epoch"], "epochs": cfg.epochs, "engine": engine.name,
+        "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
+        "history": state.history, "best_top1": state.best_top1, "config": config_to_dict(cfg),
+        "classes": list(state.bundle.classes),
+    }
+    save_checkpoint(checkpoint, os.path.join(out, "last.pt"))
+    if improved:
+        save_checkpoint(checkpoint, os.path.join(out, "best.pt"))
+    append_metrics(os.path.join(out, "metrics.jsonl"), metrics)
+    from .plots import plot_curves
+
+    plot_curves(state.history, os.path.join(out, "curves.png"))
+    print(format_record(metrics, cfg.epochs), flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Summary and the whole run
+
+
+def summarize(state: RunState, engine: Engine) -> dict:
+    """The final metrics: the last epoch's record, the test set's (or the last validation's), the best val
+    top-1; written to summary.json on rank 0."""
+    history, bundle, out = state.history, state.bundle, state.out
+    summary = dict(history[-1]) if history else {}
+    if bundle.test is not None:
+        test = evaluate(engine.predict(eval_loader(bundle.test, state.cfg, state.dist)), state.dist, "test")
+        summary.update(test)
+    elif history:
+        summary.update({"test_loss": history[-1]["val_loss"], "test_top1": history[-1]["val_top1"],
+                        "test_top5": history[-1]["val_top5"]})
+    summary["best_val_top1"] = state.best_top1 if history else None
+    if state.cfg.data.skip_corrupt:  # also the files first met by the test evaluation above
+        skipped = int(all_sum([float(len(count_unreadable(bundle)))], state.dist)[0])
+        summary["skipped_images"] = skipped
+    summary["output"] = out
+    summary["engine"] = engine.name
+    if state.dist.is_main:
+        write_summary(os.path.join(out, "summary.json"), summary)
+        if "test_top1" in summary:
+            print(f"test top-1: {summary['test_top1']:.2f}%  (top-5 {summary['test_top5']:.2f}%, "
+                  f"loss {summary['test_loss']:.4f}; outputs in {out})", flush=True)
+    return summary
+
+
+def _engine_class(name: str) -> type[Engine]:
+    module, cls = ENGINES[name].split(":")
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except ImportError as exc:
+        raise RecipeError(f"engine={name} is not available here ({exc}); use engine=torch") from None
+
+
+def _announce(state: RunState, engine: Engine) -> None:
+    cfg, d, bundle = state.cfg, state.dist, state.bundle
+    how = "" if engine.name == "torch" else f" with engine={engine.name}"
+    mixing = "ERM" if state.mixup is None else f"mixup alpha={cfg.mixup.alpha:g}"
+    print(f"training {cfg.model} on {cfg.data.name}{how}: {len(bundle.train)} images, "
+          f"{state.steps_per_epoch} steps/epoch, global batch {state.global_batch}, lr {state.lr:g}, "
+          f"{mixing}, {d.world} process(es) on {d.device.type} -> {state.out}", flush=True)
+
+
+def _train(cfg: Config, d: DistContext, holder: list) -> dict:
+    engine_cls = _engine_class(cfg.engine)
+    state = prepare(cfg, d)
+    engine = engine_cls(state)
+    holder.append(engine)
+    if d.is_main:
+        write_metrics(os.path.join(state.out, "metrics.jsonl"), state.history)
+        preview = os.path.join(state.out, "mixup_preview.png")
+        if cfg.preview and (state.resume_from is None or not os.path.exists(preview)):
+            write_preview(preview, state.bundle, cfg)
+        _announce(state, engine)
+    for epoch in range(state.start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        begin_epoch(state, epoch)
+        metrics = {"epoch": epoch + 1}
+        try:
+            metrics.update(engine.train_epoch(epoch))
+            metrics.update(evaluate_epoch(engine, state))
+        except RecipeError as exc:  # bad data found mid-epoch: the last checkpoint is whole, say so
+            if epoch == 0:
+                raise
+            raise RecipeError(f"{exc}; then resume=true continues after epoch {epoch}/{cfg.epochs} "
+                              f"({os.path.join(state.out, 'last.pt')})") from None
+        metrics["seconds"] = all_max(time.perf_counter() - t0, d)
+        record(state, engine, metrics)
+    return summarize(state, engine)
+
+
+def run(cfg: Config) -> dict:
+    """Train ``cfg`` with the engine it names (``cfg.engine``) and return the final metrics.
+
+    Raises:
+        RecipeError: bad settings, an unusable output directory or missing data (before any training step).
+    """
+    d = setup_distributed(cfg)
+    holder: list[Engine] = []
+    try:
+        return _train(cfg, d, holder)
+    except BaseException as exc:
+        traceback.clear_frames(exc.__traceback__)  # frames would keep the DDP module alive
+        raise
+    finally:
+        # DDP must be gone before the process group, else gloo runs abort at exit now and then.
+        for engine in holder:
+            engine.close()
+        holder.clear()
+        gc.collect()
+        shutdown_distributed(d)

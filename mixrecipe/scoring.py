@@ -1,0 +1,55 @@
+"""Evaluation of predictions, the same for every engine: accuracy, loss and label-noise memorization.
+
+Both functions take an iterable of (float32 logits, targets) batches (an engine's ``predict``), sum on the
+device in float64 and reduce the sums over ranks, so a sharded evaluation gives the numbers of one process
+evaluating everything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .distributed import DistContext, all_sum
+
+__all__ = ["evaluate", "memorization"]
+
+
+def evaluate(batches: Iterable[tuple[Tensor, Tensor]], d: DistContext, prefix: str = "val") -> dict:
+    """Top-1 and top-5 accuracy (%) and mean cross-entropy over all ranks' batches.
+
+    Returns:
+        ``{prefix_loss, prefix_top1, prefix_top5}``.
+    """
+    sums = torch.zeros(4, dtype=torch.float64, device=d.device)  # loss, top-1, top-5, count
+    for logits, y in batches:
+        hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
+        sums += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(),
+                             hit[:, 0].sum().double(), hit.any(dim=1).sum().double(),
+                             torch.tensor(float(y.shape[0]), dtype=torch.float64, device=y.device)])
+    loss, c1, c5, n = all_sum(sums.tolist(), d)
+    n = max(n, 1.0)
+    return {f"{prefix}_loss": loss / n, f"{prefix}_top1": 100.0 * c1 / n, f"{prefix}_top5": 100.0 * c5 / n}
+
+
+def memorization(batches: Iterable[tuple[Tensor, Tensor]], d: DistContext) -> dict:
+    """On the un-augmented training set with label noise, how much of the noise the model has fitted.
+
+    Targets are (B, 2) = (given label, true label). ``train_fit_noisy``: % of corrupted samples predicted
+    as their corrupted (training) label; ``train_true_noisy``: % of them predicted as their true label;
+    ``train_fit_clean``: % of clean samples predicted as their label.
+    """
+    sums = torch.zeros(5, dtype=torch.float64, device=d.device)
+    for logits, y in batches:
+        pred = logits.argmax(dim=1)
+        given, true = y[:, 0], y[:, 1]
+        noisy = given != true
+        sums += torch.stack([noisy.sum(), (noisy & (pred == given)).sum(), (noisy & (pred == true)).sum(),
+                             (~noisy).sum(), (~noisy & (pred == given)).sum()]).double()
+    n_noisy, fit_noisy, true_noisy, n_clean, fit_clean = all_sum(sums.tolist(), d)
+    return {"train_fit_noisy": 100.0 * fit_noisy / max(n_noisy, 1.0),
+            "train_true_noisy": 100.0 * true_noisy / max(n_noisy, 1.0),
+            "train_fit_clean": 100.0 * fit_clean / max(n_clean, 1.0)}
