@@ -13,7 +13,7 @@ import itertools
 import torch
 
 import mixrecipe
-from mixrecipe import loss, ops
+from mixrecipe.backend import cpu_backend
 from mixrecipe.kernels._common import record_launches
 from mixrecipe.kernels.aot import describe
 
@@ -28,7 +28,7 @@ NUM_CLASSES = 10
 @contextlib.contextmanager
 def kernels_planned_for_gpu():
     """Route CPU tensors to the Triton launchers and record what a GPU would compile, without running it."""
-    with ops.cpu_backend("triton"), loss.triton_on_cpu(), record_launches(as_gpu=True) as recorder:
+    with cpu_backend("triton"), record_launches(as_gpu=True) as recorder:
         yield recorder
 
 
