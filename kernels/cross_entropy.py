@@ -50,7 +50,7 @@ def _row_targets(target_ptr, perm_ptr, row, n_rows, n_cols, HAS_PERM: tl.constex
 @triton.jit
 def _mixup_ce_fwd_kernel(
     logits_ptr,
-    stride_row,
+    stride_row_div,
     target_ptr,
     perm_ptr,
     lam_ptr,
@@ -58,14 +58,20 @@ def _mixup_ce_fwd_kernel(
     loss_ptr,
     lse_ptr,
     n_rows,
-    n_cols,
+    n_cols_div,
     smoothing,
     HAS_PERM: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride_row overflows int32 for big B*K
-    row_ptr = logits_ptr + row * stride_row
+    # Row stride and K come divided by ALIGN (the largest power of 2 <= 16 dividing both): multiplied back
+    # by the constexpr, the compiler knows that rows start on ALIGN-element boundaries and that the mask is
+    # constant over ALIGN lanes, so K = 1000 gets 128-bit loads as K = 1024 does (a plain int argument
+    # only carries "divisible by 16").
+    n_cols = n_cols_div * ALIGN
+    row_ptr = logits_ptr + row * (stride_row_div * ALIGN)
 
     # Online logsumexp (running max m, running sum d of exp(z - m)): the row is read once.
     m = float("-inf")
@@ -97,9 +103,9 @@ def _mixup_ce_fwd_kernel(
 @triton.jit
 def _mixup_ce_bwd_kernel(
     logits_ptr,
-    stride_row,
+    stride_row_div,
     grad_ptr,
-    stride_grad_row,
+    stride_grad_row_div,
     grad_loss_ptr,
     lse_ptr,
     target_ptr,
@@ -107,15 +113,17 @@ def _mixup_ce_bwd_kernel(
     lam_ptr,
     stride_lam,
     n_rows,
-    n_cols,
+    n_cols_div,
     smoothing,
     HAS_PERM: tl.constexpr,
     ROUND_BF16: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * stride_row
-    out_ptr = grad_ptr + row * stride_grad_row
+    n_cols = n_cols_div * ALIGN  # strides and K come divided by ALIGN, as in the forward kernel
+    row_ptr = logits_ptr + row * (stride_row_div * ALIGN)
+    out_ptr = grad_ptr + row * (stride_grad_row_div * ALIGN)
 
     t_own, t_mix, valid = _row_targets(target_ptr, perm_ptr, row, n_rows, n_cols, HAS_PERM)
     lam = tl.load(lam_ptr + row * stride_lam).to(tl.float32)
@@ -141,6 +149,14 @@ def _block_k(n_cols: int, block_k: int | None) -> int:
         return triton.next_power_of_2(block_k)
     cap = MAX_BLOCK_K_INTERPRETER if plan_for_interpreter() else MAX_BLOCK_K
     return min(cap, triton.next_power_of_2(n_cols))
+
+
+def _align(*values: int) -> int:
+    """The largest power of two up to 16 dividing every value: element alignment of rows and of K."""
+    align = 16
+    while align > 1 and any(v % align for v in values):
+        align //= 2
+    return align
 
 
 def _num_warps(block_k: int) -> int:
@@ -193,11 +209,12 @@ def mixup_ce_fwd(
     if lse is None:
         lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     block = _block_k(n_cols, block_k)
+    align = _align(logits.stride(0), n_cols)
     launch(
         _mixup_ce_fwd_kernel,
         (n_rows,),
         logits,
-        logits.stride(0),
+        logits.stride(0) // align,
         target,
         target if perm is None else perm,  # a dummy pointer when HAS_PERM is off
         lam,
@@ -205,11 +222,12 @@ def mixup_ce_fwd(
         loss,
         lse,
         n_rows,
-        n_cols,
+        n_cols // align,
         float(smoothing),
         HAS_PERM=perm is not None,
         HAS_SMOOTHING=smoothing > 0,
         BLOCK_K=block,
+        ALIGN=align,
         num_warps=_num_warps(block),
     )
     return loss, lse
@@ -248,13 +266,14 @@ def mixup_ce_bwd(
     if grad is None:
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
     block = _block_k(n_cols, block_k)
+    align = _align(logits.stride(0), grad.stride(0), n_cols)
     launch(
         _mixup_ce_bwd_kernel,
         (n_rows,),
         logits,
-        logits.stride(0),
+        logits.stride(0) // align,
         grad,
-        grad.stride(0),
+        grad.stride(0) // align,
         grad_loss,
         lse,
         target,
@@ -262,11 +281,12 @@ def mixup_ce_bwd(
         lam,
         lam.stride(0),
         n_rows,
-        n_cols,
+        n_cols // align,
         float(smoothing),
         HAS_PERM=perm is not None,
         ROUND_BF16=grad.dtype == torch.bfloat16 and plan_for_interpreter(),
         BLOCK_K=block,
+        ALIGN=align,
         num_warps=_num_warps(block),
     )
     return grad

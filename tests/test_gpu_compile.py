@@ -79,9 +79,8 @@ def test_compile_failure_names_specialization_and_cause(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # Static speed facts of the main image paths on sm_90 (16-byte aligned tensors, as the JIT sees them).
 # ------------------------------------------------------------------------------------------------
-def test_main_paths_use_128_bit_accesses_and_no_local_memory(tmp_path):
-    paths = main_paths()
-    descs = [paths[name][0] for name in IMAGE_PATHS]
+def _sm90_ptx_stats(descs: list[dict], tmp_path) -> list:
+    """ptx_stats of each description compiled for sm_90 (or its compile error), in a child process."""
     script = (
         "import json, sys\n"
         "from mixrecipe.kernels.aot import compile_all, ptx_stats\n"
@@ -94,14 +93,31 @@ def test_main_paths_use_128_bit_accesses_and_no_local_memory(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script, str(launches)], capture_output=True, text=True,
                           env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for name, s in zip(IMAGE_PATHS, json.loads(proc.stdout.strip().splitlines()[-1])):
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for s in out:
+        if isinstance(s, dict):  # JSON made the widths strings
+            s["loads"], s["stores"] = ({int(k): v for k, v in s[key].items()} for key in ("loads", "stores"))
+    return out
+
+
+def test_main_paths_use_128_bit_accesses_and_no_local_memory(tmp_path):
+    paths = main_paths()
+    loss_fwd, loss_bwd = paths["mixup_cross_entropy bf16 (256, 1000)"]
+    names = [*IMAGE_PATHS, "loss forward", "loss backward"]
+    stats = dict(zip(names, _sm90_ptx_stats([paths[n][0] for n in IMAGE_PATHS] + [loss_fwd, loss_bwd],
+                                            tmp_path)))
+    for name, s in stats.items():
         assert isinstance(s, dict), f"{name} does not compile: {s}"
-        loads = {int(k): v for k, v in s["loads"].items()}
-        stores = {int(k): v for k, v in s["stores"].items()}
         assert not s["local_memory"], f"{name}: uses local memory (spills)"
+    for name in IMAGE_PATHS:
         # A program reads its row and its partner row and writes both: at least two 128-bit accesses each.
+        loads, stores = stats[name]["loads"], stats[name]["stores"]
         assert loads.get(128, 0) >= 2, f"{name}: global loads by width {loads}"
         assert stores.get(128, 0) >= 2, f"{name}: global stores by width {stores}"
+    # K = 1000 is not a multiple of 16, yet the logits are read (and the gradient written) 128 bits at a time.
+    assert stats["loss forward"]["loads"].get(128, 0) >= 1, stats["loss forward"]
+    assert stats["loss backward"]["loads"].get(128, 0) >= 1, stats["loss backward"]
+    assert stats["loss backward"]["stores"].get(128, 0) >= 1, stats["loss backward"]
 
 
 def test_ptx_stats_reads_vector_width():
