@@ -129,7 +129,8 @@ def _find_key(batch: Mapping, key, candidates, name: str):
 def _seq_index(batch, key, default: int, name: str) -> int:
     key = default if key is None else key
     if not isinstance(key, int):
-        raise ValueError(f"{name}={key!r} but the batch is a {type(batch).__name__}: use an int index or None")
+        raise ValueError(f"{name}={key!r} but the batch is a {type(batch).__name__}: use an int index "
+                         "or None")
     if not -len(batch) <= key < len(batch):
         raise ValueError(f"{name}={key} is out of range for a batch of {len(batch)} items")
     return key
