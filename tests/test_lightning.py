@@ -239,3 +239,15 @@ def test_import_mixrecipe_imports_neither_lightning_nor_tensorboard():
             "assert not bad, bad\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_readme_lightning_snippet_runs(tmp_path, monkeypatch):
+    from readme_snippets import snippet
+
+    monkeypatch.chdir(tmp_path)  # the default logger writes lightning_logs/ here
+    scope: dict = {"__name__": "readme_lightning"}
+    exec(compile(snippet("Lightning"), "README.md:Lightning", "exec"), scope)
+    trainer, cb = scope["trainer"], scope["mixup"]
+    assert trainer.state.finished and cb.batches_mixed == 8  # 2 epochs of 4 batches (16, 16, 16, 2)
+    events = list(tmp_path.glob("lightning_logs/version_0/events.out.tfevents.*"))
+    assert events and max(e.stat().st_size for e in events) > 10_000  # the image grids are in there

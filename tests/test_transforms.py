@@ -200,3 +200,13 @@ def test_torchvision_input_checks_still_apply():
     with pytest.raises(ValueError, match="batch size"):
         CutMix(num_classes=K)(x, y[:3])
     assert isinstance(MixUp(num_classes=K), v2.MixUp) and isinstance(CutMix(num_classes=K), v2.CutMix)
+
+
+def test_readme_torchvision_snippet_runs():
+    from readme_snippets import snippet
+
+    scope: dict = {"__name__": "readme_torchvision"}
+    exec(compile(snippet("torchvision"), "README.md:torchvision", "exec"), scope)
+    x, y = scope["x"], scope["y"]
+    assert y.shape == (32, scope["NUM_CLASSES"]) and torch.allclose(y.sum(1), torch.ones(32, device=y.device))
+    assert scope["labels"].shape == (32, scope["NUM_CLASSES"]) and x.shape == (32, 3, 32, 32)
