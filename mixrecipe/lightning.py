@@ -43,9 +43,10 @@ from .mixup import Mixup, sample_beta
 
 __all__ = ["MixupCallback"]
 
-INPUT_KEYS = ("image", "images", "img", "imgs", "input", "inputs", "x", "pixel_values")
+INPUT_KEYS = ("image", "images", "img", "imgs", "input", "inputs", "x", "pixel_values", "pixels", "data")
 TARGET_KEYS = ("label", "labels", "target", "targets", "y")
 GRID_MAX = 16  # images in a logged grid
+_OP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MASK64 = (1 << 64) - 1
 
 
@@ -112,6 +113,17 @@ def _mix_seed(seed: int, rank: int, count: int) -> int:
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
         z ^= z >> 31
     return z >> 1
+
+
+def _module_num_classes(pl_module):
+    """``num_classes`` from the LightningModule (an attribute or a hyperparameter), or None."""
+    k = getattr(pl_module, "num_classes", None)
+    if k is None:
+        hparams = getattr(pl_module, "hparams", None)
+        k = hparams.get("num_classes") if isinstance(hparams, Mapping) else None
+    if isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 1:
+        return int(k)
+    return None
 
 
 def _find_key(batch: Mapping, key, candidates, name: str):
@@ -226,7 +238,11 @@ class _MixupCallbackMixin:
 
     # Lightning hooks -----------------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage != "fit" or self.seed is not None:
+        if stage != "fit":
+            return
+        if self.num_classes is None:
+            self.num_classes = _module_num_classes(pl_module)
+        if self.seed is not None:
             return
         g = self.mixup.generator if self.mixup is not None else self.generator
         seed = g.initial_seed() if g is not self.generator else torch.initial_seed()
@@ -310,8 +326,9 @@ class _MixupCallbackMixin:
                 raise TypeError(f"{name} must hold class indices or (B, K) floats, got {y.dtype}")
             if self.num_classes is None:
                 kind = "floats of shape (B,)" if y.is_floating_point() else "class indices"
-                raise ValueError(f"{name} hold {kind}: pass num_classes (MixupCallback(num_classes=K)) "
-                                 "to mix them into (B, K) soft targets")
+                raise ValueError(f"{name} hold {kind}: pass num_classes (MixupCallback(num_classes=K), or "
+                                 "a num_classes attribute or hyperparameter of the LightningModule) to mix "
+                                 "them into (B, K) soft targets")
             if y.is_floating_point():
                 if y.device.type == "cpu" and not torch.equal(y, y.round()):
                     raise ValueError(f"{name} are floats of shape (B,) that are not whole numbers: pass "
@@ -345,7 +362,11 @@ class _MixupCallbackMixin:
         lam = torch.maximum(lam, 1.0 - lam)  # the sample itself keeps the larger weight
         perm = torch.randperm(batch, generator=self.generator)
         lam, perm = lam.to(x.device, non_blocking=True), perm.to(x.device, non_blocking=True)
-        x_out, soft = ops.mixup(x, target, lam, perm, num_classes=k)
+        if x.dtype in _OP_DTYPES:
+            x_out, soft = ops.mixup(x, target, lam, perm, num_classes=k)
+        else:  # float64: the op's formula in plain torch
+            x_out = torch.lerp(x[perm], x, lam.to(x.dtype).view([-1] + [1] * (x.ndim - 1)))
+            soft = ops.mixup_target(target, k if target.ndim == 1 else None, lam, perm)
         self.lam, self.perm = lam, perm
         return x_out, soft, target, k
 
@@ -385,7 +406,8 @@ class MixupCallback(_MixupCallbackMixin, *_callback_bases()):
         mixup: a :class:`mixrecipe.Mixup` policy (timm semantics: Mixup/CutMix, per batch/pair/sample λ,
             label smoothing). None: per-sample λ ~ Beta(alpha, alpha), max(λ, 1 - λ), random partners.
         alpha: Beta concentration when ``mixup`` is None (default 0.4, fastai's and the seed's).
-        num_classes: K, needed for class-index targets (taken from ``mixup`` when given).
+        num_classes: K, needed for class-index targets (default: ``mixup.num_classes``, else the
+            LightningModule's ``num_classes`` attribute or hyperparameter).
         input_key: where the images are: a dict key, or a list/tuple index (default: a usual name such as
             ``"image"``/``"img"``/``"x"``, or item 0).
         target_key: where the targets are: (B,) class indices or (B, K) floats (default: ``"label"``,

@@ -200,7 +200,7 @@ def test_bad_batches_are_named():
     with pytest.raises(ValueError, match="target_key='y'"):
         _batch_start(MixupCallback(num_classes=3, target_key="y"), {"image": x, "label": y})
     with pytest.raises(ValueError, match="input_key"):
-        _batch_start(MixupCallback(num_classes=3), {"pixels": x, "label": y})
+        _batch_start(MixupCallback(num_classes=3), {"pix": x, "label": y})
     with pytest.raises(ValueError, match="num_classes"):
         _batch_start(MixupCallback(), [x, y])
     with pytest.raises(ValueError, match="num_classes"):
@@ -251,3 +251,31 @@ def test_readme_lightning_snippet_runs(tmp_path, monkeypatch):
     assert trainer.state.finished and cb.batches_mixed == 8  # 2 epochs of 4 batches (16, 16, 16, 2)
     events = list(tmp_path.glob("lightning_logs/version_0/events.out.tfevents.*"))
     assert events and max(e.stat().st_size for e in events) > 10_000  # the image grids are in there
+
+
+def test_num_classes_from_the_module_and_float64_images():
+    cb = MixupCallback()
+    module = SimpleNamespace(hparams={"num_classes": 3})
+    cb.setup(SimpleNamespace(strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj)), module, "fit")
+    assert cb.num_classes == 3 and cb.seed == torch.initial_seed()
+    x, y = torch.rand(5, 1, 4, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    batch = {"x": x.clone(), "y": y}
+    _batch_start(cb, batch)
+    ref_x, ref_y = mix_reference(x, y, cb.lam, perm=cb.perm, num_classes=3)
+    torch.testing.assert_close(batch["x"], ref_x)
+    torch.testing.assert_close(batch["y"], ref_y)
+
+
+def test_grid_goes_to_a_loggers_log_image():
+    logged = []
+    logger = SimpleNamespace(log_image=lambda key, images, step: logged.append((key, images, step)))
+    trainer = SimpleNamespace(global_rank=0, global_step=4, precision="32-true", is_global_zero=True,
+                              loggers=[logger])
+    cb = MixupCallback(num_classes=3, log_every_n_steps=2)
+    batch = [torch.rand(6, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])]
+    cb.on_train_batch_start(trainer, None, batch, 0)
+    cb.on_train_batch_start(trainer, None, [torch.rand(6, 3, 8, 8), batch[1].clone()], 1)  # same step
+    assert len(logged) == 1  # once per optimizer step (gradient accumulation)
+    key, images, step = logged[0]
+    assert key == "mixup/train_batch" and step == 4
+    assert images[0].ndim == 3 and images[0].shape[2] == 3 and images[0].dtype.name == "uint8"
