@@ -164,9 +164,9 @@ class _FusedMixMixin:
     def transform(self, inpt, params):
         labels = params["labels"]
         if inpt is labels:
-            soft = params.pop("_mixrecipe_soft", None)
-            if soft is None:
-                soft = self._mix_labels(labels, params)
+            soft = params.get("_mixrecipe_soft")
+            if soft is None:  # no image on the labels' device came first: the labels alone
+                soft = params["_mixrecipe_soft"] = self._mix_labels(labels, params)
             return soft
         if not _is_image_like(inpt):
             return inpt
@@ -175,7 +175,7 @@ class _FusedMixMixin:
         x = inpt.as_subclass(Tensor)
         batch = x.shape[0]
         perm = self._perm(batch, x.device)
-        with_labels = "_mixrecipe_soft" not in params and labels.device == x.device
+        with_labels = params.get("_mixrecipe_soft") is None and labels.device == x.device
         if x.ndim == 5:  # a video (B, T, C, H, W): the box applies to every frame
             x4 = x.reshape(batch, -1, *x.shape[-2:])
         else:
