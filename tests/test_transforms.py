@@ -80,7 +80,9 @@ def test_tv_tensors_dicts_videos_and_dense_labels(ours, theirs):
     (gx, gy), (wx, wy) = _both(ours(), theirs(), x, dense)
     assert gy.dtype == wy.dtype == torch.float64
     torch.testing.assert_close(gy, wy)
-    for make in (lambda: {"image": x.clone(), "labels": y}, lambda: {"labels": y, "image": x.clone()}):
+    # Labels first: torchvision then needs a tv_tensors.Image (it takes the first plain tensor for one).
+    for make in (lambda: {"image": x.clone(), "labels": y},
+                 lambda: {"labels": y, "image": tv_tensors.Image(x.clone())}):
         torch.manual_seed(0)
         got = ours(num_classes=K)(make())
         torch.manual_seed(0)
