@@ -13,7 +13,9 @@ and predict batches are never touched.
   ``training_step`` is wrapped while fitting, signature unchanged).
 - Mixing: a :class:`mixrecipe.Mixup` policy (any mode, CutMix included), or without one, the recipe of
   fastai and of the paper's Lightning port: per-sample λ ~ Beta(alpha, alpha) folded to max(λ, 1 - λ)
-  and a random partner permutation.
+  and a random partner other than the sample itself (the seed's random permutation lets a sample draw
+  itself, a wasted mix: here the partners are a shuffled cycle, so every sample of a batch of 2 or more
+  gets another one).
 - Randomness: every batch draws from a ``torch.Generator`` seeded from (seed, global rank, number of
   batches mixed so far). The seed comes from ``torch.initial_seed()`` on rank 0 (so ``seed_everything``
   fixes it), and the seed and the count are the callback's checkpoint state: a fit resumed from a
@@ -124,6 +126,19 @@ def _module_num_classes(pl_module):
     if isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 1:
         return int(k)
     return None
+
+
+def _random_partners(n: int, generator) -> Tensor:
+    """A random permutation without fixed points (n >= 2): a shuffled order, each sample paired with the
+    one ``shift`` places further in it (shift uniform in [1, n-1]); every sample's partner is uniform
+    over the others."""
+    sigma = torch.randperm(n, generator=generator)
+    if n < 2:
+        return sigma
+    shift = int(torch.randint(1, n, (), generator=generator))
+    perm = torch.empty_like(sigma)
+    perm[sigma] = sigma.roll(-shift)
+    return perm
 
 
 def _find_key(batch: Mapping, key, candidates, name: str):
@@ -360,7 +375,7 @@ class _MixupCallbackMixin:
                             "(or pass a mixrecipe.Mixup with mean/std, which normalizes uint8 batches)")
         lam = sample_beta(self.alpha, (batch,), generator=self.generator)
         lam = torch.maximum(lam, 1.0 - lam)  # the sample itself keeps the larger weight
-        perm = torch.randperm(batch, generator=self.generator)
+        perm = _random_partners(batch, self.generator)
         lam, perm = lam.to(x.device, non_blocking=True), perm.to(x.device, non_blocking=True)
         if x.dtype in _OP_DTYPES:
             x_out, soft = ops.mixup(x, target, lam, perm, num_classes=k)
@@ -404,7 +419,8 @@ class MixupCallback(_MixupCallbackMixin, *_callback_bases()):
 
     Args:
         mixup: a :class:`mixrecipe.Mixup` policy (timm semantics: Mixup/CutMix, per batch/pair/sample λ,
-            label smoothing). None: per-sample λ ~ Beta(alpha, alpha), max(λ, 1 - λ), random partners.
+            label smoothing). None: per-sample λ ~ Beta(alpha, alpha), max(λ, 1 - λ), and a random
+            partner other than the sample itself.
         alpha: Beta concentration when ``mixup`` is None (default 0.4, fastai's and the seed's).
         num_classes: K, needed for class-index targets (default: ``mixup.num_classes``, else the
             LightningModule's ``num_classes`` attribute or hyperparameter).

@@ -70,6 +70,6 @@ def module_class(pl):
 def trainer_kwargs(tmp_dir, **extra):
     """A quiet CPU trainer: no progress bar, no model summary, logs and checkpoints in ``tmp_dir``."""
     kw = dict(accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
-              enable_checkpointing=False, logger=False, default_root_dir=str(tmp_dir))
+              enable_checkpointing=False, logger=False, default_root_dir=str(tmp_dir), log_every_n_steps=1)
     kw.update(extra)
     return kw

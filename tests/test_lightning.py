@@ -42,6 +42,8 @@ def _check_train(seen, data: DictData, *, alpha_path: bool):
         torch.testing.assert_close(rec["y"], ref_soft, rtol=1e-5, atol=1e-6)
         if alpha_path:
             assert bool((rec["lam"] >= 0.5).all())  # max(λ, 1 - λ)
+            if b > 1:  # a partner other than itself
+                assert not bool((rec["perm"] == torch.arange(b)).any())
         mixed_any |= not torch.equal(rec["x"], x0)
     return mixed_any
 
@@ -65,7 +67,8 @@ def test_fit_dict_batches_with_tensorboard_grid(tmp_path):
     trainer.fit(model, DataLoader(train, batch_size=4), DataLoader(val, batch_size=4))
 
     assert [r["x"].shape[0] for r in model.train_seen] == [4, 4, 3] * 2
-    assert _check_train(model.train_seen, train, alpha_path=True), "no training batch was mixed"
+    _check_train(model.train_seen, train, alpha_path=True)
+    assert all(not torch.equal(r["x"], train.x[r["index"]]) for r in model.train_seen)  # every one mixed
     _check_val(model.val_seen, val)
     assert cb.state_dict()["batches_mixed"] == 6
     assert "training_step" not in model.__dict__  # dict batches are changed in place: nothing wrapped
@@ -279,3 +282,19 @@ def test_grid_goes_to_a_loggers_log_image():
     key, images, step = logged[0]
     assert key == "mixup/train_batch" and step == 4
     assert images[0].ndim == 3 and images[0].shape[2] == 3 and images[0].dtype.name == "uint8"
+
+
+def test_random_partners_are_never_the_sample_itself():
+    from mixrecipe.lightning import _random_partners
+
+    g = torch.Generator().manual_seed(0)
+    assert _random_partners(1, g).tolist() == [0]
+    for n in (2, 3, 7):
+        counts = torch.zeros(n, n)
+        for _ in range(700):
+            perm = _random_partners(n, g)
+            assert sorted(perm.tolist()) == list(range(n))
+            counts[torch.arange(n), perm] += 1
+        assert bool((counts.diagonal() == 0).all())
+        off = counts[~torch.eye(n, dtype=torch.bool)]
+        assert float(off.min()) > 0.6 * 700 / (n - 1)  # each other sample is a partner about as often
