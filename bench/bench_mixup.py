@@ -25,6 +25,10 @@ Providers (every one gets its own tensor of the same shape, dtype and layout, ma
 - ``timm-batch`` / ``timm-elem``: ``timm.data.Mixup(mixup_alpha=α, label_smoothing=0.1, num_classes=K,
   mode=...)(x, t)``, in place like timm's train loop (loader cases: after the PrefetchLoader conversion).
 - ``compile-lerp``: ``torch.compile`` of ``eager-lerp`` (default on CUDA; ``--compile`` on CPU).
+- ``tv-MixUp`` / ``tv-CutMix``: ``torchvision.transforms.v2.MixUp`` / ``CutMix(alpha=α, num_classes=K)(x, t)``
+  (one λ and box per call drawn on the host, ``roll(1, 0)`` pairing, out of place; loader cases after the
+  PrefetchLoader conversion: torchvision's MixUp cannot take uint8); ``ours-tv-MixUp`` / ``ours-tv-CutMix``:
+  ``mixrecipe.transforms``' drop-ins, the same draws and outputs through the one-pass op.
 
 Minimum-bytes model (what any implementation must move; GB/s = these bytes / median time):
 
@@ -61,7 +65,8 @@ SMOOTHING = 0.1
 LAM = 0.7
 PEERS = ("eager-lerp", "timm-batch", "timm-elem", "compile-lerp")
 ORDER = ("copy", "scale-inplace", "ours-op-flip", "ours-Mixup-batch", "ours-Mixup-elem", "ours-op-perm",
-         "eager-lerp", "compile-lerp", "timm-batch", "timm-elem")
+         "eager-lerp", "compile-lerp", "timm-batch", "timm-elem", "ours-tv-MixUp", "tv-MixUp",
+         "ours-tv-CutMix", "tv-CutMix")
 GRAPH_MAX_BYTES = 16 << 20  # CUDA-graph rows for batches up to this size (the CIFAR-size ones)
 
 
@@ -218,8 +223,27 @@ def providers(case: Case, x0: torch.Tensor, target: torch.Tensor, perm: torch.Te
             xt = own()
             fn = lambda tm=tm, xt=xt: tm(xt, target)  # noqa: E731
         out.append(Provider(f"timm-{mode}", fn, case.loader or mode == "elem", False))
+    out += _torchvision_providers(case, x0, target, mean255, std255)
     order = {n: i for i, n in enumerate(ORDER)}
     return sorted(out, key=lambda p: order[p.name])
+
+
+def _torchvision_providers(case: Case, x0, target, mean255, std255) -> list[Provider]:
+    """torchvision's v2 MixUp/CutMix and mixrecipe.transforms' drop-ins, on the same batch."""
+    from torchvision.transforms import v2
+
+    from mixrecipe import transforms
+
+    out = []
+    for name, cls in (("tv-MixUp", v2.MixUp), ("tv-CutMix", v2.CutMix), ("ours-tv-MixUp", transforms.MixUp),
+                      ("ours-tv-CutMix", transforms.CutMix)):
+        t = cls(alpha=case.alpha, num_classes=case.num_classes)
+        if case.loader:
+            fn = lambda t=t: t(x0.to(case.out_dtype).sub_(mean255).div_(std255), target)  # noqa: E731
+        else:
+            fn = lambda t=t: t(x0, target)  # noqa: E731
+        out.append(Provider(name, fn, True, False))
+    return out
 
 
 def _policy_class():
@@ -254,6 +278,13 @@ def verify(case: Case, device: torch.device, with_compile: bool) -> None:
         torch.testing.assert_close(got_soft.double(), ref_soft.double(), rtol=1e-5, atol=1e-6)
         if case.channels_last and got_x.ndim == 4:
             assert got_x.is_contiguous(memory_format=torch.channels_last), f"{name} lost channels_last"
+    for ours, theirs in (("ours-tv-MixUp", "tv-MixUp"), ("ours-tv-CutMix", "tv-CutMix")):
+        torch.manual_seed(0)  # both draw λ and the box from the global RNG, in torchvision's order
+        want = ps[theirs].fn()
+        torch.manual_seed(0)
+        got = ps[ours].fn()
+        torch.testing.assert_close(got[0].float(), want[0].float(), **tol, msg=lambda m, n=ours: f"{n}: {m}")
+        torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
     for name in ("ours-Mixup-batch", "ours-Mixup-elem", "timm-batch", "timm-elem"):
         if name in ps:
             got_x, got_soft = ps[name].fn()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 
-__all__ = ["plot_curves", "plot_mixup_preview"]
+__all__ = ["plot_curves", "plot_mixup_preview", "mixup_preview_figure"]
 
 
 def _pyplot():
@@ -62,23 +62,27 @@ def plot_curves(history: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def plot_mixup_preview(images, labels_a, labels_b, lam, classes, path: str, title: str = "", cols: int = 4):
-    """A grid of mixed training images, each titled with its two labels and their weights.
+def mixup_preview_figure(images, labels_a, labels_b, lam, classes, title: str = "", cols: int = 4):
+    """A matplotlib Figure: mixed images in a grid, each titled with its two labels and their weights.
+
+    Made without pyplot (no backend switch, nothing left open): ``plot_mixup_preview`` saves it, the
+    Lightning callback draws it into an array for the logger.
 
     Args:
         images: (N, C, H, W) float tensor in [0, 1] (already de-normalized).
         labels_a, labels_b: (N,) class indices of each image and of its partner.
         lam: (N,) weight of labels_a.
         classes: class names.
-        path: the PNG to write.
         title: figure title.
         cols: images per row.
     """
-    plt = _pyplot()
+    from matplotlib.figure import Figure
+
     n = images.shape[0]
     cols = min(cols, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.9 * rows), squeeze=False)
+    fig = Figure(figsize=(2.6 * cols, 2.9 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for i in range(n):
@@ -98,5 +102,9 @@ def plot_mixup_preview(images, labels_a, labels_b, lam, classes, path: str, titl
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
+    return fig
+
+
+def plot_mixup_preview(images, labels_a, labels_b, lam, classes, path: str, title: str = "", cols: int = 4):
+    """Write :func:`mixup_preview_figure` to ``path`` (PNG, atomically); same arguments plus the path."""
+    _save(mixup_preview_figure(images, labels_a, labels_b, lam, classes, title=title, cols=cols), path)
