@@ -91,6 +91,14 @@ def _drive_wrappers(gen):
                                  num_classes=NUM_CLASSES, multi_label=multi, generator=gen)
         target = torch.rand(6, NUM_CLASSES, generator=gen) if multi else y
         policy(torch.rand(6, 3, 16, 16), target)
+    # torchvision v2 drop-ins: roll(1, 0) pairing, one box or one per sample, timm's flip pairing in place.
+    from mixrecipe.transforms import CutMix, MixUp
+
+    for cls, per_sample, pairing, dtype in itertools.product(
+            (MixUp, CutMix), (False, True), ("roll", "flip"), (torch.float32, torch.bfloat16)):
+        kwargs = {"pairing": pairing, "inplace": True} if pairing == "flip" else {}
+        cls(num_classes=NUM_CLASSES, per_sample=per_sample, label_smoothing=0.1, **kwargs)(
+            torch.rand(6, 3, 16, 16).to(dtype), y)
 
 
 def _drive_loss(gen):
