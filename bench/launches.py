@@ -91,6 +91,9 @@ def _drive_wrappers(gen):
                                  num_classes=NUM_CLASSES, multi_label=multi, generator=gen)
         target = torch.rand(6, NUM_CLASSES, generator=gen) if multi else y
         policy(torch.rand(6, 3, 16, 16), target)
+    for channels in (1, 5):  # normalization selects among up to 4 channel values, gathers beyond
+        mixrecipe.mixup(_images((2, channels, 8, 8), torch.uint8, "nchw"), None, 0.5, mean=[0.5] * channels,
+                        std=[0.25] * channels, out_dtype=torch.bfloat16)
     # torchvision v2 drop-ins: roll(1, 0) pairing, one box or one per sample, timm's flip pairing in place.
     from mixrecipe.transforms import CutMix, MixUp
 

@@ -57,6 +57,21 @@ def _pixel_weight(lam, box_ptr, row, hh, ww, HAS_BOX: tl.constexpr):
 
 
 @triton.jit
+def _per_channel(ptr, ch, C, mask, other, SELECT: tl.constexpr):
+    # Up to 4 channels: 4 uniform scalar loads and 3 selects per element. A gather would issue one load
+    # instruction per element per table (mean and inv_std), more than the image itself needs.
+    if SELECT:
+        v0 = tl.load(ptr)
+        v1 = tl.load(ptr + 1, mask=C > 1, other=other)
+        v2 = tl.load(ptr + 2, mask=C > 2, other=other)
+        v3 = tl.load(ptr + 3, mask=C > 3, other=other)
+        v = tl.where(ch == 0, v0, tl.where(ch == 1, v1, tl.where(ch == 2, v2, v3)))
+    else:
+        v = tl.load(ptr + ch, mask=mask, other=other)
+    return v
+
+
+@triton.jit
 def _load_normalized(ptr, offs, mask, mean, inv_std, in_scale, HAS_NORM: tl.constexpr):
     v = tl.load(ptr + offs, mask=mask, other=0).to(tl.float32)
     if HAS_NORM:
@@ -81,7 +96,7 @@ def _mix_images(
     x_ptr, out_ptr, perm_ptr, lam_ptr, lam_value, box_ptr, mean_ptr, inv_std_ptr, in_scale,
     pid, B, N, C, H, W, stride_xb, stride_ob, stride_c, stride_h, stride_w, n_blocks,
     PAIRED: tl.constexpr, LAM_SCALAR: tl.constexpr, HAS_BOX: tl.constexpr, HAS_NORM: tl.constexpr,
-    ROUND_BF16: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    NORM_SELECT: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
     group = pid // n_blocks
     blk = (pid % n_blocks).to(tl.int32)  # in-sample offsets stay int32 (ops checks N < 2**31): cheap div/mod
@@ -96,8 +111,8 @@ def _mix_images(
     ww = offs
     if HAS_NORM:
         ch = (offs // stride_c) % C
-        mean = tl.load(mean_ptr + ch, mask=mask, other=0.0)
-        inv_std = tl.load(inv_std_ptr + ch, mask=mask, other=1.0)
+        mean = _per_channel(mean_ptr, ch, C, mask, 0.0, NORM_SELECT)
+        inv_std = _per_channel(inv_std_ptr, ch, C, mask, 1.0, NORM_SELECT)
     if HAS_BOX:
         hh = (offs // stride_h) % H
         ww = (offs // stride_w) % W
@@ -160,7 +175,8 @@ def _mix_fwd_kernel(
     B, N, C, H, W, K, stride_xb, stride_ob, stride_c, stride_h, stride_w, stride_tb, stride_sb,
     n_blocks, n_image_programs,
     PAIRED: tl.constexpr, LAMX_SCALAR: tl.constexpr, LAMY_SCALAR: tl.constexpr, HAS_IMAGE: tl.constexpr,
-    HAS_BOX: tl.constexpr, HAS_NORM: tl.constexpr, HAS_TARGET: tl.constexpr, TARGET_DENSE: tl.constexpr,
+    HAS_BOX: tl.constexpr, HAS_NORM: tl.constexpr, NORM_SELECT: tl.constexpr, HAS_TARGET: tl.constexpr,
+    TARGET_DENSE: tl.constexpr,
     ROUND_BF16: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)  # int64: row * stride overflows int32 on big batches
@@ -169,7 +185,7 @@ def _mix_fwd_kernel(
             _mix_images(
                 x_ptr, out_ptr, perm_ptr, lamx_ptr, lamx_value, box_ptr, mean_ptr, inv_std_ptr, in_scale,
                 pid, B, N, C, H, W, stride_xb, stride_ob, stride_c, stride_h, stride_w, n_blocks,
-                PAIRED, LAMX_SCALAR, HAS_BOX, HAS_NORM, ROUND_BF16, BLOCK_SIZE,
+                PAIRED, LAMX_SCALAR, HAS_BOX, HAS_NORM, NORM_SELECT, ROUND_BF16, BLOCK_SIZE,
             )
     if HAS_TARGET:
         if pid >= n_image_programs:
@@ -265,7 +281,8 @@ def mix_launch(
         target.stride(0) if has_target else 0, soft.stride(0) if has_target else 0,
         n_blocks, n_image_programs,
         PAIRED=paired, LAMX_SCALAR=lamx_scalar, LAMY_SCALAR=lamy_scalar, HAS_IMAGE=has_image,
-        HAS_BOX=box is not None, HAS_NORM=mean is not None, HAS_TARGET=has_target,
+        HAS_BOX=box is not None, HAS_NORM=mean is not None, NORM_SELECT=mean is not None and channels <= 4,
+        HAS_TARGET=has_target,
         TARGET_DENSE=has_target and target.ndim == 2, ROUND_BF16=round_bf16,
         BLOCK_SIZE=block, BLOCK_K=block_k, num_warps=warps,
     )

@@ -159,6 +159,24 @@ def test_uint8_normalize_fused(backend, out_dtype, layout, perm_kind):
     assert_matches_reference(out, ref, 1.0, out_dtype)
 
 
+@pytest.mark.parametrize("channels", [1, 2, 4, 5])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_normalization_any_channel_count(backend, channels, layout):
+    """Up to 4 channels the kernel selects among scalar loads, beyond it gathers: both match the reference."""
+    device = _device_for(backend)
+    g = torch.Generator().manual_seed(channels)
+    x = torch.randint(0, 256, (3, channels, 5, 7), dtype=torch.uint8, generator=g)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x = x.to(device)
+    mean = torch.rand(channels, generator=g).tolist()
+    std = (torch.rand(channels, generator=g) + 0.2).tolist()
+    lam = torch.rand(3, generator=g).to(device)
+    out, _ = ops.mixup(x, None, lam, mean=mean, std=std, out_dtype=torch.float32)
+    ref, _ = R.mix_reference(x, None, lam, mean=mean, std=std, out_dtype=torch.float32)
+    assert_matches_reference(out, ref, 4.0, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_float_input_with_normalization_and_out_dtype(backend, dtype):
     device = _device_for(backend)
