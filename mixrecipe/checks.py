@@ -12,9 +12,15 @@ One rule per argument, wherever it is passed:
   range(B) (a repeated or out-of-range index is refused, also by the loss);
 - ``target`` as class indices: an integer (not bool) tensor of shape (B,) with values in
   [0, num_classes);
-- ``num_classes``: an int >= 1; ``label_smoothing``, probabilities: a real number in [0, 1];
+- ``num_classes``: an int >= 1 (None too where it is optional: the callbacks and transforms take it
+  from the targets or the model); ``label_smoothing``, probabilities: a real number in [0, 1];
   ``alpha``: a finite real number, > 0 (or >= 0 where 0 switches a method off); ``reduction``: one of
-  "mean", "sum", "none".
+  "mean", "sum", "none"; a named choice (``mode``, ``pairing``): one of its documented values (ValueError
+  for anything else, as for ``reduction``); a count such as ``log_every_n_steps``: an int (not bool) >= its
+  minimum.
+
+The integrations (``fastai``, ``lightning``, ``transforms``) check their arguments with these same rules,
+before a parent class (torchvision's ``MixUp``/``CutMix``) sees them, so their errors are these errors.
 
 Checks that read tensor values (ranges, permutations) run only on CPU tensors outside ``torch.compile``:
 on a GPU they would force a host-device synchronization on every call.
@@ -38,6 +44,7 @@ __all__ = [
     "check_unit_interval",
     "check_alpha",
     "check_num_classes",
+    "check_count",
     "check_choice",
     "check_reduction",
     "check_generator",
@@ -91,12 +98,20 @@ def check_alpha(name: str, alpha, allow_zero: bool = False) -> float:
     return alpha
 
 
-def check_num_classes(num_classes) -> int:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
-        raise TypeError(f"num_classes must be an int, got {type(num_classes).__name__} {num_classes!r}")
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    return int(num_classes)
+def check_num_classes(num_classes, allow_none: bool = False) -> int | None:
+    """K, an int >= 1; None passes through with ``allow_none`` (K then comes from elsewhere)."""
+    if num_classes is None and allow_none:
+        return None
+    return check_count("num_classes", num_classes, minimum=1)
+
+
+def check_count(name: str, value, minimum: int = 0) -> int:
+    """A whole number (an int, not a bool: True is no count) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
 
 
 def check_choice(name: str, value, choices: tuple):

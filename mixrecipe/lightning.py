@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from . import ops
+from .checks import check_alpha, check_count, check_num_classes
 from .policy import Mixup, sample_beta
 
 __all__ = ["MixupCallback"]
@@ -66,41 +67,30 @@ def _callback_bases() -> tuple[type, ...]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Argument checks (one rule per argument).
+# Argument checks: the generic rules (alpha, num_classes, counts) are mixrecipe.checks'; only what is
+# the callback's own (a policy to reconcile with, batch keys) is here, built on them.
 # --------------------------------------------------------------------------------------------------
-def check_policy(mixup):
+def _check_policy(mixup):
     if mixup is not None and not isinstance(mixup, Mixup):
         raise TypeError(f"mixup must be a mixrecipe.Mixup or None, got {type(mixup).__name__}")
     return mixup
 
 
-def check_alpha(alpha) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < float(alpha) < float("inf"):
-        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
-    return float(alpha)
-
-
-def check_num_classes(num_classes, mixup):
-    if num_classes is None:
-        return mixup.num_classes if mixup is not None else None
-    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
-    if mixup is not None and int(num_classes) != mixup.num_classes:
+def _reconcile_num_classes(num_classes, mixup):
+    """K from the argument or the policy; both given, they must agree."""
+    num_classes = check_num_classes(num_classes, allow_none=True)
+    if mixup is None or num_classes is None:
+        return num_classes if mixup is None else mixup.num_classes
+    if num_classes != mixup.num_classes:
         raise ValueError(f"num_classes={num_classes} but the mixup policy has num_classes="
                          f"{mixup.num_classes}: pass one of them")
-    return int(num_classes)
+    return num_classes
 
 
-def check_key(name: str, key):
+def _check_key(name: str, key):
     if key is None or isinstance(key, (str, int)) and not isinstance(key, bool):
         return key
     raise TypeError(f"{name} must be a dict key (str), a list/tuple index (int) or None, got {key!r}")
-
-
-def check_log_every(n) -> int:
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
-        raise ValueError(f"log_every_n_steps must be an int >= 0 (0: no images logged), got {n!r}")
-    return int(n)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -231,12 +221,12 @@ class _MixupCallbackMixin:
     def __init__(self, mixup: Mixup | None = None, *, alpha: float = 0.4, num_classes: int | None = None,
                  input_key=None, target_key=None, log_every_n_steps: int = 0) -> None:
         super().__init__()
-        self.mixup = check_policy(mixup)
-        self.alpha = check_alpha(alpha)
-        self.num_classes = check_num_classes(num_classes, self.mixup)
-        self.input_key = check_key("input_key", input_key)
-        self.target_key = check_key("target_key", target_key)
-        self.log_every_n_steps = check_log_every(log_every_n_steps)
+        self.mixup = _check_policy(mixup)
+        self.alpha = check_alpha("alpha", alpha)
+        self.num_classes = _reconcile_num_classes(num_classes, self.mixup)
+        self.input_key = _check_key("input_key", input_key)
+        self.target_key = _check_key("target_key", target_key)
+        self.log_every_n_steps = check_count("log_every_n_steps", log_every_n_steps)  # 0: never
         self.generator = torch.Generator()
         if self.mixup is not None and self.mixup.generator is None:
             self.mixup.generator = self.generator
@@ -430,6 +420,12 @@ class MixupCallback(_MixupCallbackMixin, *_callback_bases()):
             ``"target"``, ... or item 1). They are replaced by (B, K) float32 soft targets.
         log_every_n_steps: log a grid of mixed images with both labels and λ every N optimizer steps
             (0: never), on rank 0, to every logger with ``log_image`` or a TensorBoard ``add_image``.
+
+    Raises:
+        TypeError, ValueError: ``alpha``, ``num_classes`` and ``log_every_n_steps`` (an int >= 0) follow
+            the rules of every mixrecipe entry point (``mixrecipe.checks``): a value of the wrong kind is a
+            TypeError, one out of range a ValueError. ``num_classes`` that disagrees with the policy's, or
+            a key missing from a batch, is a ValueError.
 
     Attributes:
         lam: (B,) label weights of the last mixed batch; perm: its partners (None: the flip pairing).

@@ -25,12 +25,15 @@ Options torchvision lacks (all off by default):
 
 Images whose dtype the op does not take (uint8, float64, ...) are mixed by an eager path with the same
 semantics (CutMix of uint8 images copies pixels exactly, as torchvision does; MixUp rounds).
+
+Constructor arguments follow ``mixrecipe.checks``, as at every mixrecipe entry point, and are checked
+before torchvision's ``__init__`` runs: a value of the wrong kind (``alpha="1"``, ``num_classes=1.5`` or
+``True``, ``label_smoothing=True``) is a ``TypeError``, one out of range (``alpha=0`` or NaN,
+``num_classes=0``, ``label_smoothing=1.5``, an unknown ``pairing``) a ``ValueError``. torchvision itself
+would take ``alpha=True`` as 1.0 and fail on ``alpha=0`` with its Beta's own error.
 """
 
 from __future__ import annotations
-
-import math
-import numbers
 
 import torch
 from torch import Tensor
@@ -38,6 +41,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from . import ops
+from .checks import check_alpha, check_choice, check_num_classes, check_unit_interval
 from .reference import lerp, pixel_weights
 
 __all__ = ["MixUp", "CutMix"]
@@ -47,37 +51,14 @@ _PAIRINGS = ("roll", "flip")
 
 
 # --------------------------------------------------------------------------------------------------
-# Argument checks (one rule per argument).
+# Argument checks: mixrecipe.checks' rules, run before torchvision's __init__ sees the arguments (it
+# takes alpha=True as 1.0 and leaves alpha=0 to its Beta's error); only the in-place rule is ours.
 # --------------------------------------------------------------------------------------------------
-def check_alpha(alpha) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) \
-            or alpha <= 0:
-        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
-    return float(alpha)
-
-
-def check_num_classes(num_classes):
-    if num_classes is None:
-        return None
-    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
-    return int(num_classes)
-
-
-def check_label_smoothing(label_smoothing) -> float:
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real) \
-            or not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing!r}")
-    return float(label_smoothing)
-
-
-def check_pairing(pairing: str, inplace) -> str:
-    if pairing not in _PAIRINGS:
-        raise ValueError(f"pairing must be one of {_PAIRINGS}, got {pairing!r}")
+def _check_inplace(inplace: bool, pairing: str) -> bool:
     if inplace and pairing != "flip":
         raise ValueError("inplace=True needs pairing='flip' (with roll(1, 0) a row would be read after "
                          "its partner overwrote it)")
-    return pairing
+    return inplace
 
 
 # --------------------------------------------------------------------------------------------------
@@ -130,13 +111,14 @@ class _FusedMixMixin:
     def __init__(self, *, alpha: float = 1.0, num_classes: int | None = None, labels_getter="default",
                  per_sample: bool = False, pairing: str = "roll", inplace: bool = False,
                  label_smoothing: float = 0.0) -> None:
-        alpha = check_alpha(alpha)
-        num_classes = check_num_classes(num_classes)
+        alpha = check_alpha("alpha", alpha)
+        num_classes = check_num_classes(num_classes, allow_none=True)
+        pairing = check_choice("pairing", pairing, _PAIRINGS)
+        inplace = _check_inplace(bool(inplace), pairing)
+        label_smoothing = check_unit_interval("label_smoothing", label_smoothing)
         super().__init__(alpha=alpha, num_classes=num_classes, labels_getter=labels_getter)
         self.per_sample = bool(per_sample)
-        self.inplace = bool(inplace)
-        self.pairing = check_pairing(pairing, self.inplace)
-        self.label_smoothing = check_label_smoothing(label_smoothing)
+        self.pairing, self.inplace, self.label_smoothing = pairing, inplace, label_smoothing
         self._perms: dict = {}
 
     # Parameters -------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ type (TypeError for the wrong kind of value, ValueError for a value out of range
 the wrong device), with a message naming the argument.
 """
 
+import importlib
 import math
 
 import pytest
@@ -19,12 +20,36 @@ T = torch.tensor([0, 1, 2, 3])
 LOGITS = torch.randn(B, K)
 
 
-def _fastai():
+# Entry points of the optional integrations: "fastai.MixUp" lives in mixrecipe.fastai, and so on.
+INTEGRATIONS = {"fastai": "fastai", "lightning": "Lightning", "transforms": "torchvision"}
+
+
+def _integration(name: str):
+    """mixrecipe.<name>, or None where the library it integrates with is not installed (optional)."""
     try:
-        from mixrecipe import fastai
-    except ImportError:  # fastai is optional
+        return importlib.import_module(f"mixrecipe.{name}")
+    except ImportError:
         return None
-    return fastai
+
+
+def _fastai():
+    return _integration("fastai")
+
+
+def _lightning():
+    return _integration("lightning")
+
+
+def _transforms():
+    return _integration("transforms")
+
+
+def _missing(entry: str) -> str | None:
+    """Why ``entry`` cannot be called here (its optional library is not installed), or None."""
+    prefix = entry.split(".", 1)[0]
+    if prefix in INTEGRATIONS and _integration(prefix) is None:
+        return f"{INTEGRATIONS[prefix]} is not installed (optional dependency): {entry} cannot be called"
+    return None
 
 
 # argument -> {entry point name: call taking the bad value}
@@ -36,6 +61,8 @@ ENTRY_POINTS = {
         "cutmix": lambda v: mixrecipe.cutmix(X, T, num_classes=K, label_smoothing=v),
         "Mixup": lambda v: mixrecipe.Mixup(label_smoothing=v, num_classes=K),
         "mixup_cross_entropy": lambda v: mixrecipe.mixup_cross_entropy(LOGITS, T, 0.5, label_smoothing=v),
+        "transforms.MixUp": lambda v: _transforms().MixUp(num_classes=K, label_smoothing=v),
+        "transforms.CutMix": lambda v: _transforms().CutMix(num_classes=K, label_smoothing=v),
     },
     "lam": {
         "mix": lambda v: mixrecipe.mix(X, T, v, num_classes=K),
@@ -58,6 +85,11 @@ ENTRY_POINTS = {
         "mixup_target": lambda v: mixrecipe.mixup_target(T, v, 0.5),
         "cutmix": lambda v: mixrecipe.cutmix(X, T, num_classes=v),
         "Mixup": lambda v: mixrecipe.Mixup(num_classes=v),
+        "lightning.MixupCallback": lambda v: _lightning().MixupCallback(num_classes=v),
+        "lightning.MixupCallback(mixup=Mixup)": lambda v: _lightning().MixupCallback(
+            mixrecipe.Mixup(num_classes=K), num_classes=v),
+        "transforms.MixUp": lambda v: _transforms().MixUp(num_classes=v),
+        "transforms.CutMix": lambda v: _transforms().CutMix(num_classes=v),
     },
     "target": {
         "mix": lambda v: mixrecipe.mix(X, v, 0.5, num_classes=K),
@@ -73,6 +105,17 @@ ENTRY_POINTS = {
         "Mixup(cutmix_alpha)": lambda v: mixrecipe.Mixup(cutmix_alpha=v, num_classes=K),
         "fastai.MixUp": lambda v: _fastai().MixUp(v),
         "fastai.CutMix": lambda v: _fastai().CutMix(v),
+        "lightning.MixupCallback": lambda v: _lightning().MixupCallback(alpha=v, num_classes=K),
+        "transforms.MixUp": lambda v: _transforms().MixUp(alpha=v, num_classes=K),
+        "transforms.CutMix": lambda v: _transforms().CutMix(alpha=v, num_classes=K),
+    },
+    "pairing": {
+        "Mixup": lambda v: mixrecipe.Mixup(pairing=v, num_classes=K),
+        "transforms.MixUp": lambda v: _transforms().MixUp(pairing=v, num_classes=K),
+        "transforms.CutMix": lambda v: _transforms().CutMix(pairing=v, num_classes=K),
+    },
+    "log_every_n_steps": {
+        "lightning.MixupCallback": lambda v: _lightning().MixupCallback(num_classes=K, log_every_n_steps=v),
     },
     "reduction": {
         "mixup_cross_entropy": lambda v: mixrecipe.mixup_cross_entropy(LOGITS, T, 0.5, reduction=v),
@@ -89,7 +132,8 @@ BAD_VALUES = {
             (torch.rand(B, 1), ValueError), (torch.tensor([0.1, 0.2, 1.2, 0.3]), ValueError)],
     "perm": [([3, 2, 1, 0], TypeError), (torch.arange(4.0), TypeError), (torch.arange(3), ValueError),
              (torch.tensor([0, 0, 1, 2]), ValueError), (torch.tensor([0, 1, 2, 4]), ValueError)],
-    "num_classes": [(2.5, TypeError), (True, TypeError), ("5", TypeError), (0, ValueError), (-3, ValueError)],
+    "num_classes": [(2.5, TypeError), (True, TypeError), ("5", TypeError), (0, ValueError), (-1, ValueError),
+                    (-3, ValueError)],
     "target": [([0, 1, 2, 3], TypeError), (torch.rand(B), TypeError),
                (torch.ones(B, dtype=torch.bool), TypeError),
                (torch.zeros(B, 1, 1, dtype=torch.long), ValueError), (torch.tensor([0, 1, 2, K]), ValueError),
@@ -97,6 +141,9 @@ BAD_VALUES = {
     "alpha": [("1", TypeError), (True, TypeError), (-1.0, ValueError), (math.nan, ValueError),
               (math.inf, ValueError)],
     "reduction": [("avg", ValueError), (None, ValueError), ("MEAN", ValueError)],
+    "pairing": [("random_pairs", ValueError), ("FLIP", ValueError), (None, ValueError), (1, ValueError)],
+    "log_every_n_steps": [(1.5, TypeError), (True, TypeError), ("10", TypeError), (None, TypeError),
+                          (-1, ValueError)],
 }
 
 CASES = [(arg, entry, i) for arg, entries in ENTRY_POINTS.items() for entry in entries
@@ -105,8 +152,8 @@ CASES = [(arg, entry, i) for arg, entries in ENTRY_POINTS.items() for entry in e
 
 @pytest.mark.parametrize("arg, entry, i", CASES, ids=[f"{a}-{e}-{i}" for a, e, i in CASES])
 def test_same_bad_input_same_error_everywhere(arg, entry, i):
-    if entry.startswith("fastai.") and _fastai() is None:
-        pytest.skip("fastai is not installed (optional dependency): its callbacks cannot be called")
+    if _missing(entry):
+        pytest.skip(_missing(entry))
     value, error = BAD_VALUES[arg][i]
     with pytest.raises((TypeError, ValueError)) as info:
         ENTRY_POINTS[arg][entry](value)
@@ -117,9 +164,9 @@ def test_same_bad_input_same_error_everywhere(arg, entry, i):
 def test_good_values_pass_every_entry_point():
     # The bad values above fail because they are bad: the same calls with good values work.
     good = {"label_smoothing": 0.1, "lam": 0.5, "perm": torch.tensor([3, 2, 1, 0]), "num_classes": K,
-            "target": T, "alpha": 0.4, "reduction": "sum"}
+            "target": T, "alpha": 0.4, "reduction": "sum", "pairing": "flip", "log_every_n_steps": 10}
     for arg, entries in ENTRY_POINTS.items():
         for entry, call in entries.items():
-            if entry.startswith("fastai.") and _fastai() is None:
+            if _missing(entry):
                 continue
             call(good[arg])
