@@ -1,8 +1,9 @@
 """The autograd-free mixup ops: validate, allocate, dispatch.
 
-CUDA tensors run the fused Triton kernel (``mixrecipe.kernels.mixup``); CPU tensors run an eager path with
-the same semantics (``mixrecipe.reference``), or the Triton kernel through the interpreter when asked
-(``cpu_backend("triton")``, used by the tests). The work is registered with ``torch.library.custom_op`` so
+CUDA tensors run the fused Triton kernel (``mixrecipe.kernels.mixup``); CPU tensors run the compiled
+one-pass numba kernel (``mixrecipe.cpu_kernel``, the default), an eager path with the same semantics
+(``cpu_backend("eager")``, the reference the tests compare with), or the Triton kernel through the
+interpreter (``cpu_backend("triton")``, used by the tests). The work is registered with ``torch.library.custom_op`` so
 that ``torch.compile(fullgraph=True)`` sees one opaque op.
 
 No host-device synchronization happens here: checks that need tensor values (lam in [0, 1], perm is a
@@ -19,22 +20,25 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from . import cpu_kernel
 from .kernels import interpreting, mix_launch
 from .reference import pixel_weights, smooth_targets
 
 __all__ = ["mix", "mixup", "mixup_target", "cpu_backend"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_CPU_BACKEND = os.environ.get("MIXRECIPE_CPU_BACKEND", "eager")
+_CPU_BACKENDS = ("numba", "eager", "triton")
+_CPU_BACKEND = os.environ.get("MIXRECIPE_CPU_BACKEND", "numba")
 _CHUNK_ELEMS = 1 << 17  # eager CPU path: rows per chunk sized so a chunk's temporaries stay in cache
 
 
 @contextlib.contextmanager
 def cpu_backend(name: str):
-    """Run CPU tensors through ``"eager"`` PyTorch (default) or the ``"triton"`` kernel (interpreter)."""
+    """Run CPU tensors through the compiled ``"numba"`` kernel (default), ``"eager"`` PyTorch or the
+    ``"triton"`` kernel (interpreter)."""
     global _CPU_BACKEND
-    if name not in ("eager", "triton"):
-        raise ValueError(f"cpu_backend must be 'eager' or 'triton', got {name!r}")
+    if name not in _CPU_BACKENDS:
+        raise ValueError(f"cpu_backend must be one of {_CPU_BACKENDS}, got {name!r}")
     if name == "triton" and not interpreting():
         raise RuntimeError("cpu_backend('triton') needs TRITON_INTERPRET=1 set before triton is imported")
     previous, _CPU_BACKEND = _CPU_BACKEND, name
@@ -46,6 +50,21 @@ def cpu_backend(name: str):
 
 def _use_kernel(t: Tensor) -> bool:
     return t.device.type == "cuda" or (t.device.type == "cpu" and _CPU_BACKEND == "triton")
+
+
+def _use_cpu_kernel(t: Tensor) -> bool:
+    if t.device.type != "cpu" or _CPU_BACKEND != "numba":
+        return False
+    if not cpu_kernel.available():
+        global _WARNED_NO_NUMBA
+        if not _WARNED_NO_NUMBA:
+            _WARNED_NO_NUMBA = True
+            cpu_kernel.warn_unavailable()
+        return False
+    return True
+
+
+_WARNED_NO_NUMBA = False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -148,6 +167,10 @@ def _run(x, out, target, soft, perm, lam_x, lam_y, box, mean, std, num_classes, 
             x, out, target, soft, batch_size=ref.shape[0], perm=perm, lam_x=lam_x, lam_y=lam_y,
             box=box, mean=norm[0], inv_std=norm[1], in_scale=norm[2], label_off=off, label_keep=keep,
         )
+        return
+    if _use_cpu_kernel(ref):
+        cpu_kernel.mix_cpu(x, out, target, soft, perm=perm, lam_x=lam_x, lam_y=lam_y, box=box, mean=norm[0],
+                           inv_std=norm[1], in_scale=norm[2], label_off=off, label_keep=keep)
         return
     if x is not None:
         _mix_images_eager(x, out, perm, lam_x, box, *norm)
