@@ -107,7 +107,8 @@ if numba is not None:
         w = _U32(np.uint16(h)) << _U32(16)
         sign = w & _U32(0x80000000)
         two_w = (w + w) & _U32(0xFFFFFFFF)
-        normalized = _float_of(_U32((two_w >> _U32(4)) + _U32(0x70000000))) * np.float32(1.925929944387236e-34)
+        exp_scale = np.float32(1.925929944387236e-34)  # 2**-112
+        normalized = _float_of(_U32((two_w >> _U32(4)) + _U32(0x70000000))) * exp_scale
         denormalized = _float_of(_U32((two_w >> _U32(17)) | _U32(0x3F000000))) - np.float32(0.5)
         body = _bits_of(denormalized) if two_w < _U32(0x08000000) else _bits_of(normalized)
         return _float_of(_U32(sign | body))
@@ -155,6 +156,10 @@ if numba is not None:
             def store_f32(row, k, v):
                 row[k] = v
             return store_f32
+        if dt == types.uint8:  # typing only: uint8 is never an output (in place keeps x's dtype)
+            def store_u8(row, k, v):
+                row[k] = np.uint8(0)
+            return store_u8
         if dt == types.int16:
             def store_f16(row, k, v):
                 row[k] = _f32_to_f16(v)
@@ -175,23 +180,52 @@ if numba is not None:
     # Kernels: one line (a run of one row pair's memory), then a range of work units, then the entries.
     # ----------------------------------------------------------------------------------------------
     @_jit(inline="always")
-    def _mix_line(xi, xj, oi, oj, n, mean, istd, mean_tab, istd_tab, use_tab, in_scale,
-                  w_i, w_j, c0_i, c1_i, c0_j, c1_j, store_j):
-        """Rows i and j over one line: normalize, weight (0 inside [c0, c1): the box), lerp, store."""
+    def _mix_span(xi, xj, oi, oj, n, mean, istd, mean_tab, istd_tab, use_tab, in_scale, w_i, w_j, store_j):
+        """n columns of rows i and j with one weight per row: normalize, lerp, round, store.
+
+        Loops start at 0 (callers slice): with a start the compiler cannot prove non-negative, numba's
+        negative-index wraparound stays in the loop and blocks vectorization.
+        """
         if use_tab:  # channels_last with mean/std: the channel cycles along the line
             for col in range(n):
                 a = (_load(xi, col) * in_scale - mean_tab[col]) * istd_tab[col]
                 b = (_load(xj, col) * in_scale - mean_tab[col]) * istd_tab[col]
-                _store(oi, col, _lerp(b, a, np.float32(0.0) if c0_i <= col < c1_i else w_i))
+                _store(oi, col, _lerp(b, a, w_i))
                 if store_j:
-                    _store(oj, col, _lerp(a, b, np.float32(0.0) if c0_j <= col < c1_j else w_j))
+                    _store(oj, col, _lerp(a, b, w_j))
         else:  # one channel (or no normalization) along the line: (v * 1 - 0) * 1 is v exactly
             for col in range(n):
                 a = (_load(xi, col) * in_scale - mean) * istd
                 b = (_load(xj, col) * in_scale - mean) * istd
-                _store(oi, col, _lerp(b, a, np.float32(0.0) if c0_i <= col < c1_i else w_i))
+                _store(oi, col, _lerp(b, a, w_i))
                 if store_j:
-                    _store(oj, col, _lerp(a, b, np.float32(0.0) if c0_j <= col < c1_j else w_j))
+                    _store(oj, col, _lerp(a, b, w_j))
+
+    @_jit(inline="always")
+    def _mix_line(xi, xj, oi, oj, n, mean, istd, mean_tab, istd_tab, use_tab, in_scale,
+                  w_i, w_j, c0_i, c1_i, c0_j, c1_j, store_j, inplace):
+        """One line of rows i and j; a row's pixels in [c0, c1) (its CutMix box) take weight 0.
+
+        The line is cut where either box starts or ends, so every span has constant weights: a weight
+        chosen per element would keep the compiler from vectorizing the loop.
+        """
+        lo = 0
+        while lo < n:
+            hi = n
+            for edge in (c0_i, c1_i, c0_j, c1_j):
+                if lo < edge < hi:
+                    hi = edge
+            wi = np.float32(0.0) if c0_i <= lo < c1_i else w_i
+            wj = np.float32(0.0) if c0_j <= lo < c1_j else w_j
+            ti = mean_tab[lo:hi] if use_tab else mean_tab
+            si = istd_tab[lo:hi] if use_tab else istd_tab
+            a, b = xi[lo:hi], xj[lo:hi]
+            if inplace:  # the very arrays read are written: the vectorizer needs no overlap check
+                _mix_span(a, b, a, b, hi - lo, mean, istd, ti, si, use_tab, in_scale, wi, wj, store_j)
+            else:
+                _mix_span(a, b, oi[lo:hi], oj[lo:hi], hi - lo, mean, istd, ti, si, use_tab, in_scale, wi, wj,
+                          store_j)
+            lo = hi
 
     @_jit(inline="always")
     def _lam(lam, lam_value, row):
@@ -208,8 +242,8 @@ if numba is not None:
         return row, False
 
     @_jit(inline="always")
-    def _image_unit(u, x, out, perm, lam, lam_value, box, mean, istd, mean_tab, istd_tab, in_scale,
-                    plane, lines_per_plane, line, col_mult):
+    def _image_unit(u, x, out, inplace, perm, lam, lam_value, box, mean, istd, mean_tab, istd_tab,
+                    in_scale, plane, lines_per_plane, line, col_mult):
         n_lines = (x.shape[1] // plane) * lines_per_plane
         batch = x.shape[0]
         i = u // n_lines
@@ -220,7 +254,7 @@ if numba is not None:
         n = min(line, plane - r * line)
         j, valid = _partner(perm, i, batch)
         paired = perm.shape[0] == 0
-        store_j = paired and j != i
+        use_tab = mean_tab.shape[0] > 0
         m = mean[p % mean.shape[0]]
         s = istd[p % istd.shape[0]]
         w_i = _lam(lam, lam_value, i)
@@ -231,14 +265,20 @@ if numba is not None:
                 c0_i, c1_i = box[i, 2] * col_mult, box[i, 3] * col_mult
             if box[j, 0] <= r < box[j, 1]:
                 c0_j, c1_j = box[j, 2] * col_mult, box[j, 3] * col_mult
-        oi = out[i, start:start + n]
+        xi, xj = x[i, start:start + n], x[j, start:start + n]
         if not valid:  # never read out of bounds: the row says it has no partner
+            oi = out[i, start:start + n]
             for col in range(n):
                 _store(oi, col, np.float32(np.nan))
-            return
-        _mix_line(x[i, start:start + n], x[j, start:start + n], oi, out[j, start:start + n], n, m, s,
-                  mean_tab, istd_tab, mean_tab.shape[0] > 0, in_scale, w_i, w_j, c0_i, c1_i, c0_j, c1_j,
-                  store_j)
+        elif inplace:
+            _mix_line(xi, xj, xi, xj, n, m, s, mean_tab, istd_tab, use_tab, in_scale, w_i, w_j,
+                      c0_i, c1_i, c0_j, c1_j, True, True)
+        elif paired:
+            _mix_line(xi, xj, out[i, start:start + n], out[j, start:start + n], n, m, s, mean_tab,
+                      istd_tab, use_tab, in_scale, w_i, w_j, c0_i, c1_i, c0_j, c1_j, True, False)
+        else:
+            _mix_line(xi, xj, out[i, start:start + n], out[i, start:start + n], n, m, s, mean_tab,
+                      istd_tab, use_tab, in_scale, w_i, w_j, c0_i, c1_i, c0_j, c1_j, False, False)
 
     @_jit(inline="always")
     def _label_unit(i, batch, perm, target, dense, soft, lam, lam_value, off, keep):
@@ -264,7 +304,7 @@ if numba is not None:
                 soft[j, k] = _lerp(s_i, s_j, w_j) if valid else nan
 
     @_jit()
-    def _mix_units(u0, u1, x, out, perm, lam_x, lam_x_value, box, mean, istd, mean_tab, istd_tab, in_scale,
+    def _mix_units(u0, u1, x, out, inplace, perm, lam_x, lam_x_value, box, mean, istd, mean_tab, istd_tab, in_scale,
                    plane, lines_per_plane, line, col_mult, target, dense, soft, lam_y, lam_y_value, off, keep):
         """Work units [u0, u1): image units (row group x line) first, then one label unit per row group."""
         batch = max(x.shape[0], soft.shape[0])
@@ -273,18 +313,18 @@ if numba is not None:
         n_image = groups * n_lines if x.shape[0] else 0
         for u in range(u0, u1):
             if u < n_image:
-                _image_unit(u, x, out, perm, lam_x, lam_x_value, box, mean, istd, mean_tab, istd_tab,
+                _image_unit(u, x, out, inplace, perm, lam_x, lam_x_value, box, mean, istd, mean_tab, istd_tab,
                             in_scale, plane, lines_per_plane, line, col_mult)
             else:
                 _label_unit(u - n_image, batch, perm, target, dense, soft, lam_y, lam_y_value, off, keep)
 
     @_jit(parallel=True)
-    def _mix_parallel(n_units, n_workers, x, out, perm, lam_x, lam_x_value, box, mean, istd, mean_tab,
+    def _mix_parallel(n_units, n_workers, x, out, inplace, perm, lam_x, lam_x_value, box, mean, istd, mean_tab,
                       istd_tab, in_scale, plane, lines_per_plane, line, col_mult, target, dense, soft,
                       lam_y, lam_y_value, off, keep):
         per = (n_units + n_workers - 1) // n_workers
         for w in prange(n_workers):
-            _mix_units(w * per, min(n_units, (w + 1) * per), x, out, perm, lam_x, lam_x_value, box, mean,
+            _mix_units(w * per, min(n_units, (w + 1) * per), x, out, inplace, perm, lam_x, lam_x_value, box, mean,
                        istd, mean_tab, istd_tab, in_scale, plane, lines_per_plane, line, col_mult, target,
                        dense, soft, lam_y, lam_y_value, off, keep)
 
@@ -389,7 +429,8 @@ def mix_cpu(x, out, target, soft, *, perm, lam_x, lam_y, box, mean, inv_std, in_
         index, dense, soft_np = _empty(np.int64), _empty(np.float32, 2), _empty(np.float32, 2)
     lam_x_np, lam_x_value = _lam_args(lam_x)
     lam_y_np, lam_y_value = _lam_args(lam_y)
-    args = (x_rows, out_rows, _empty(np.int64) if perm is None else perm.numpy(), lam_x_np, lam_x_value,
+    inplace = has_x and out.data_ptr() == x.data_ptr()
+    args = (x_rows, out_rows, inplace, _empty(np.int64) if perm is None else perm.numpy(), lam_x_np, lam_x_value,
             _empty(np.int32, 2) if box is None else box.numpy(), mean_np, istd_np, mean_tab, istd_tab,
             np.float32(in_scale), plane, lines_per_plane, line, col_mult, index, dense, soft_np,
             lam_y_np, lam_y_value, np.float32(label_off), np.float32(label_keep))
