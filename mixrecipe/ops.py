@@ -3,8 +3,8 @@
 CUDA tensors run the fused Triton kernel (``mixrecipe.kernels.mixup``); CPU tensors run the compiled
 one-pass numba kernel (``mixrecipe.cpu_kernel``, the default), an eager path with the same semantics
 (``cpu_backend("eager")``, the reference the tests compare with), or the Triton kernel through the
-interpreter (``cpu_backend("triton")``, used by the tests). The work is registered with ``torch.library.custom_op`` so
-that ``torch.compile(fullgraph=True)`` sees one opaque op.
+interpreter (``cpu_backend("triton")``, used by the tests). The work is registered with
+``torch.library.custom_op`` so that ``torch.compile(fullgraph=True)`` sees one opaque op.
 
 No host-device synchronization happens here: checks that need tensor values (lam in [0, 1], perm is a
 permutation, class indices in range) run only on CPU tensors and outside torch.compile. On CUDA the kernel
