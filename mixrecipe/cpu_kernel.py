@@ -42,7 +42,7 @@ try:
 except ImportError:  # pragma: no cover - exercised only where numba is missing
     numba = None
 
-__all__ = ["available", "mix_cpu", "PARALLEL_MIN_BYTES", "CHUNK_ELEMS"]
+__all__ = ["available", "mix_cpu", "cache_stats", "PARALLEL_MIN_BYTES", "CHUNK_ELEMS"]
 
 PARALLEL_MIN_BYTES = 4 << 20  # below this many bytes moved, one thread (waking workers costs ~0.1 ms)
 CHUNK_ELEMS = 8192  # elements of one row handled by a work unit (no CutMix box): a few pages per row
@@ -468,6 +468,15 @@ def mix_cpu(x, out, target, soft, *, perm, lam_x, lam_y, box, mean, inv_std, in_
     with _LAUNCH_LOCK:
         numba.set_num_threads(workers)
         _mix_parallel(n_units, workers, *args)
+
+
+def cache_stats() -> tuple[int, int]:
+    """(signatures loaded from the disk cache, signatures compiled) by this process so far."""
+    hits = misses = 0
+    for kernel in (_mix_units, _mix_parallel):
+        hits += sum(kernel.stats.cache_hits.values())
+        misses += sum(kernel.stats.cache_misses.values())
+    return hits, misses
 
 
 def warn_unavailable() -> None:
