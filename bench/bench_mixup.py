@@ -513,8 +513,8 @@ def main(argv=None) -> None:
     md = [f"# Mixup benchmark ({device.type})", "", f"`{common.command_line()}`", "", env, "",
           "Times in ms (median, p20, p80); GB/s by the minimum-bytes model in bench/bench_mixup.py; "
           "`t / copy` is the time over `dst.copy_(x)` of the same batch into a warm buffer (loader cases: "
-          "the bare uint8 -> bf16 conversion) in the same mode; `t / in-place` the time over `x.mul_(1.0)` on "
-          "the same buffer (float cases); `x vs P` is P's time over ours; `ops/call`: GPU "
+          "the bare uint8 -> bf16 conversion) in the same mode; `t / in-place` the time over "
+          "`x.mul_(1.0)` on the same buffer (float cases); `x vs P` is P's time over ours; `ops/call`: GPU "
           "operations per call on CUDA, top-level ATen operators per call on CPU.", "",
           common.load_note(rows), "", "## Targets", "", *checks, "",
           "## Summary: time / copy (eager mode)", "", summary_table(rows), ""]
