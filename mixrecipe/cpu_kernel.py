@@ -25,6 +25,7 @@ saves there.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import sys
 import tempfile
@@ -195,7 +196,14 @@ if numba is not None:
                 _store(oi, col, _lerp(b, a, w_i))
                 if store_j:
                     _store(oj, col, _lerp(a, b, w_j))
-        else:  # one channel (or no normalization) along the line: (v * 1 - 0) * 1 is v exactly
+        elif in_scale == 1 and mean == 0 and istd == 1:  # float input, no normalization: fewer flops
+            for col in range(n):
+                a = _load(xi, col)
+                b = _load(xj, col)
+                _store(oi, col, _lerp(b, a, w_i))
+                if store_j:
+                    _store(oj, col, _lerp(a, b, w_j))
+        else:  # one channel along the line
             for col in range(n):
                 a = (_load(xi, col) * in_scale - mean) * istd
                 b = (_load(xj, col) * in_scale - mean) * istd
@@ -396,7 +404,7 @@ def _geometry(x: torch.Tensor, planar: bool, has_norm: bool, has_box: bool):
     A plane is a run of one channel (NCHW) or the whole sample (channels_last); a line is an image row
     when there is a CutMix box (so the box is one column interval per line), else a chunk of a plane.
     """
-    n = x[0].numel()
+    n = math.prod(x.shape[1:])
     if planar:
         channels = x.shape[1] if x.ndim >= 2 and (has_norm or has_box) else 1
         plane = n // channels
@@ -425,18 +433,21 @@ def mix_cpu(x, out, target, soft, *, perm, lam_x, lam_y, box, mean, inv_std, in_
     batch = (x if x is not None else target).shape[0]
     if batch == 0:
         return
-    has_x = x is not None and x[0].numel() > 0
+    sample = math.prod(x.shape[1:]) if x is not None else 0
+    has_x = sample > 0
+    inplace = has_x and out.data_ptr() == x.data_ptr()
     if has_x:
         planar = x.is_contiguous()
         has_norm = mean is not None
-        x_rows, out_rows = _rows(x, planar), _rows(out, planar)
+        x_rows = _rows(x, planar)
+        out_rows = x_rows if inplace else _rows(out, planar)
         plane, lines_per_plane, line, col_mult = _geometry(x, planar, has_norm, box is not None)
         mean_np = mean.numpy() if has_norm else _IDENTITY.setdefault("mean", np.zeros(1, np.float32))
         istd_np = inv_std.numpy() if has_norm else _IDENTITY.setdefault("istd", np.ones(1, np.float32))
         mean_tab = istd_tab = _empty(np.float32)
         if has_norm and not planar:  # per column of a line: channel = col % C
             mean_tab, istd_tab = np.tile(mean_np, line // col_mult), np.tile(istd_np, line // col_mult)
-        n_units = ((batch + 1) // 2 if perm is None else batch) * (x[0].numel() // plane) * lines_per_plane
+        n_units = ((batch + 1) // 2 if perm is None else batch) * (sample // plane) * lines_per_plane
         moved = x.numel() * (x.element_size() + out.element_size())
     else:
         x_rows = out_rows = np.zeros((0, 0), np.float32)
@@ -453,7 +464,6 @@ def mix_cpu(x, out, target, soft, *, perm, lam_x, lam_y, box, mean, inv_std, in_
         index, dense, soft_np = _empty(np.int64), _empty(np.float32, 2), _empty(np.float32, 2)
     lam_x_np, lam_x_value = _lam_args(lam_x)
     lam_y_np, lam_y_value = _lam_args(lam_y)
-    inplace = has_x and out.data_ptr() == x.data_ptr()
     if has_x and not inplace and out.numel() * out.element_size() >= PARALLEL_MIN_BYTES:
         _advise_huge_pages(out)
     perm_np = _empty(np.int64) if perm is None else perm.numpy()
