@@ -8,17 +8,19 @@ Writes ``<out>/<device>-mixup.csv`` (every row), ``<device>-mixup.md`` (tables a
 Providers (every one gets its own tensor of the same shape, dtype and layout, made from one base tensor;
 "alloc" says whether it allocates the mixed batch on every call):
 
-- ``copy``: ``dst.copy_(x)`` into a preallocated tensor, the bandwidth reference (one read + one write).
-  In a loader case it is the bare conversion ``dst_bf16.copy_(x_uint8)``.
-- ``scale-inplace``: ``x.mul_(1.0)``, a second floor for in-place passes (float cases): one ATen op that
-  reads and writes the same buffer. On the CPU the copy's time depends on where its two buffers landed
-  (we saw 4.5 ms and 7.4 ms for the same 154 MB copy in different processes); this one was steadier.
+- ``copy``: ``dst.copy_(x)`` into a warm preallocated tensor, the bandwidth reference (one read + one
+  write); ``t / copy`` is the time over it. In a loader case it is the bare conversion
+  ``dst_bf16.copy_(x_uint8)``, the floor of the uint8 -> bf16 rows.
+- ``scale-inplace``: ``x.mul_(1.0)`` on the same buffer, the floor for in-place passes (float cases):
+  one ATen op that reads and writes the same bytes an in-place mixup does; ``t / in-place`` is the time
+  over it. On the CPU the copy's time depends on where its two buffers landed (1.7 or 3.0 ms for the same
+  77 MB copy in different processes); this one is steadier, so the CPU targets use it.
 - ``ours-op-flip``: ``mixrecipe.mixup(x, t, 0.7, num_classes=K, label_smoothing=0.1, inplace=True)``:
   timm's flip pairing, one λ, in place (loader cases: uint8 -> normalized bf16, out of place).
 - ``ours-op-perm``: ``mixrecipe.mixup(x, t, lam, perm, ...)`` with a random permutation and per-sample
   λ, out of place: the same work as ``eager-lerp``.
-- ``ours-Mixup-batch`` / ``ours-Mixup-elem``: the policy ``mixrecipe.Mixup`` with timm's arguments
-  (λ ~ Beta(α, α) drawn every call; one λ per batch / per sample; flip pairing, in place).
+- ``ours-Mixup-batch`` / ``-pair`` / ``-elem``: the policy ``mixrecipe.Mixup`` with timm's arguments
+  (λ ~ Beta(α, α) drawn every call; one λ per batch / per pair / per sample; flip pairing, in place).
 - ``eager-lerp``: the fastai / Composer formula in plain torch, ``torch.lerp(x[perm], x, lam)`` with
   per-sample λ, and timm's smoothed one-hot targets (``full`` + ``scatter_``) lerped the same way
   (loader cases: timm PrefetchLoader's ``x.to(bf16).sub_(mean).div_(std)`` first).
@@ -64,8 +66,8 @@ STD = (0.229, 0.224, 0.225)
 SMOOTHING = 0.1
 LAM = 0.7
 PEERS = ("eager-lerp", "timm-batch", "timm-elem", "compile-lerp")
-ORDER = ("copy", "scale-inplace", "ours-op-flip", "ours-Mixup-batch", "ours-Mixup-elem", "ours-op-perm",
-         "eager-lerp", "compile-lerp", "timm-batch", "timm-elem", "ours-tv-MixUp", "tv-MixUp",
+ORDER = ("copy", "scale-inplace", "ours-op-flip", "ours-Mixup-batch", "ours-Mixup-pair", "ours-Mixup-elem",
+         "ours-op-perm", "eager-lerp", "compile-lerp", "timm-batch", "timm-elem", "ours-tv-MixUp", "tv-MixUp",
          "ours-tv-CutMix", "tv-CutMix")
 GRAPH_MAX_BYTES = 16 << 20  # CUDA-graph rows for batches up to this size (the CIFAR-size ones)
 
@@ -120,6 +122,7 @@ def cases(quick: bool) -> list[Case]:
         s = ("tiny-8", 8, (3, 16, 16), 10, 1.0)
         return [Case(*s, torch.float32, False), Case(*s, torch.bfloat16, True), Case(*s, torch.uint8, False)]
     shapes = [("cifar-128", 128, (3, 32, 32), 10, 1.0), ("cifar-512", 512, (3, 32, 32), 10, 1.0),
+              ("imagenet-128", 128, (3, 224, 224), 1000, 0.2),
               ("imagenet-256", 256, (3, 224, 224), 1000, 0.2)]
     out = []
     for s in shapes:
@@ -188,7 +191,7 @@ def providers(case: Case, x0: torch.Tensor, target: torch.Tensor, perm: torch.Te
         case.loader, True))
     policy = _policy_class()
     if policy is not None:
-        for mode in ("batch", "elem"):
+        for mode in ("batch", "pair", "elem"):
             m = policy(mixup_alpha=case.alpha, label_smoothing=SMOOTHING, num_classes=k, mode=mode,
                        **mean_std)
             xm = x0 if case.loader else own()
@@ -285,7 +288,7 @@ def verify(case: Case, device: torch.device, with_compile: bool) -> None:
         got = ps[ours].fn()
         torch.testing.assert_close(got[0].float(), want[0].float(), **tol, msg=lambda m, n=ours: f"{n}: {m}")
         torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
-    for name in ("ours-Mixup-batch", "ours-Mixup-elem", "timm-batch", "timm-elem"):
+    for name in ("ours-Mixup-batch", "ours-Mixup-pair", "ours-Mixup-elem", "timm-batch", "timm-elem"):
         if name in ps:
             got_x, got_soft = ps[name].fn()
             assert torch.isfinite(got_x.float()).all(), f"{name}: non-finite output"
@@ -348,6 +351,7 @@ def run_case(case: Case, device: torch.device, args, with_compile: bool) -> list
                 "median_ms": t.median, "p20_ms": t.p20, "p80_ms": t.p80, "samples": t.n or None,
                 "min_bytes": nbytes, "gbps": nbytes / (t.median * 1e-3) / 1e9,
                 "x_copy": t.median / copy,
+                "x_inplace": t.median / tim["scale-inplace"].median if "scale-inplace" in tim else None,
             }
             for peer in PEERS:
                 if p.name.startswith("ours") and peer in tim:
@@ -365,7 +369,8 @@ def run_case(case: Case, device: torch.device, args, with_compile: bool) -> list
 # --------------------------------------------------------------------------------------------------
 COLUMNS = [("case", "case"), ("provider", "provider"), ("mode", "mode"), ("allocates", "alloc"),
            ("ops", "ops/call"), ("median_ms", "median ms"), ("p20_ms", "p20"), ("p80_ms", "p80"),
-           ("gbps", "GB/s"), ("x_copy", "t / copy"), ("vs_eager-lerp", "x vs eager"),
+           ("gbps", "GB/s"), ("x_copy", "t / copy"), ("x_inplace", "t / in-place"),
+           ("vs_eager-lerp", "x vs eager"),
            ("vs_timm-batch", "x vs timm-batch"), ("vs_timm-elem", "x vs timm-elem"),
            ("vs_compile-lerp", "x vs compile")]
 
@@ -398,16 +403,32 @@ def target_checks(rows: list[dict], device: torch.device) -> list[str]:
         r = _find(rows, case, a)
         return None if r is None else r["x_copy"]
 
+    def x_inplace(case, a):
+        r = _find(rows, case, a)
+        return None if r is None else r["x_inplace"]
+
     if device.type == "cpu":
-        case = "imagenet-256 fp32 NCHW"
+        for batch in (128, 256):
+            case = f"imagenet-{batch} fp32 NCHW"
+            check(f"{case}: ours-Mixup-batch time / in-place floor (x.mul_(1.0))",
+                  x_inplace(case, "ours-Mixup-batch"), 1.25, "lower")
+            for mode in ("pair", "elem"):
+                check(f"{case}: ours-Mixup-{mode} time / ours-Mixup-batch",
+                      ratio(case, "ours-Mixup-batch", f"ours-Mixup-{mode}"), 1.2, "lower")
+        for layout in ("NCHW", "CL"):
+            case = f"imagenet-256 bf16 {layout}"
+            check(f"{case}: ours-Mixup-batch time / bf16 in-place floor",
+                  x_inplace(case, "ours-Mixup-batch"), 1.5, "lower")
+            case = f"imagenet-256 u8->bf16 {layout}"
+            check(f"{case}: ours-op-flip (fused normalize + mix) time / bare conversion floor",
+                  x_copy(case, "ours-op-flip"), 1.5, "lower")
+        case = "cifar-128 fp32 NCHW"
         check(f"{case}: ours-Mixup-batch speedup vs timm-batch",
               ratio(case, "ours-Mixup-batch", "timm-batch"), 3.0, "higher")
-        check(f"{case}: ours-Mixup-batch time / copy", x_copy(case, "ours-Mixup-batch"), 1.5, "lower")
-        check(f"{case}: ours-op-flip time / copy", x_copy(case, "ours-op-flip"), 1.5, "lower")
-        floor = ratio(case, "scale-inplace", "ours-Mixup-batch")
-        if floor is not None:
-            lines.append(f"- {case}: for reference, ours-Mixup-batch time / scale-inplace (x.mul_(1.0), "
-                         f"one in-place op over the batch): {floor:.2f}x")
+        op, floor = _find(rows, case, "ours-op-flip"), _find(rows, case, "scale-inplace")
+        if op is not None and floor is not None:
+            check(f"{case}: ours-op-flip per-call overhead (its time minus the in-place floor's)",
+                  1e3 * (op["median_ms"] - floor["median_ms"]), 30, "lower", unit=" µs")
     else:
         for layout in ("NCHW", "CL"):
             case = f"imagenet-256 bf16 {layout}"
@@ -457,7 +478,8 @@ def plot(rows: list[dict], path, title: str) -> None:
     shapes = list(dict.fromkeys(r["case"].split()[0] for r in rows))
     provs = [p for p in ORDER if any(r["provider"] == p for r in rows)]
     colors = {"copy": "#9e9e9e", "scale-inplace": "#d0d0d0", "ours-op-flip": "#08519c",
-              "ours-Mixup-batch": "#3182bd", "ours-Mixup-elem": "#6baed6", "ours-op-perm": "#31a354",
+              "ours-Mixup-batch": "#3182bd", "ours-Mixup-pair": "#4a9bd0", "ours-Mixup-elem": "#6baed6",
+              "ours-op-perm": "#31a354",
               "eager-lerp": "#fd8d3c",
               "compile-lerp": "#e6550d", "timm-batch": "#de2d26", "timm-elem": "#a50f15"}
     fig, axes = plt.subplots(len(shapes), 1, figsize=(13, 3.6 * len(shapes)), squeeze=False)
@@ -520,8 +542,9 @@ def main(argv=None) -> None:
     common.write_csv(rows, stem.with_suffix(".csv"))
     md = [f"# Mixup benchmark ({device.type})", "", f"`{common.command_line()}`", "", env, "",
           "Times in ms (median, p20, p80); GB/s by the minimum-bytes model in bench/bench_mixup.py; "
-          "`t / copy` is the time over `dst.copy_(x)` of the same batch (loader cases: the bare "
-          "uint8 -> bf16 conversion) in the same mode; `x vs P` is P's time over ours; `ops/call`: GPU "
+          "`t / copy` is the time over `dst.copy_(x)` of the same batch into a warm buffer (loader cases: "
+          "the bare uint8 -> bf16 conversion) in the same mode; `t / in-place` the time over "
+          "`x.mul_(1.0)` on the same buffer (float cases); `x vs P` is P's time over ours; `ops/call`: GPU "
           "operations per call on CUDA, top-level ATen operators per call on CPU.", "",
           common.load_note(rows), "", "## Targets", "", *checks, "",
           "## Summary: time / copy (eager mode)", "", summary_table(rows), ""]

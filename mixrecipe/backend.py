@@ -1,9 +1,11 @@
 """Where the ops run CPU tensors: the one switch for every op (mixing and the loss alike).
 
-CUDA tensors always run the Triton kernels. CPU tensors run the eager PyTorch path by default, or the same
-Triton kernels through Triton's interpreter inside ``with cpu_backend("triton"):`` (how the tests check the
-kernels on a machine without a GPU; needs ``TRITON_INTERPRET=1`` before triton is imported). The
-environment variable ``MIXRECIPE_CPU_BACKEND`` sets the starting value.
+CUDA tensors always run the Triton kernels. CPU tensors run the compiled one-pass numba kernel by default
+(``"numba"``; the loss has no numba kernel and runs eager under it), the plain-PyTorch path
+(``"eager"``, the reference the tests compare with), or the Triton kernels through Triton's interpreter
+inside ``with cpu_backend("triton"):`` (how the tests check the kernels on a machine without a GPU; needs
+``TRITON_INTERPRET=1`` before triton is imported). The environment variable ``MIXRECIPE_CPU_BACKEND`` sets
+the starting value.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from .kernels import interpreting
 
 __all__ = ["CPU_BACKENDS", "cpu_backend", "current_cpu_backend", "runs_kernel"]
 
-CPU_BACKENDS = ("eager", "triton")
-_current = os.environ.get("MIXRECIPE_CPU_BACKEND", "eager")
+CPU_BACKENDS = ("numba", "eager", "triton")
+_current = os.environ.get("MIXRECIPE_CPU_BACKEND", "numba")
 
 
 def _check(name) -> str:
@@ -31,7 +33,8 @@ def _check(name) -> str:
 
 @contextlib.contextmanager
 def cpu_backend(name: str):
-    """Run CPU tensors through ``"eager"`` PyTorch (the default) or the ``"triton"`` kernels inside the block.
+    """Run CPU tensors through the ``"numba"`` kernel (the default), ``"eager"`` PyTorch or the ``"triton"``
+    kernels inside the block.
 
     Args:
         name: one of :data:`CPU_BACKENDS`.

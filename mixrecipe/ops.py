@@ -1,8 +1,10 @@
 """The autograd-free mixup ops: validate (``mixrecipe.checks``), allocate, dispatch.
 
-CUDA tensors run the fused Triton kernel (``mixrecipe.kernels.mixup``); CPU tensors run an eager path with
-the same semantics (``mixrecipe.reference``), or the Triton kernel through the interpreter when asked
-(``mixrecipe.backend.cpu_backend("triton")``, used by the tests). The work is registered with
+CUDA tensors run the fused Triton kernel (``mixrecipe.kernels.mixup``); CPU tensors run the compiled
+one-pass numba kernel (``mixrecipe.cpu_kernel``, the default), an eager path with the same semantics
+(``cpu_backend("eager")``, the reference the tests compare with), or the Triton kernel through the
+interpreter (``cpu_backend("triton")``, used by the tests); ``mixrecipe.backend`` holds the switch. The
+work is registered with
 ``torch.library.custom_op`` so that ``torch.compile(fullgraph=True)`` sees one opaque op.
 
 No host-device synchronization happens here: checks that need tensor values (lam in [0, 1], perm is a
@@ -15,7 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import runs_kernel
+from . import cpu_kernel
+from .backend import current_cpu_backend, runs_kernel
 from .checks import check_box, check_images, check_lam, check_perm, check_target, check_unit_interval
 from .kernels import mix_launch
 from .reference import pixel_weights, smooth_targets
@@ -23,6 +26,21 @@ from .reference import pixel_weights, smooth_targets
 __all__ = ["mix", "mixup", "mixup_target"]
 
 _CHUNK_ELEMS = 1 << 17  # eager CPU path: rows per chunk sized so a chunk's temporaries stay in cache
+_WARNED_NO_NUMBA = False
+
+
+def _use_cpu_kernel(t: Tensor) -> bool:
+    """CPU tensors under the "numba" backend run the compiled kernel when numba imports (else eager, warned
+    once)."""
+    if t.device.type != "cpu" or current_cpu_backend() != "numba":
+        return False
+    if not cpu_kernel.available():
+        global _WARNED_NO_NUMBA
+        if not _WARNED_NO_NUMBA:
+            _WARNED_NO_NUMBA = True
+            cpu_kernel.warn_unavailable()
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------------------------------
@@ -125,6 +143,10 @@ def _run(x, out, target, soft, perm, lam_x, lam_y, box, mean, std, num_classes, 
             x, out, target, soft, batch_size=ref.shape[0], perm=perm, lam_x=lam_x, lam_y=lam_y,
             box=box, mean=norm[0], inv_std=norm[1], in_scale=norm[2], label_off=off, label_keep=keep,
         )
+        return
+    if _use_cpu_kernel(ref):
+        cpu_kernel.mix_cpu(x, out, target, soft, perm=perm, lam_x=lam_x, lam_y=lam_y, box=box, mean=norm[0],
+                           inv_std=norm[1], in_scale=norm[2], label_off=off, label_keep=keep)
         return
     if x is not None:
         _mix_images_eager(x, out, perm, lam_x, box, *norm)

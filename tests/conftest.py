@@ -22,15 +22,16 @@ def device(request):
 
 
 HAS_CUDA = torch.cuda.is_available()
+# "numba" is the compiled CPU kernel (the default for CPU tensors), "eager" the plain-PyTorch CPU path;
 # "triton" is the Triton kernel: on the GPU where there is one, else through the interpreter on CPU.
-BACKENDS = ["eager", "triton"] if (interpreting() or HAS_CUDA) else ["eager"]
+BACKENDS = ["numba", "eager"] + (["triton"] if (interpreting() or HAS_CUDA) else [])
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request):
-    """Each test runs on the eager CPU path and on the Triton kernel."""
-    if request.param == "triton" and not HAS_CUDA:
-        with cpu_backend("triton"):
-            yield request.param
-    else:
+    """Each test runs on the compiled CPU kernel, the eager CPU path and the Triton kernel."""
+    if request.param == "triton" and HAS_CUDA:
         yield request.param
+    else:
+        with cpu_backend(request.param):
+            yield request.param

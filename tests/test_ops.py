@@ -15,7 +15,6 @@ from mixrecipe.kernels import interpreting, mix_launch
 HAS_CUDA = torch.cuda.is_available()
 needs_kernel = pytest.mark.skipif(not (interpreting() or HAS_CUDA),
                                   reason="the Triton kernel needs a GPU or TRITON_INTERPRET=1")
-BACKENDS = ["eager", "triton"] if (interpreting() or HAS_CUDA) else ["eager"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Relative size of one unit in the last place: a result rounded once from fp32 math is within ~1 ulp.
 ULP = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}

@@ -1,0 +1,494 @@
+"""One-pass mixup on CPU: a numba kernel with the Triton kernel's semantics (``kernels/mixup.py``).
+
+One call walks the batch once: it gathers each row's partner, normalizes (uint8 scaled by 1/255 first),
+pastes the CutMix box, lerps, rounds to the output dtype and writes the soft targets. Under timm's flip
+pairing a work unit owns rows i and B-1-i, loads both and writes both, so the pass can run in place.
+
+Bytes moved for a batch of M elements of E bytes (flip pairing, in place, no uint8):
+  read M*E + write M*E  -- what ``x.mul_(1.0)`` moves, the floor for any pass over the batch.
+Explicit permutation: read 2*M*E + write M*E.  uint8 in, 2-byte out: read M + write 2*M.
+Labels add B*K*4 bytes written (plus B*K*4 read for dense targets).
+
+Why numba: it compiles on the user's machine without a C/C++ toolchain (LLVM ships in llvmlite), its
+``cache=True`` keeps the machine code on disk so a later process loads it instead of compiling, and
+``prange`` gives a thread pool. fp16 and bf16 travel as raw 16-bit integers (fp16 as int16, bf16 as
+uint16, so the array type alone tells the format and each (input, output) pair is its own small
+compiled signature) and are converted by bit manipulation, rounding to nearest even like PyTorch.
+
+Threads: numba's "workqueue" layer is chosen unless NUMBA_THREADING_LAYER is set. Its workers sleep
+between calls; numba's OpenMP layer runs a second OpenMP runtime beside PyTorch's whose spinning threads
+fight PyTorch's for the cores (a 77 MB pass went from 4.7 ms to 16 ms on a 2-core machine). Batches
+moving less than ``PARALLEL_MIN_BYTES`` run on the calling thread: waking a worker costs more than it
+saves there.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import sys
+import tempfile
+import threading
+import warnings
+
+import numpy as np
+import torch
+
+try:
+    import numba
+    from llvmlite import ir
+    from numba import prange, types
+    from numba.extending import intrinsic, overload
+except ImportError:  # pragma: no cover - exercised only where numba is missing
+    numba = None
+
+__all__ = ["available", "mix_cpu", "cache_stats", "PARALLEL_MIN_BYTES", "CHUNK_ELEMS"]
+
+PARALLEL_MIN_BYTES = 4 << 20  # below this many bytes moved, one thread (waking workers costs ~0.1 ms)
+CHUNK_ELEMS = 8192  # elements of one row handled by a work unit (no CutMix box): a few pages per row
+
+_LAUNCH_LOCK = threading.Lock()  # the workqueue layer is not thread-safe: one parallel launch at a time
+
+
+def available() -> bool:
+    """Whether numba imported; without it the ops fall back to the eager path."""
+    return numba is not None
+
+
+if numba is not None:
+    if "NUMBA_THREADING_LAYER" not in os.environ:
+        numba.config.THREADING_LAYER = "workqueue"
+
+    def _ensure_cache_dir() -> None:
+        """Give numba a writable cache folder when neither the package folder nor the user's is writable."""
+        if os.environ.get("NUMBA_CACHE_DIR"):
+            return
+        here = os.path.dirname(os.path.abspath(__file__))
+        user = os.path.join(os.path.expanduser("~"), ".cache")
+        if os.access(here, os.W_OK) or os.access(user, os.W_OK):
+            return
+        numba.config.CACHE_DIR = os.path.join(tempfile.gettempdir(), "mixrecipe-numba-cache")
+
+    _ensure_cache_dir()
+
+    def _jit(**options):
+        return numba.njit(cache=True, nogil=True, **options)
+
+    # ----------------------------------------------------------------------------------------------
+    # Bit casts and 16-bit float conversions (round to nearest even, as torch's .to()).
+    # ----------------------------------------------------------------------------------------------
+    @intrinsic
+    def _bits_of(typingctx, value):
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.IntType(32))
+
+        return types.uint32(types.float32), codegen
+
+    @intrinsic
+    def _float_of(typingctx, bits):
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.FloatType())
+
+        return types.float32(types.uint32), codegen
+
+    _U32 = np.uint32
+
+    @_jit(inline="always")
+    def _bf16_to_f32(h):
+        return _float_of(_U32(h) << _U32(16))
+
+    @_jit(inline="always")
+    def _f32_to_bf16(v):
+        bits = _bits_of(v)
+        rounded = (bits + _U32(0x7FFF) + ((bits >> _U32(16)) & _U32(1))) >> _U32(16)
+        return np.uint16(_U32(0x7FC0) if v != v else rounded)
+
+    @_jit(inline="always")
+    def _f16_to_f32(h):
+        # fp16 bits -> fp32, exact (the FP16 library's fp16_ieee_to_fp32_value, which torch uses).
+        w = _U32(np.uint16(h)) << _U32(16)
+        sign = w & _U32(0x80000000)
+        two_w = (w + w) & _U32(0xFFFFFFFF)
+        exp_scale = np.float32(1.925929944387236e-34)  # 2**-112
+        normalized = _float_of(_U32((two_w >> _U32(4)) + _U32(0x70000000))) * exp_scale
+        denormalized = _float_of(_U32((two_w >> _U32(17)) | _U32(0x3F000000))) - np.float32(0.5)
+        body = _bits_of(denormalized) if two_w < _U32(0x08000000) else _bits_of(normalized)
+        return _float_of(_U32(sign | body))
+
+    @_jit(inline="always")
+    def _f32_to_f16(v):
+        # fp32 -> fp16 bits, nearest even, subnormals, inf and NaN (fp16_ieee_from_fp32_value, as torch).
+        base = (abs(v) * np.float32(5.192296858534828e33)) * np.float32(7.703719777548943e-34)
+        w = _bits_of(v)
+        shl1_w = (w + w) & _U32(0xFFFFFFFF)
+        sign = w & _U32(0x80000000)
+        bias = shl1_w & _U32(0xFF000000)
+        if bias < _U32(0x71000000):
+            bias = _U32(0x71000000)
+        base = _float_of(_U32((bias >> _U32(1)) + _U32(0x07800000))) + base
+        bits = _bits_of(base)
+        nonsign = ((bits >> _U32(13)) & _U32(0x00007C00)) + (bits & _U32(0x00000FFF))
+        out = (sign >> _U32(16)) | (_U32(0x7E00) if shl1_w > _U32(0xFF000000) else nonsign)
+        return np.int16(np.uint16(out))
+
+    # The array's dtype tells the format: float32, uint8, int16 = fp16 bits, uint16 = bf16 bits.
+    def _load(row, k):
+        raise NotImplementedError  # replaced by the overload inside numba code
+
+    @overload(_load)
+    def _load_impl(row, k):
+        dt = row.dtype
+        if dt == types.float32:
+            return lambda row, k: row[k]
+        if dt == types.uint8:
+            return lambda row, k: np.float32(row[k])
+        if dt == types.int16:
+            return lambda row, k: _f16_to_f32(row[k])
+        if dt == types.uint16:
+            return lambda row, k: _bf16_to_f32(row[k])
+        return None
+
+    def _store(row, k, v):
+        raise NotImplementedError
+
+    @overload(_store)
+    def _store_impl(row, k, v):
+        dt = row.dtype
+        if dt == types.float32:
+            def store_f32(row, k, v):
+                row[k] = v
+            return store_f32
+        if dt == types.uint8:  # typing only: uint8 is never an output (in place keeps x's dtype)
+            def store_u8(row, k, v):
+                row[k] = np.uint8(0)
+            return store_u8
+        if dt == types.int16:
+            def store_f16(row, k, v):
+                row[k] = _f32_to_f16(v)
+            return store_f16
+        if dt == types.uint16:
+            def store_bf16(row, k, v):
+                row[k] = _f32_to_bf16(v)
+            return store_bf16
+        return None
+
+    @_jit(inline="always")
+    def _lerp(start, end, w):
+        # torch.lerp's two-sided formula: exact at w == 0 (start) and w == 1 (end).
+        diff = end - start
+        return start + w * diff if w < np.float32(0.5) else end - diff * (np.float32(1.0) - w)
+
+    # ----------------------------------------------------------------------------------------------
+    # Kernels: one line (a run of one row pair's memory), then a range of work units, then the entries.
+    # ----------------------------------------------------------------------------------------------
+    @_jit(inline="always")
+    def _mix_span(xi, xj, oi, oj, n, mean, istd, mean_tab, istd_tab, use_tab, in_scale, w_i, w_j, store_j):
+        """n columns of rows i and j with one weight per row: normalize, lerp, round, store.
+
+        Loops start at 0 (callers slice): with a start the compiler cannot prove non-negative, numba's
+        negative-index wraparound stays in the loop and blocks vectorization.
+        """
+        if use_tab:  # channels_last with mean/std: the channel cycles along the line
+            for col in range(n):
+                a = (_load(xi, col) * in_scale - mean_tab[col]) * istd_tab[col]
+                b = (_load(xj, col) * in_scale - mean_tab[col]) * istd_tab[col]
+                _store(oi, col, _lerp(b, a, w_i))
+                if store_j:
+                    _store(oj, col, _lerp(a, b, w_j))
+        elif in_scale == 1 and mean == 0 and istd == 1:  # float input, no normalization: fewer flops
+            for col in range(n):
+                a = _load(xi, col)
+                b = _load(xj, col)
+                _store(oi, col, _lerp(b, a, w_i))
+                if store_j:
+                    _store(oj, col, _lerp(a, b, w_j))
+        else:  # one channel along the line
+            for col in range(n):
+                a = (_load(xi, col) * in_scale - mean) * istd
+                b = (_load(xj, col) * in_scale - mean) * istd
+                _store(oi, col, _lerp(b, a, w_i))
+                if store_j:
+                    _store(oj, col, _lerp(a, b, w_j))
+
+    @_jit(inline="always")
+    def _mix_line(xi, xj, oi, oj, n, mean, istd, mean_tab, istd_tab, use_tab, in_scale,
+                  w_i, w_j, c0_i, c1_i, c0_j, c1_j, store_j, inplace):
+        """One line of rows i and j; a row's pixels in [c0, c1) (its CutMix box) take weight 0.
+
+        The line is cut where either box starts or ends, so every span has constant weights: a weight
+        chosen per element would keep the compiler from vectorizing the loop.
+        """
+        lo = 0
+        while lo < n:
+            hi = n
+            for edge in (c0_i, c1_i, c0_j, c1_j):
+                if lo < edge < hi:
+                    hi = edge
+            wi = np.float32(0.0) if c0_i <= lo < c1_i else w_i
+            wj = np.float32(0.0) if c0_j <= lo < c1_j else w_j
+            ti = mean_tab[lo:hi] if use_tab else mean_tab
+            si = istd_tab[lo:hi] if use_tab else istd_tab
+            a, b = xi[lo:hi], xj[lo:hi]
+            if inplace:  # the very arrays read are written: the vectorizer needs no overlap check
+                _mix_span(a, b, a, b, hi - lo, mean, istd, ti, si, use_tab, in_scale, wi, wj, store_j)
+            else:
+                _mix_span(a, b, oi[lo:hi], oj[lo:hi], hi - lo, mean, istd, ti, si, use_tab, in_scale, wi, wj,
+                          store_j)
+            lo = hi
+
+    @_jit(inline="always")
+    def _lam(lam, lam_value, row):
+        return lam[row] if lam.shape[0] else lam_value
+
+    @_jit(inline="always")
+    def _partner(perm, row, batch):
+        """(partner, valid): flip pairing or perm[row]; a bad index pairs the row with itself, invalid."""
+        if perm.shape[0] == 0:
+            return batch - 1 - row, True
+        j = perm[row]
+        if 0 <= j < batch:
+            return j, True
+        return row, False
+
+    @_jit(inline="always")
+    def _image_unit(u, x, out, inplace, perm, lam, lam_value, box, mean, istd, mean_tab, istd_tab,
+                    in_scale, plane, lines_per_plane, line, col_mult):
+        n_lines = (x.shape[1] // plane) * lines_per_plane
+        batch = x.shape[0]
+        i = u // n_lines
+        li = u % n_lines
+        p = li // lines_per_plane
+        r = li % lines_per_plane
+        start = p * plane + r * line
+        n = min(line, plane - r * line)
+        j, valid = _partner(perm, i, batch)
+        paired = perm.shape[0] == 0
+        use_tab = mean_tab.shape[0] > 0
+        m = mean[p % mean.shape[0]]
+        s = istd[p % istd.shape[0]]
+        w_i = _lam(lam, lam_value, i)
+        w_j = _lam(lam, lam_value, j)
+        c0_i = c1_i = c0_j = c1_j = 0
+        if box.shape[0]:  # lines are image rows here: r is the row index h
+            if box[i, 0] <= r < box[i, 1]:
+                c0_i, c1_i = box[i, 2] * col_mult, box[i, 3] * col_mult
+            if box[j, 0] <= r < box[j, 1]:
+                c0_j, c1_j = box[j, 2] * col_mult, box[j, 3] * col_mult
+        xi, xj = x[i, start:start + n], x[j, start:start + n]
+        if not valid:  # never read out of bounds: the row says it has no partner
+            oi = out[i, start:start + n]
+            for col in range(n):
+                _store(oi, col, np.float32(np.nan))
+        elif inplace:
+            _mix_line(xi, xj, xi, xj, n, m, s, mean_tab, istd_tab, use_tab, in_scale, w_i, w_j,
+                      c0_i, c1_i, c0_j, c1_j, True, True)
+        elif paired:
+            _mix_line(xi, xj, out[i, start:start + n], out[j, start:start + n], n, m, s, mean_tab,
+                      istd_tab, use_tab, in_scale, w_i, w_j, c0_i, c1_i, c0_j, c1_j, True, False)
+        else:
+            _mix_line(xi, xj, out[i, start:start + n], out[i, start:start + n], n, m, s, mean_tab,
+                      istd_tab, use_tab, in_scale, w_i, w_j, c0_i, c1_i, c0_j, c1_j, False, False)
+
+    @_jit(inline="always")
+    def _label_unit(i, batch, perm, target, dense, soft, lam, lam_value, off, keep):
+        j, valid = _partner(perm, i, batch)
+        store_j = perm.shape[0] == 0 and j != i
+        k_classes = soft.shape[1]
+        ti = tj = -1
+        if target.shape[0]:
+            ti, tj = target[i], target[j]
+            valid = valid and 0 <= ti < k_classes and 0 <= tj < k_classes
+        w_i = _lam(lam, lam_value, i)
+        w_j = _lam(lam, lam_value, j)
+        nan = np.float32(np.nan)
+        for k in range(k_classes):
+            if target.shape[0]:
+                s_i = (np.float32(1.0) if k == ti else np.float32(0.0)) * keep + off
+                s_j = (np.float32(1.0) if k == tj else np.float32(0.0)) * keep + off
+            else:
+                s_i = dense[i, k] * keep + off
+                s_j = dense[j, k] * keep + off
+            soft[i, k] = _lerp(s_j, s_i, w_i) if valid else nan
+            if store_j:
+                soft[j, k] = _lerp(s_i, s_j, w_j) if valid else nan
+
+    @_jit()
+    def _mix_units(u0, u1, x, out, inplace, perm, lam_x, lam_x_value, box, mean, istd, mean_tab, istd_tab,
+                   in_scale, plane, lines_per_plane, line, col_mult, target, dense, soft, lam_y, lam_y_value,
+                   off, keep):
+        """Work units [u0, u1): image units (row group x line) first, then one label unit per row group."""
+        batch = max(x.shape[0], soft.shape[0])
+        groups = (batch + 1) // 2 if perm.shape[0] == 0 else batch
+        n_lines = (x.shape[1] // plane) * lines_per_plane if x.shape[1] else 0
+        n_image = groups * n_lines if x.shape[0] else 0
+        for u in range(u0, u1):
+            if u < n_image:
+                _image_unit(u, x, out, inplace, perm, lam_x, lam_x_value, box, mean, istd, mean_tab, istd_tab,
+                            in_scale, plane, lines_per_plane, line, col_mult)
+            else:
+                _label_unit(u - n_image, batch, perm, target, dense, soft, lam_y, lam_y_value, off, keep)
+
+    @_jit(parallel=True)
+    def _mix_parallel(n_units, n_workers, x, out, inplace, perm, lam_x, lam_x_value, box, mean, istd,
+                      mean_tab, istd_tab, in_scale, plane, lines_per_plane, line, col_mult, target, dense,
+                      soft, lam_y, lam_y_value, off, keep):
+        """``_mix_units`` split into n_workers contiguous ranges, one per thread."""
+        per = (n_units + n_workers - 1) // n_workers
+        for w in prange(n_workers):
+            _mix_units(w * per, min(n_units, (w + 1) * per), x, out, inplace, perm, lam_x, lam_x_value,
+                       box, mean, istd, mean_tab, istd_tab, in_scale, plane, lines_per_plane, line,
+                       col_mult, target, dense, soft, lam_y, lam_y_value, off, keep)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launcher: torch tensors -> the arrays and line geometry the kernel walks.
+# --------------------------------------------------------------------------------------------------
+_EMPTY: dict = {}
+
+
+def _empty(dtype, ndim: int = 1):
+    key = (dtype, ndim)
+    if key not in _EMPTY:
+        _EMPTY[key] = np.zeros((0,) * ndim, dtype=dtype)
+    return _EMPTY[key]
+
+
+_BITS_DTYPE = {torch.float16: torch.int16, torch.bfloat16: torch.uint16}
+_IDENTITY = {}
+
+
+def _rows(t: torch.Tensor, planar: bool):
+    """(B, N) numpy view of a batch in memory order; fp16/bf16 as int16/uint16 bits. Shares memory."""
+    if not planar:
+        t = t.permute(0, 2, 3, 1)
+    t = t.reshape(t.shape[0], -1)
+    if t.dtype in _BITS_DTYPE:
+        t = t.view(_BITS_DTYPE[t.dtype])
+    return t.numpy()
+
+
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14
+_LIBC = None
+
+
+def _advise_huge_pages(t: torch.Tensor) -> None:
+    """Ask Linux for 2 MiB pages behind a fresh output before its first write.
+
+    A new 77 MB output costs ~19k page faults at 4 KiB, more than the mixing pass itself; with
+    transparent huge pages on "madvise" (a common default) this one call cuts them to ~40.
+    """
+    global _LIBC
+    if not sys.platform.startswith("linux"):
+        return
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+        _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    start = t.data_ptr()
+    lo = -(-start // _HUGE_PAGE) * _HUGE_PAGE
+    hi = (start + t.numel() * t.element_size()) // _HUGE_PAGE * _HUGE_PAGE
+    if hi > lo:
+        _LIBC.madvise(lo, hi - lo, _MADV_HUGEPAGE)  # advice only: a refusal changes nothing
+
+
+def _lam_args(lam):
+    if isinstance(lam, torch.Tensor):
+        return lam.numpy(), np.float32(0.0)
+    return _empty(np.float32), np.float32(lam)
+
+
+def _geometry(x: torch.Tensor, planar: bool, has_norm: bool, has_box: bool):
+    """(plane, lines_per_plane, line, col_mult): how one sample's memory is cut into lines.
+
+    A plane is a run of one channel (NCHW) or the whole sample (channels_last); a line is an image row
+    when there is a CutMix box (so the box is one column interval per line), else a chunk of a plane.
+    """
+    n = math.prod(x.shape[1:])
+    if planar:
+        channels = x.shape[1] if x.ndim >= 2 and (has_norm or has_box) else 1
+        plane = n // channels
+        if has_box:
+            return plane, x.shape[2], x.shape[3], 1
+        line = max(1, min(plane, CHUNK_ELEMS))
+        return plane, -(-plane // line), line, 1
+    channels, height, width = x.shape[1], x.shape[2], x.shape[3]
+    if has_box:
+        return n, height, width * channels, channels
+    line = max(channels, CHUNK_ELEMS // channels * channels)  # lines start on a pixel: col % C = channel
+    return n, -(-n // line), line, channels
+
+
+def mix_cpu(x, out, target, soft, *, perm, lam_x, lam_y, box, mean, inv_std, in_scale, label_off, label_keep):
+    """Run the kernel on validated CPU tensors (the ``mix_launch`` contract of ``kernels/mixup.py``).
+
+    Args:
+        x: (B, ...) batch, contiguous or channels_last, or None. out: x's layout and shape (may be x).
+        target: (B,) int64 or (B, K) float targets, or None. soft: (B, K) float32 output, or None.
+        perm: (B,) int64 partners, or None for the flip pairing.
+        lam_x, lam_y: floats or (B,) float32 tensors.
+        box: (B, 4) int32 CutMix boxes or None. mean, inv_std: (C,) float32 or None.
+        in_scale: multiplies raw inputs before normalization. label_off, label_keep: timm smoothing.
+    """
+    batch = (x if x is not None else target).shape[0]
+    if batch == 0:
+        return
+    sample = math.prod(x.shape[1:]) if x is not None else 0
+    has_x = sample > 0
+    inplace = has_x and out.data_ptr() == x.data_ptr()
+    if has_x:
+        planar = x.is_contiguous()
+        has_norm = mean is not None
+        x_rows = _rows(x, planar)
+        out_rows = x_rows if inplace else _rows(out, planar)
+        plane, lines_per_plane, line, col_mult = _geometry(x, planar, has_norm, box is not None)
+        mean_np = mean.numpy() if has_norm else _IDENTITY.setdefault("mean", np.zeros(1, np.float32))
+        istd_np = inv_std.numpy() if has_norm else _IDENTITY.setdefault("istd", np.ones(1, np.float32))
+        mean_tab = istd_tab = _empty(np.float32)
+        if has_norm and not planar:  # per column of a line: channel = col % C
+            mean_tab, istd_tab = np.tile(mean_np, line // col_mult), np.tile(istd_np, line // col_mult)
+        n_units = ((batch + 1) // 2 if perm is None else batch) * (sample // plane) * lines_per_plane
+        moved = x.numel() * (x.element_size() + out.element_size())
+    else:
+        x_rows = out_rows = np.zeros((0, 0), np.float32)
+        plane, lines_per_plane, line, col_mult = 1, 1, 1, 1
+        mean_np = istd_np = mean_tab = istd_tab = _empty(np.float32)
+        n_units = moved = 0
+    if target is not None:
+        n_units += (batch + 1) // 2 if perm is None else batch
+        moved += soft.numel() * 4
+        index = target.numpy() if target.ndim == 1 else _empty(np.int64)
+        dense = target.float().numpy() if target.ndim == 2 else _empty(np.float32, 2)
+        soft_np = soft.numpy()
+    else:
+        index, dense, soft_np = _empty(np.int64), _empty(np.float32, 2), _empty(np.float32, 2)
+    lam_x_np, lam_x_value = _lam_args(lam_x)
+    lam_y_np, lam_y_value = _lam_args(lam_y)
+    if has_x and not inplace and out.numel() * out.element_size() >= PARALLEL_MIN_BYTES:
+        _advise_huge_pages(out)
+    perm_np = _empty(np.int64) if perm is None else perm.numpy()
+    args = (x_rows, out_rows, inplace, perm_np, lam_x_np, lam_x_value,
+            _empty(np.int32, 2) if box is None else box.numpy(), mean_np, istd_np, mean_tab, istd_tab,
+            np.float32(in_scale), plane, lines_per_plane, line, col_mult, index, dense, soft_np,
+            lam_y_np, lam_y_value, np.float32(label_off), np.float32(label_keep))
+    workers = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, n_units)
+    if workers <= 1 or moved < PARALLEL_MIN_BYTES:
+        _mix_units(0, n_units, *args)
+        return
+    with _LAUNCH_LOCK:
+        numba.set_num_threads(workers)
+        _mix_parallel(n_units, workers, *args)
+
+
+def cache_stats() -> tuple[int, int]:
+    """(signatures loaded from the disk cache, signatures compiled) by this process so far."""
+    hits = misses = 0
+    for kernel in (_mix_units, _mix_parallel):
+        hits += sum(kernel.stats.cache_hits.values())
+        misses += sum(kernel.stats.cache_misses.values())
+    return hits, misses
+
+
+def warn_unavailable() -> None:
+    warnings.warn("numba is not installed: mixrecipe's CPU mixup runs its slower eager path "
+                  "(pip install numba for the one-pass CPU kernel)", RuntimeWarning, stacklevel=3)

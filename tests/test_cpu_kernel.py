@@ -1,0 +1,204 @@
+"""The compiled CPU kernel (mixrecipe.cpu_kernel) against the float64 reference and torch's conversions.
+
+The op-level tests in test_ops.py already run on it (the "numba" backend); these cover what only this
+kernel has: its 16-bit conversions, its thread split, its poison/NaN contract, its on-disk cache.
+Shapes stay small so the whole file compiles a handful of signatures once and then runs in seconds.
+"""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from mixrecipe import cpu_kernel, ops
+from mixrecipe import reference as R
+from mixrecipe.backend import cpu_backend
+
+pytestmark = pytest.mark.skipif(not cpu_kernel.available(), reason="numba is not installed")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ULP = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+def assert_close_ulp(out, ref, scale, dtype):
+    diff = (out.double() - ref.double()).abs()
+    bound = ULP[dtype] * (ref.double().abs() + 2 * scale) + 1e-30
+    assert not (diff > bound).any(), f"worst {float(diff.max()):.3g}"
+
+
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request, monkeypatch):
+    """Run with 1 and with 2 threads; with 2, even tiny batches take the parallel entry."""
+    monkeypatch.setattr(cpu_kernel, "PARALLEL_MIN_BYTES", 0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    with cpu_backend("numba"):
+        yield request.param
+    torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------------------------------
+# 16-bit conversions: every fp16/bf16 value in, torch's round-to-nearest-even out
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_every_16_bit_value_converts_exactly(dtype):
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    values = bits.view(dtype).reshape(2, -1)  # lam = 1: each row is itself, so the op is a pure conversion
+    with cpu_backend("numba"):
+        widened, _ = ops.mixup(values, None, 1.0, torch.arange(2), out_dtype=torch.float32)
+    finite = values.isfinite()
+    assert torch.equal(widened[finite], values.float()[finite])
+    assert widened[values.isnan()].isnan().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fp32_rounds_to_nearest_even_like_torch(dtype):
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(-(2**31), 2**31 - 1, (2, 50000), generator=g, dtype=torch.int64).to(torch.int32)
+    x = bits.view(torch.float32)
+    ties = torch.tensor([1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, 1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11, 65520.0,
+                         65519.0, 1e6, 6e-8, 3e-8, -0.0])  # ties, fp16 overflow to inf, subnormals
+    x[0, : ties.numel()] = ties
+    with cpu_backend("numba"):
+        got, _ = ops.mixup(x, None, 1.0, torch.arange(2), out_dtype=dtype)
+    want = x.to(dtype)
+    finite = x.isfinite()  # an infinite input lerps to NaN (inf - inf), as in the Triton kernel
+    assert torch.equal(got[finite], want[finite])
+    assert got[x.isnan()].isnan().all()
+
+
+# --------------------------------------------------------------------------------------------------
+# The op on 1 and 2 threads against float64
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", [1, 2, 5])
+def test_matches_reference_on_threads(threads, dtype, batch):
+    g = torch.Generator().manual_seed(batch)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(batch, 3, 7, 9, generator=g).to(dtype).contiguous(memory_format=layout)
+        target = torch.randint(0, 11, (batch,), generator=g)
+        lam = torch.rand(batch, generator=g)
+        perm = torch.randperm(batch, generator=g)
+        box = torch.tensor([[1, 5, 2, 8]] * batch, dtype=torch.int32)
+        for p, b, inplace in ((None, None, True), (perm, None, False), (None, box, False),
+                              (perm, box, False)):
+            y = x.clone(memory_format=torch.preserve_format)
+            out, soft = ops.mix(y, target, lam, lam.flip(0), p, b, num_classes=11, label_smoothing=0.1,
+                                inplace=inplace)
+            ref, ref_soft = R.mix_reference(x, target, lam, lam.flip(0), p, b, num_classes=11,
+                                            label_smoothing=0.1)
+            assert (out is y) == inplace
+            assert_close_ulp(out, ref, x.double().abs().max(), dtype)
+            assert out.is_contiguous(memory_format=layout)
+            torch.testing.assert_close(soft, ref_soft, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES)
+def test_uint8_normalized_on_threads(threads, out_dtype):
+    g = torch.Generator().manual_seed(3)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.randint(0, 256, (5, 3, 6, 11), dtype=torch.uint8, generator=g)
+        x = x.contiguous(memory_format=layout)
+        lam = torch.rand(5, generator=g)
+        box = torch.tensor([0, 4, 3, 9], dtype=torch.int32)
+        out, _ = ops.mix(x, None, lam, None, None, box, mean=mean, std=std, out_dtype=out_dtype)
+        ref, _ = R.mix_reference(x, None, lam, None, None, box, mean=mean, std=std, out_dtype=out_dtype)
+        assert_close_ulp(out, ref, 2.5, out_dtype)
+        assert out.is_contiguous(memory_format=layout)
+
+
+def test_lines_longer_than_a_chunk(threads, monkeypatch):
+    """Rows cut into several chunks, the last one short; channels_last chunks end on a pixel."""
+    monkeypatch.setattr(cpu_kernel, "CHUNK_ELEMS", 10)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 3, 5, 7, generator=g)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        y = x.contiguous(memory_format=layout)
+        out, _ = ops.mixup(y, None, 0.3, mean=(0.1, 0.2, 0.3), std=(0.5, 2.0, 1.0))
+        ref, _ = R.mix_reference(y, None, 0.3, mean=(0.1, 0.2, 0.3), std=(0.5, 2.0, 1.0))
+        assert_close_ulp(out, ref, 16.0, torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Poison, bad indices, determinism
+# --------------------------------------------------------------------------------------------------
+def _launch(x, out, target, soft, perm, lam=0.5, box=None):
+    cpu_kernel.mix_cpu(x, out, target, soft, perm=perm, lam_x=lam, lam_y=lam, box=box, mean=None,
+                       inv_std=None, in_scale=1.0, label_off=0.0, label_keep=1.0)
+
+
+@pytest.mark.parametrize("paired", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_writes_every_element(threads, paired, dtype):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(5, 3, 7, 11, generator=g).to(dtype)
+    target = torch.randint(0, 13, (5,), generator=g)
+    out = torch.full_like(x, float("nan"))
+    soft = torch.full((5, 13), float("nan"))
+    perm = None if paired else torch.randperm(5, generator=g)
+    lam = torch.rand(5, generator=g)
+    _launch(x, out, target, soft, perm, lam)
+    assert not out.isnan().any() and not soft.isnan().any()
+    ref, ref_soft = R.mix_reference(x, target, lam, perm=perm, num_classes=13)
+    assert_close_ulp(out, ref, x.double().abs().max(), dtype)
+    torch.testing.assert_close(soft, ref_soft)
+
+
+def test_bad_indices_give_nan_rows_not_out_of_bounds_reads():
+    """What the op does where it cannot check values (inside torch.compile): the Triton kernel's contract."""
+    x = torch.randn(4, 2, 3, 3)
+    target = torch.tensor([0, 99, 2, 3])
+    perm = torch.tensor([1, 0, 7, 2])
+    out, soft = torch.empty_like(x), torch.empty(4, 10)
+    _launch(x, out, target, soft, perm)
+    assert out[2].isnan().all() and not out[[0, 1, 3]].isnan().any()
+    assert soft[[0, 1, 2]].isnan().all() and not soft[3].isnan().any()  # rows 0, 1 touch class 99
+
+
+def test_two_thread_and_one_thread_results_are_bitwise_equal(monkeypatch):
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(9, 3, 8, 8, generator=g).to(torch.bfloat16)
+    lam = torch.rand(9, generator=g)
+    monkeypatch.setattr(cpu_kernel, "PARALLEL_MIN_BYTES", 0)
+    results = []
+    before = torch.get_num_threads()
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        with cpu_backend("numba"):
+            results.append(ops.mixup(x, None, lam, mean=(0.1, 0.2, 0.3), std=(1.0, 2.0, 3.0))[0])
+    torch.set_num_threads(before)
+    assert torch.equal(results[0], results[1])
+
+
+def test_without_numba_falls_back_to_eager_with_one_warning(monkeypatch):
+    monkeypatch.setattr(cpu_kernel, "available", lambda: False)
+    monkeypatch.setattr(ops, "_WARNED_NO_NUMBA", False)
+    x = torch.randn(4, 3)
+    with cpu_backend("numba"):
+        with pytest.warns(RuntimeWarning, match="numba is not installed"):
+            out, _ = ops.mixup(x, None, 0.25)
+        ops.mixup(x, None, 0.25)  # no second warning: pytest's "error" filter would not be needed
+    torch.testing.assert_close(out, R.mix_reference(x, None, 0.25)[0].float())
+
+
+# --------------------------------------------------------------------------------------------------
+# The on-disk cache: a second process loads, it does not compile
+# --------------------------------------------------------------------------------------------------
+def test_second_process_loads_the_kernel_from_the_cache():
+    with cpu_backend("numba"):
+        ops.mixup(torch.randn(3, 2, 4), torch.arange(3), 0.5, num_classes=3)  # compiled (or loaded) here
+    script = textwrap.dedent("""
+        import torch
+        from mixrecipe import cpu_kernel, ops
+        from mixrecipe.backend import cpu_backend
+        with cpu_backend("numba"):
+            ops.mixup(torch.randn(3, 2, 4), torch.arange(3), 0.5, num_classes=3)
+        print(*cpu_kernel.cache_stats())
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    hits, misses = (int(v) for v in done.stdout.split()[-2:])
+    assert hits >= 1 and misses == 0, done.stdout
