@@ -32,9 +32,11 @@ from fastai.optimizer import OptimWrapper
 from .config import Config, RecipeError, config_to_dict
 from .data import normalize_batch
 from .fastai import MixupCallback
+from .metrics import calibration_bins, ece_from_bins
 from .mixup import Mixup
 from .train import (
     CHECKPOINT_VERSION,
+    ECE_BINS,
     _epoch_seed,
     _eval_loader,
     _fmt,
@@ -47,8 +49,10 @@ from .train import (
     load_checkpoint,
     memorization_percent,
     save_checkpoint,
+    test_from_val,
     write_metrics,
     write_preview,
+    write_reliability,
     write_summary,
 )
 
@@ -124,6 +128,7 @@ class _Recipe(Callback):
         self.loss_sum = torch.zeros((), dtype=torch.float64)
         self.n_seen = 0
         self.val_sums = [0.0, 0.0, 0.0, 0.0]  # loss sum, top-1 hits, top-5 hits, count
+        self.val_bins = torch.zeros(3, ECE_BINS, dtype=torch.float64)
         self.last_lr = float("nan")
 
     def before_train(self):
@@ -152,6 +157,7 @@ class _Recipe(Callback):
             v[1] += hit[:, 0].sum().item()
             v[2] += hit.any(dim=1).sum().item()
             v[3] += y.shape[0]
+            self.val_bins += calibration_bins(logits.softmax(dim=1), y, ECE_BINS).cpu()
 
     # The epoch's record and files ----------------------------------------------------------------------
     def after_epoch(self):
@@ -162,7 +168,8 @@ class _Recipe(Callback):
         n = max(v[3], 1.0)
         record = {"epoch": epoch + 1, "train_loss": float(self.loss_sum) / max(self.n_seen, 1),
                   "lr": self.last_lr, "images_per_s": self.n_seen / max(self.train_seconds, 1e-9),
-                  "val_loss": v[0] / n, "val_top1": 100.0 * v[1] / n, "val_top5": 100.0 * v[2] / n}
+                  "val_loss": v[0] / n, "val_top1": 100.0 * v[1] / n, "val_top5": 100.0 * v[2] / n,
+                  "val_nll": v[0] / n, "val_ece": 100.0 * ece_from_bins(self.val_bins)}
         if r["mem_loader"] is not None:
             record.update(_memorization(self.model, r["mem_loader"], r))
         record["seconds"] = time.perf_counter() - self.t_epoch
@@ -198,16 +205,20 @@ def _predict(model, loader, run: dict):
         yield logits.float(), y
 
 
-def _evaluate(model, loader, run: dict) -> dict:
+def _evaluate(model, loader, run: dict) -> tuple[dict, torch.Tensor]:
+    """Test metrics (as the torch engine's) and the calibration bins behind the ECE."""
     loss = c1 = c5 = n = 0.0
+    bins = torch.zeros(3, ECE_BINS, dtype=torch.float64)
     for logits, y in _predict(model, loader, run):
         hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
         loss += F.cross_entropy(logits, y, reduction="sum").item()
         c1 += hit[:, 0].sum().item()
         c5 += hit.any(dim=1).sum().item()
         n += y.shape[0]
+        bins += calibration_bins(logits.softmax(dim=1), y, ECE_BINS).cpu()
     n = max(n, 1.0)
-    return {"test_loss": loss / n, "test_top1": 100.0 * c1 / n, "test_top5": 100.0 * c5 / n}
+    return ({"test_loss": loss / n, "test_top1": 100.0 * c1 / n, "test_top5": 100.0 * c5 / n,
+             "test_nll": loss / n, "test_ece": 100.0 * ece_from_bins(bins)}, bins)
 
 
 def _memorization(model, loader, run: dict) -> dict:
@@ -286,15 +297,18 @@ def run_fastai(cfg: Config) -> dict:
     history, best = run["history"], run["best"]
 
     summary = dict(history[-1]) if history else {}
+    final_loader = _eval_loader(bundle.test, cfg, d) if bundle.test is not None else val_loader
+    final, bins = _evaluate(model, final_loader, run)
     if bundle.test is not None:
-        summary.update(_evaluate(model, _eval_loader(bundle.test, cfg, d), run))
+        summary.update(final)
     elif history:
-        summary.update({"test_loss": history[-1]["val_loss"], "test_top1": history[-1]["val_top1"],
-                        "test_top5": history[-1]["val_top5"]})
+        summary.update(test_from_val(history[-1]))
     summary["best_val_top1"] = best if history else None
     summary["output"] = out
     summary["engine"] = "fastai"
     write_summary(os.path.join(out, "summary.json"), summary)
+    write_reliability(os.path.join(out, "reliability.png"), bins, cfg,
+                      "test set" if bundle.test is not None else "validation set")
     if "test_top1" in summary:
         print(f"test top-1: {summary['test_top1']:.2f}%  (top-5 {summary['test_top5']:.2f}%, "
               f"loss {summary['test_loss']:.4f}; outputs in {out})", flush=True)

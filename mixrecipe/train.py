@@ -62,11 +62,14 @@ __all__ = [
     "write_metrics",
     "write_summary",
     "write_preview",
+    "write_reliability",
+    "test_from_val",
     "build_mixup",
     "create_schedule",
 ]
 
 CHECKPOINT_VERSION = 1
+ECE_BINS = 15  # equal-width confidence bins of val_ece / test_ece and reliability.png
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
@@ -356,16 +359,43 @@ def _predict(model, loader, ctx: _Ctx):
 
 
 def _evaluate(model, loader, ctx: _Ctx, prefix: str) -> dict:
-    """Top-1, top-5 (%) and cross-entropy, summed over ranks."""
+    """Top-1, top-5 (%), cross-entropy, NLL and ECE (%), summed over ranks."""
+    return _evaluate_bins(model, loader, ctx, prefix)[0]
+
+
+def _evaluate_bins(model, loader, ctx: _Ctx, prefix: str) -> tuple[dict, torch.Tensor]:
+    """:func:`_evaluate`'s metrics and the calibration bins behind the ECE (for reliability.png)."""
+    from .metrics import calibration_bins, ece_from_bins
+
     sums = torch.zeros(4, dtype=torch.float64, device=ctx.dist.device)  # loss, top-1, top-5, count
+    bins = torch.zeros(3, ECE_BINS, dtype=torch.float64, device=ctx.dist.device)
     for logits, y in _predict(model, loader, ctx):
         hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
         sums += torch.stack([torch.nn.functional.cross_entropy(logits, y, reduction="sum").double(),
                              hit[:, 0].sum().double(), hit.any(dim=1).sum().double(),
                              torch.tensor(float(y.shape[0]), dtype=torch.float64, device=y.device)])
-    loss, c1, c5, n = _sum(sums.tolist(), ctx.dist, ctx.dist.device)
+        bins += calibration_bins(logits.softmax(dim=1), y, ECE_BINS)
+    totals = _sum(sums.tolist() + bins.flatten().tolist(), ctx.dist, ctx.dist.device)
+    loss, c1, c5, n = totals[:4]
+    bins = torch.tensor(totals[4:], dtype=torch.float64).view(3, ECE_BINS)
     n = max(n, 1.0)
-    return {f"{prefix}_loss": loss / n, f"{prefix}_top1": 100.0 * c1 / n, f"{prefix}_top5": 100.0 * c5 / n}
+    return ({f"{prefix}_loss": loss / n, f"{prefix}_top1": 100.0 * c1 / n, f"{prefix}_top5": 100.0 * c5 / n,
+             f"{prefix}_nll": loss / n, f"{prefix}_ece": 100.0 * ece_from_bins(bins)}, bins)
+
+
+def test_from_val(record: dict) -> dict:
+    """An epoch's val_* metrics renamed test_* (the summary of a run validated on its test set)."""
+    keys = ("val_loss", "val_top1", "val_top5", "val_nll", "val_ece")
+    return {k.replace("val_", "test_"): record[k] for k in keys if k in record}
+
+
+def write_reliability(path: str, bins, cfg: Config, split: str) -> None:
+    """reliability.png: the final model's confidence against its accuracy on ``split``."""
+    from .plots import plot_reliability
+
+    title = f"{cfg.model} on {cfg.data.name} {split}, " + (
+        "ERM" if cfg.mixup.alpha == 0 and cfg.mixup.cutmix_alpha == 0 else f"mixup α={cfg.mixup.alpha:g}")
+    plot_reliability(bins, path, title=title)
 
 
 def count_memorization(batches) -> list[float]:
@@ -443,7 +473,8 @@ def _check_output(cfg: Config) -> str | None:
 
 
 def _fresh_output(out: str) -> None:
-    for name in ("last.pt", "best.pt", "metrics.jsonl", "summary.json", "curves.png", "mixup_preview.png"):
+    for name in ("last.pt", "best.pt", "metrics.jsonl", "summary.json", "curves.png", "mixup_preview.png",
+                 "reliability.png", "evaluation.json"):
         path = os.path.join(out, name)
         if os.path.exists(path):
             os.remove(path)
@@ -452,7 +483,7 @@ def _fresh_output(out: str) -> None:
 def _fmt(record: dict, epochs: int) -> str:
     parts = [f"epoch {record['epoch']}/{epochs}", f"train_loss {record['train_loss']:.4f}",
              f"val_loss {record['val_loss']:.4f}", f"val_top1 {record['val_top1']:.2f}%",
-             f"val_top5 {record['val_top5']:.2f}%"]
+             f"val_top5 {record['val_top5']:.2f}%", f"val_ece {record['val_ece']:.2f}%"]
     if "train_fit_noisy" in record:
         parts.append(f"noisy fitted {record['train_fit_noisy']:.1f}%")
     parts += [f"lr {record['lr']:.3g}", f"{record['images_per_s']:,.0f} img/s", f"{record['seconds']:.1f}s"]
@@ -627,19 +658,22 @@ def _fit(cfg: Config, d: _Dist, holder: _Holder) -> dict:
             best = max(best, record["val_top1"])
 
     summary = dict(history[-1]) if history else {}
+    final_loader = _eval_loader(bundle.test, cfg, d) if bundle.test is not None else val_loader
+    final, bins = _evaluate_bins(fwd, final_loader, ctx, "test")
     if bundle.test is not None:
-        summary.update({k.replace("val_", "test_"): v for k, v in
-                        _evaluate(fwd, _eval_loader(bundle.test, cfg, d), ctx, "val").items()})
+        summary.update(final)
     elif history:
-        summary.update({"test_loss": history[-1]["val_loss"], "test_top1": history[-1]["val_top1"],
-                        "test_top5": history[-1]["val_top5"]})
+        summary.update(test_from_val(history[-1]))
     summary["best_val_top1"] = best if history else None
     summary["output"] = out
     if d.is_main:
         write_summary(os.path.join(out, "summary.json"), summary)
+        write_reliability(os.path.join(out, "reliability.png"), bins, cfg,
+                          "test set" if bundle.test is not None else "validation set")
         if "test_top1" in summary:
             print(f"test top-1: {summary['test_top1']:.2f}%  (top-5 {summary['test_top5']:.2f}%, "
-                  f"loss {summary['test_loss']:.4f}; outputs in {out})", flush=True)
+                  f"loss {summary['test_loss']:.4f}, ECE {summary.get('test_ece', math.nan):.2f}%; "
+                  f"outputs in {out})", flush=True)
     return summary
 
 
