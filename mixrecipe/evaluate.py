@@ -1,7 +1,7 @@
 """Evaluate a finished run: ``python -m mixrecipe.evaluate RUN_DIR [key=value ...]``.
 
 Loads the run's ``config.yaml`` and its best checkpoint (``best.pt``, else ``last.pt``), then measures on
-the run's test set (its validation set when it has no separate test set):
+the run's test set (with ``data.val_size: 0`` the validation set is the test set):
 
 - clean top-1 (%), negative log-likelihood, expected calibration error (%, 15 equal-width bins);
 - FGSM top-1 (%) at several ε, in [0, 1] pixel units applied to the image *before* normalization and
@@ -194,7 +194,7 @@ def evaluate_run(run_dir: str, overrides: list[str] = (), options: EvalOptions |
     cfg, bundle, model, ckpt, state = load_run(run_dir, list(overrides), opt.checkpoint)
     device = _device(cfg)
     net = _Normalized(model, bundle.mean, bundle.std).to(device).eval()
-    split = "test" if bundle.test is not None else "validation"
+    split = "test"  # bundle.test is None only when data.val_size = 0, and then val is the test set
     images, labels = _tensors(bundle.test if bundle.test is not None else bundle.val)
     labels = labels[:, 0] if labels.ndim == 2 else labels
     torch.manual_seed(0)

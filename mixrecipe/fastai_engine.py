@@ -307,8 +307,7 @@ def run_fastai(cfg: Config) -> dict:
     summary["output"] = out
     summary["engine"] = "fastai"
     write_summary(os.path.join(out, "summary.json"), summary)
-    write_reliability(os.path.join(out, "reliability.png"), bins, cfg,
-                      "test set" if bundle.test is not None else "validation set")
+    write_reliability(os.path.join(out, "reliability.png"), bins, cfg)
     if "test_top1" in summary:
         print(f"test top-1: {summary['test_top1']:.2f}%  (top-5 {summary['test_top5']:.2f}%, "
               f"loss {summary['test_loss']:.4f}; outputs in {out})", flush=True)

@@ -389,11 +389,12 @@ def test_from_val(record: dict) -> dict:
     return {k.replace("val_", "test_"): record[k] for k in keys if k in record}
 
 
-def write_reliability(path: str, bins, cfg: Config, split: str) -> None:
-    """reliability.png: the final model's confidence against its accuracy on ``split``."""
+def write_reliability(path: str, bins, cfg: Config) -> None:
+    """reliability.png: the final model's confidence against its accuracy on the test set (the validation set
+    when ``data.val_size`` is 0, which is then the test set)."""
     from .plots import plot_reliability
 
-    title = f"{cfg.model} on {cfg.data.name} {split}, " + (
+    title = f"{cfg.model} on the {cfg.data.name} test set, " + (
         "ERM" if cfg.mixup.alpha == 0 and cfg.mixup.cutmix_alpha == 0 else f"mixup α={cfg.mixup.alpha:g}")
     plot_reliability(bins, path, title=title)
 
@@ -668,8 +669,7 @@ def _fit(cfg: Config, d: _Dist, holder: _Holder) -> dict:
     summary["output"] = out
     if d.is_main:
         write_summary(os.path.join(out, "summary.json"), summary)
-        write_reliability(os.path.join(out, "reliability.png"), bins, cfg,
-                          "test set" if bundle.test is not None else "validation set")
+        write_reliability(os.path.join(out, "reliability.png"), bins, cfg)
         if "test_top1" in summary:
             print(f"test top-1: {summary['test_top1']:.2f}%  (top-5 {summary['test_top5']:.2f}%, "
                   f"loss {summary['test_loss']:.4f}, ECE {summary.get('test_ece', math.nan):.2f}%; "
