@@ -691,12 +691,17 @@ def _compare(name: str, unit: str, erm: list[float], mix: list[float], lower_bet
             f"{abs(diff):.{digits}f} ({sep})")
 
 
-def calib_section(cells, s: Settings) -> list[str]:
+def calib_section(cells, s: Settings, cmd: str, machine: str) -> list[str]:
     runs_all = _group(cells, group="calib")
     seeds = sorted({c.seed for c in runs_all})
     mlp = f"{s.calib_mlp_subset:,}" if s.calib_mlp_subset else "all"
+    planned = len([c for c in cells if c.group == "calib"])
+    minutes = sum(c.record["seconds"] for c in runs_all) / 60
     lines = [
         "## 3. Beyond top-1: calibration, adversarial robustness, out-of-distribution detection",
+        "",
+        f"Made by `{cmd}` on {datetime.date.today().isoformat()}: {machine}; {len(runs_all)} of {planned} "
+        f"planned runs finished, {minutes:.1f} min of training summed over them.",
         "",
         "Clean Fashion-MNIST (no label noise). Models: the Keras-example CNN "
         f"(`{KERAS_RECIPE}`, {s.calib_keras_epochs} epochs, 58,000 training images) and the wide MLP "
@@ -797,7 +802,7 @@ def write_report(cells, s: Settings, out: Path, cmd: str, machine: str, wall: fl
     if _group(cells, group="noise"):
         lines += _noise_section(cells, s)
     if _group(cells, group="calib"):
-        lines += calib_section(cells, s)
+        lines += calib_section(cells, s, cmd, machine)
     text = "\n".join(lines) + "\n"
     path = out / "accuracy.md"
     if path.is_file():
