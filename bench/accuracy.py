@@ -750,6 +750,18 @@ def calib_section(cells, s: Settings, cmd: str, machine: str) -> list[str]:
                      _compare("OOD AUROC", "", ev["auroc"], mv["auroc"], False, 3),
                      _compare("clean top-1", "%", ev["top1"], mv["top1"], False, 2)]
             lines.append(f"- {MODEL_TEXT.get(model, model)}, {_method(alpha)}: " + "; ".join(parts) + ".")
+    for model in s.calib_models:
+        gaps = []
+        for alpha in s.calib_alphas:
+            runs = _group(cells, group="calib", model=model, alpha=alpha)
+            if runs:
+                v = _calib_values(runs)
+                gap = _mean_std([c - t for c, t in zip(v["conf"], v["top1"])])[0]
+                kind = "over-confident" if gap > 0 else "under-confident"
+                gaps.append(f"{_method(alpha)} {gap:+.1f} points ({kind})")
+        if gaps:
+            lines.append(f"- {MODEL_TEXT.get(model, model)}, mean confidence − test accuracy: "
+                         + ", ".join(gaps) + ".")
     example = runs_all[0]
     lines += ["", f"One cell, e.g.: `{example.command()} output=RUN_DIR` then `{example.eval_command()}`.",
               "", "![Calibration and robustness](accuracy_calib.png)", ""]
