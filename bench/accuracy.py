@@ -14,11 +14,13 @@ Two experiments, every run a subprocess of ``python -m mixrecipe.train`` (no tra
 
 Usage::
 
-    python bench/accuracy.py                 # the full grid (about an hour on 2 CPU cores)
+    python bench/accuracy.py                 # the full grid (about 1 h 45 min on 2 CPU cores)
+    python bench/accuracy.py --only calib --jobs 1   # experiment 3 alone (~45 min on one core)
     python bench/accuracy.py --quick --out /tmp/acc   # a tiny grid (smoke test)
     python bench/accuracy.py --report-only   # re-aggregate what runs/accuracy holds
 
-Each cell trains into ``<runs>/<cell>/``; a cell whose directory holds ``summary.json`` is skipped and an
+Each cell trains into ``<runs>/<cell>/``; a cell whose directory holds ``summary.json`` (and, for calib
+cells, ``evaluation.json``) is skipped and an
 interrupted one resumes from its checkpoint (``resume=true``), so a killed grid restarts losing nothing.
 Outputs: ``<out>/accuracy.md``, ``accuracy.csv``, ``accuracy_keras.png``, ``accuracy_noise.png``,
 ``accuracy_calib.csv``, ``accuracy_calib.png``. Running one experiment (``--only``) rewrites only its own
