@@ -31,6 +31,14 @@ __all__ = [
 ]
 
 
+def _as_tensors(probs, target) -> tuple[Tensor, Tensor]:
+    """Tensors from tensors or array-likes (numpy arrays, lists); checks the shapes."""
+    probs = torch.as_tensor(probs)
+    target = torch.as_tensor(target, device=probs.device)
+    _check_probs(probs, target)
+    return probs, target.long()
+
+
 def _check_probs(probs: Tensor, target: Tensor) -> None:
     if probs.ndim != 2:
         raise ValueError(f"probs must be (N, K), got shape {tuple(probs.shape)}")
@@ -46,16 +54,16 @@ def calibration_bins(probs: Tensor, target: Tensor, n_bins: int = 15) -> Tensor:
     of their union, so they can be accumulated over batches and all-reduced over processes.
 
     Args:
-        probs: (N, K) class probabilities (rows sum to 1).
+        probs: (N, K) class probabilities (rows sum to 1); a tensor or an array-like.
         target: (N,) true class indices.
         n_bins: number of equal-width confidence bins on [0, 1].
     """
-    _check_probs(probs, target)
+    probs, target = _as_tensors(probs, target)
     if n_bins < 1:
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
     probs = probs.detach().double()
     conf, pred = probs.max(dim=1)
-    correct = (pred == target.to(pred.device)).double()
+    correct = (pred == target).double()
     # (lo, hi]: ceil(c * n) - 1; c = 0 lands in bin 0
     idx = (torch.ceil(conf * n_bins) - 1).clamp(0, n_bins - 1).long()
     out = torch.zeros(3, n_bins, dtype=torch.float64, device=probs.device)
@@ -90,8 +98,8 @@ def expected_calibration_error(probs: Tensor, target: Tensor, n_bins: int = 15) 
 
 def nll(logits: Tensor, target: Tensor) -> float:
     """Mean negative log-likelihood of the true class, from logits (natural log)."""
-    _check_probs(logits, target)
-    return F.cross_entropy(logits.detach().double(), target.to(logits.device), reduction="mean").item()
+    logits, target = _as_tensors(logits, target)
+    return F.cross_entropy(logits.detach().double(), target, reduction="mean").item()
 
 
 def max_softmax(logits: Tensor) -> Tensor:
@@ -133,8 +141,8 @@ def auroc(positive: Tensor, negative: Tensor) -> float:
     Returns:
         The AUROC in [0, 1]; 0.5 means the scores do not separate the two sets.
     """
-    pos = positive.detach().double().flatten().cpu()
-    neg = negative.detach().double().flatten().cpu().sort().values
+    pos = torch.as_tensor(positive).detach().double().flatten().cpu()
+    neg = torch.as_tensor(negative).detach().double().flatten().cpu().sort().values
     if pos.numel() == 0 or neg.numel() == 0:
         raise ValueError("auroc needs at least one positive and one negative score")
     below = torch.searchsorted(neg, pos, right=False).double()  # negatives strictly below each positive

@@ -80,6 +80,8 @@ def test_ece_matches_a_loop_over_bins_on_random_predictions(n_bins):
     halves = (calibration_bins(probs[:1234], target[:1234], n_bins)
               + calibration_bins(probs[1234:], target[1234:], n_bins))
     assert ece_from_bins(halves) == pytest.approx(ece, abs=1e-12)
+    # numpy arrays are accepted too
+    assert expected_calibration_error(probs.numpy(), target.numpy(), n_bins) == ece
 
 
 def test_ece_rejects_bad_shapes():
