@@ -7,7 +7,8 @@
   (seed, epoch, rank), the engine trains one epoch, the lifecycle evaluates through the engine's
   ``predict`` (:func:`mixrecipe.scoring.evaluate`) and records the epoch (:func:`record`): a line in
   ``metrics.jsonl``, ``curves.png``, an atomic ``last.pt`` (and ``best.pt``), a console line;
-- summary: the test set (or the last validation) and ``summary.json``.
+- summary: the test set (or the last validation), ``summary.json`` and ``reliability.png`` (the final
+  model's confidence against its accuracy).
 
 Because of the per-epoch reseeding and the end-of-epoch checkpoint, a run killed at any point and resumed
 with ``resume=true`` ends with the same metrics as one never interrupted (on CPU, with the same number of
@@ -55,10 +56,10 @@ from .outputs import (
     write_metrics,
     write_summary,
 )
-from .scoring import evaluate, memorization
+from .scoring import evaluate, evaluate_with_bins, memorization
 
 __all__ = ["ENGINES", "run", "prepare", "begin_epoch", "evaluate_epoch", "record", "summarize",
-           "write_preview", "epoch_seed"]
+           "write_preview", "write_reliability", "epoch_seed"]
 
 # engine name -> "module:class"; the module is imported only for runs that use it.
 ENGINES = {"torch": "mixrecipe.torch_engine:TorchEngine", "fastai": "mixrecipe.fastai_engine:FastaiEngine"}
@@ -190,6 +191,16 @@ def write_preview(path: str, bundle: DataBundle, cfg: Config, rows: int = 4, col
     plot_mixup_preview(images, y, partner, lam, bundle.classes, path, title=title, cols=cols)
 
 
+def write_reliability(path: str, bins, cfg: Config) -> None:
+    """reliability.png: the final model's confidence against its accuracy on the test set (the validation
+    set when ``data.val_size`` is 0: it is then the test set)."""
+    from .plots import plot_reliability
+
+    mixing = ("ERM" if cfg.mixup.alpha == 0 and cfg.mixup.cutmix_alpha == 0
+              else f"mixup α={cfg.mixup.alpha:g}")
+    plot_reliability(bins, path, title=f"{cfg.model} on the {cfg.data.name} test set, {mixing}")
+
+
 # ----------------------------------------------------------------------------------------------------
 # One epoch
 
@@ -258,15 +269,17 @@ def record(state: RunState, engine: Engine, metrics: dict) -> None:
 
 def summarize(state: RunState, engine: Engine) -> dict:
     """The final metrics: the last epoch's record, the test set's (or the last validation's), the best val
-    top-1; written to summary.json on rank 0."""
+    top-1; written to summary.json on rank 0 with reliability.png beside it."""
     history, bundle, out = state.history, state.bundle, state.out
     summary = dict(history[-1]) if history else {}
+    final_loader = (state.val_loader if bundle.test is None
+                    else eval_loader(bundle.test, state.cfg, state.dist))
+    test, bins = evaluate_with_bins(engine.predict(final_loader), state.dist, "test")
     if bundle.test is not None:
-        test = evaluate(engine.predict(eval_loader(bundle.test, state.cfg, state.dist)), state.dist, "test")
         summary.update(test)
-    elif history:
-        summary.update({"test_loss": history[-1]["val_loss"], "test_top1": history[-1]["val_top1"],
-                        "test_top5": history[-1]["val_top5"]})
+    elif history:  # the validation set is the test set: its last record, as the epoch reported it
+        summary.update({k.replace("val_", "test_", 1): v for k, v in history[-1].items()
+                        if k in ("val_loss", "val_top1", "val_top5", "val_nll", "val_ece")})
     summary["best_val_top1"] = state.best_top1 if history else None
     if state.cfg.data.skip_corrupt:  # also the files first met by the test evaluation above
         skipped = int(all_sum([float(len(count_unreadable(bundle)))], state.dist)[0])
@@ -275,9 +288,11 @@ def summarize(state: RunState, engine: Engine) -> dict:
     summary["engine"] = engine.name
     if state.dist.is_main:
         write_summary(os.path.join(out, "summary.json"), summary)
+        write_reliability(os.path.join(out, "reliability.png"), bins, state.cfg)
         if "test_top1" in summary:
+            ece = f", ECE {summary['test_ece']:.2f}%" if "test_ece" in summary else ""
             print(f"test top-1: {summary['test_top1']:.2f}%  (top-5 {summary['test_top5']:.2f}%, "
-                  f"loss {summary['test_loss']:.4f}; outputs in {out})", flush=True)
+                  f"loss {summary['test_loss']:.4f}{ece}; outputs in {out})", flush=True)
     return summary
 
 

@@ -30,7 +30,8 @@ __all__ = [
 
 CHECKPOINT_VERSION = 1
 # What a run writes besides config.yaml; a fresh run in an old directory removes these first.
-RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "summary.json", "curves.png", "mixup_preview.png")
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "summary.json", "curves.png", "mixup_preview.png",
+             "reliability.png", "evaluation.json")
 
 
 def save_checkpoint(state: dict, path: str) -> None:
@@ -140,6 +141,8 @@ def format_record(record: dict, epochs: int) -> str:
     parts = [f"epoch {record['epoch']}/{epochs}", f"train_loss {record['train_loss']:.4f}",
              f"val_loss {record['val_loss']:.4f}", f"val_top1 {record['val_top1']:.2f}%",
              f"val_top5 {record['val_top5']:.2f}%"]
+    if "val_ece" in record:
+        parts.append(f"val_ece {record['val_ece']:.2f}%")
     if "train_fit_noisy" in record:
         parts.append(f"noisy fitted {record['train_fit_noisy']:.1f}%")
     parts += [f"lr {record['lr']:.3g}", f"{record['images_per_s']:,.0f} img/s", f"{record['seconds']:.1f}s"]

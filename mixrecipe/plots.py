@@ -1,4 +1,5 @@
-"""The run's pictures: ``curves.png`` (loss and accuracy per epoch) and ``mixup_preview.png``.
+"""The run's pictures: ``curves.png`` (loss and accuracy per epoch), ``mixup_preview.png`` and
+``reliability.png`` (confidence against accuracy).
 
 matplotlib is imported lazily with the Agg backend, so training on a headless machine never needs a display.
 Both files are written atomically (to a temporary name, then renamed).
@@ -9,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 
-__all__ = ["plot_curves", "plot_mixup_preview", "mixup_preview_figure"]
+__all__ = ["plot_curves", "plot_mixup_preview", "mixup_preview_figure", "plot_reliability"]
 
 
 def _pyplot():
@@ -108,3 +109,59 @@ def mixup_preview_figure(images, labels_a, labels_b, lam, classes, title: str = 
 def plot_mixup_preview(images, labels_a, labels_b, lam, classes, path: str, title: str = "", cols: int = 4):
     """Write :func:`mixup_preview_figure` to ``path`` (PNG, atomically); same arguments plus the path."""
     _save(mixup_preview_figure(images, labels_a, labels_b, lam, classes, title=title, cols=cols), path)
+
+
+def plot_reliability(bins, path: str, title: str = "") -> float:
+    """A reliability diagram: accuracy against confidence per equal-width bin, the gap to the diagonal shaded.
+
+    Args:
+        bins: (3, n_bins) [count, sum of confidence, sum of correct] per bin
+            (:func:`mixrecipe.metrics.calibration_bins`).
+        path: the PNG to write.
+        title: the first title line; the ECE and the number of predictions are added below it.
+
+    Returns:
+        The ECE (a fraction), as written in the title.
+    """
+    import torch
+
+    from .metrics import ece_from_bins
+
+    plt = _pyplot()
+    bins = torch.as_tensor(bins, dtype=torch.float64).cpu()
+    count, conf_sum, correct_sum = bins
+    n_bins = bins.shape[1]
+    width = 1.0 / n_bins
+    lo = torch.arange(n_bins, dtype=torch.float64) * width
+    filled = count > 0
+    acc = torch.where(filled, correct_sum / count.clamp(min=1), torch.zeros_like(count))
+    conf = torch.where(filled, conf_sum / count.clamp(min=1), lo + width / 2)
+    ece = ece_from_bins(bins)
+    n = int(count.sum().item())
+
+    fig, (ax, ax_n) = plt.subplots(2, 1, figsize=(5.2, 6.2), sharex=True,
+                                   gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], ls="--", color="gray", lw=1, label="perfect calibration")
+    ax.bar(lo[filled].tolist(), acc[filled].tolist(), width=width, align="edge", color="tab:blue",
+           edgecolor="black", lw=0.6, label="accuracy")
+    gap_lo = torch.minimum(acc, conf)[filled].tolist()
+    gap_h = (acc - conf).abs()[filled].tolist()
+    ax.bar(lo[filled].tolist(), gap_h, bottom=gap_lo, width=width, align="edge", color="tab:red", alpha=0.3,
+           edgecolor="tab:red", hatch="//", lw=0.6, label="gap to mean confidence")
+    ax.plot(conf[filled].tolist(), conf[filled].tolist(), "k.", ms=4)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    head = f"{title}\n" if title else ""
+    ax.set_title(f"{head}ECE {100 * ece:.2f}% ({n_bins} bins, {n:,} predictions)", fontsize=10)
+    ax_n.bar(lo.tolist(), (count / max(n, 1)).tolist(), width=width, align="edge", color="gray",
+             edgecolor="black", lw=0.6)
+    ax_n.set_xlabel("confidence (maximum softmax probability)")
+    ax_n.set_ylabel("share of predictions")
+    ax_n.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return ece

@@ -1,4 +1,5 @@
-"""Evaluation of predictions, the same for every engine: accuracy, loss and label-noise memorization.
+"""Evaluation of predictions, the same for every engine: accuracy, loss, calibration and label-noise
+memorization.
 
 Both functions take an iterable of (float32 logits, targets) batches (an engine's ``predict``), sum on the
 device in float64 and reduce the sums over ranks, so a sharded evaluation gives the numbers of one process
@@ -14,25 +15,41 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .distributed import DistContext, all_sum
+from .metrics import calibration_bins, ece_from_bins
 
-__all__ = ["evaluate", "memorization"]
+__all__ = ["ECE_BINS", "evaluate", "evaluate_with_bins", "memorization"]
+
+ECE_BINS = 15  # equal-width confidence bins of val_ece / test_ece and reliability.png
 
 
 def evaluate(batches: Iterable[tuple[Tensor, Tensor]], d: DistContext, prefix: str = "val") -> dict:
-    """Top-1 and top-5 accuracy (%) and mean cross-entropy over all ranks' batches.
+    """Top-1 and top-5 accuracy (%), mean cross-entropy (NLL) and ECE (%) over all ranks' batches.
 
     Returns:
-        ``{prefix_loss, prefix_top1, prefix_top5}``.
+        ``{prefix_loss, prefix_top1, prefix_top5, prefix_nll, prefix_ece}``; ``prefix_nll`` is
+        ``prefix_loss``, named for what it measures.
     """
+    return evaluate_with_bins(batches, d, prefix)[0]
+
+
+def evaluate_with_bins(batches: Iterable[tuple[Tensor, Tensor]], d: DistContext,
+                       prefix: str = "val") -> tuple[dict, Tensor]:
+    """:func:`evaluate`'s metrics and the (3, ECE_BINS) calibration sums behind the ECE (on the CPU, summed
+    over ranks; :func:`mixrecipe.metrics.calibration_bins`), for a reliability diagram."""
     sums = torch.zeros(4, dtype=torch.float64, device=d.device)  # loss, top-1, top-5, count
+    bins = torch.zeros(3, ECE_BINS, dtype=torch.float64, device=d.device)
     for logits, y in batches:
         hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
         sums += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(),
                              hit[:, 0].sum().double(), hit.any(dim=1).sum().double(),
                              torch.tensor(float(y.shape[0]), dtype=torch.float64, device=y.device)])
-    loss, c1, c5, n = all_sum(sums.tolist(), d)
+        bins += calibration_bins(logits.softmax(dim=1), y, ECE_BINS)
+    totals = all_sum(sums.tolist() + bins.flatten().tolist(), d)  # one reduction for both
+    loss, c1, c5, n = totals[:4]
+    bins = torch.tensor(totals[4:], dtype=torch.float64).view(3, ECE_BINS)
     n = max(n, 1.0)
-    return {f"{prefix}_loss": loss / n, f"{prefix}_top1": 100.0 * c1 / n, f"{prefix}_top5": 100.0 * c5 / n}
+    return ({f"{prefix}_loss": loss / n, f"{prefix}_top1": 100.0 * c1 / n, f"{prefix}_top5": 100.0 * c5 / n,
+             f"{prefix}_nll": loss / n, f"{prefix}_ece": 100.0 * ece_from_bins(bins)}, bins)
 
 
 def memorization(batches: Iterable[tuple[Tensor, Tensor]], d: DistContext) -> dict:

@@ -548,13 +548,15 @@ def test_engine_fastai_writes_the_outputs_and_matches_the_torch_engine(fastai_tw
 
     out, history, policy = fastai_two_epochs
     for name in ("config.yaml", "metrics.jsonl", "curves.png", "mixup_preview.png", "last.pt", "best.pt",
-                 "summary.json"):
+                 "summary.json", "reliability.png"):
         assert os.path.getsize(out / name) > 0, name
+    assert all(0 < r["val_ece"] < 100 and r["val_nll"] > 0 for r in history)
     with open(out / "config.yaml") as fh:
         assert yaml.safe_load(fh)["engine"] == "fastai"
     with open(out / "summary.json") as fh:
         summary = json.load(fh)
     assert summary["test_top1"] == history[-1]["val_top1"] and summary["engine"] == "fastai"
+    assert summary["test_ece"] == history[-1]["val_ece"]
     # The same recipe through the default torch loop: the same numbers (same data order, init, draws).
     torch_history = _train(tmp_path / "torch", "engine=torch", "epochs=2", "preview=false", *policy)
     _same_metrics(history, torch_history)

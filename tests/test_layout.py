@@ -21,9 +21,10 @@ LAYERS = {
     "mixrecipe.kernels": 2,
     # Pure helpers: settings, float64 semantics, argument checks, the CPU switch, plots, metric math.
     "mixrecipe.config": 3, "mixrecipe.reference": 3, "mixrecipe.checks": 3, "mixrecipe.backend": 3,
-    "mixrecipe.plots": 3, "mixrecipe.metrics": 3, "mixrecipe.cpu_kernel": 3,
+    "mixrecipe.metrics": 3, "mixrecipe.cpu_kernel": 3,
     # The ops, and what the runner needs that knows nothing of mixing.
-    "mixrecipe.ops": 4, "mixrecipe.models": 4, "mixrecipe.distributed": 4, "mixrecipe.outputs": 4,
+    "mixrecipe.ops": 4, "mixrecipe.models": 4, "mixrecipe.plots": 4, "mixrecipe.distributed": 4,
+    "mixrecipe.outputs": 4,
     "mixrecipe.loss": 5, "mixrecipe.policy": 5, "mixrecipe.data": 5, "mixrecipe.scoring": 5,
     "mixrecipe": 6,  # the public API (__init__)
     # Integrations with other libraries, and the recipe's factories.

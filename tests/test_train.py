@@ -87,14 +87,17 @@ def test_digits_default_end_to_end(tmp_path, capsys):
     assert "test top-1:" in printed and "epoch 2/2" in printed
     assert result["test_top1"] > 50.0  # two epochs on 1437 digits: far above chance
     for name in ("config.yaml", "metrics.jsonl", "curves.png", "mixup_preview.png", "last.pt", "best.pt",
-                 "summary.json"):
+                 "summary.json", "reliability.png"):
         assert (out / name).is_file(), name
     records = _metrics(out)
     assert [r["epoch"] for r in records] == [1, 2]
     for r in records:
         assert set(r) >= {"epoch", "train_loss", "val_loss", "val_top1", "val_top5", "lr", "images_per_s",
-                          "seconds"}
+                          "seconds", "val_ece", "val_nll"}
         assert 0 <= r["val_top1"] <= r["val_top5"] <= 100 and r["images_per_s"] > 0
+        assert 0 < r["val_ece"] < 100 and r["val_nll"] == pytest.approx(r["val_loss"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_ece"] == records[-1]["val_ece"] and summary["test_nll"] == records[-1]["val_nll"]
     # The resolved config is saved beside the run and reproduces it as a recipe.
     assert load_config(str(out / "config.yaml")).epochs == 2
     # Checkpoints load with weights_only=True.
