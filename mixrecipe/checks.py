@@ -62,9 +62,16 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REDUCTIONS = ("mean", "sum", "none")
 
 
+def tracing() -> bool:
+    """Whether a tracer is watching: torch.compile, or a dispatch or function mode (make_fx, export,
+    FakeTensor, FlopCounterMode, a default-device context)."""
+    return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._is_torch_function_mode_enabled())
+
+
 def can_inspect(t: Tensor) -> bool:
-    """Whether reading tensor values is free: a CPU tensor, outside torch.compile tracing."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+    """Whether reading tensor values is free: a plain CPU tensor, with no tracer watching."""
+    return t.device.type == "cpu" and type(t) is Tensor and not tracing()
 
 
 def check_device(name: str, t: Tensor, device: torch.device) -> None:
@@ -159,7 +166,7 @@ def check_lam(name: str, lam, batch: int, device: torch.device):
     if isinstance(lam, Tensor):
         if not lam.is_floating_point():
             raise TypeError(f"{name} must be a float or a floating-point tensor, got {lam.dtype}")
-        if lam.ndim == 0 and lam.device.type == "cpu" and not torch.compiler.is_compiling():
+        if lam.ndim == 0 and can_inspect(lam):
             return check_unit_interval(name, float(lam))
         if lam.shape not in ((), (batch,)):
             raise ValueError(f"{name} must be a scalar or have shape ({batch},), got {tuple(lam.shape)}")
@@ -198,7 +205,8 @@ def check_index_target(target, batch: int, num_classes: int, device: torch.devic
         raise ValueError(f"target must have shape ({batch},), got {tuple(target.shape)}")
     check_device("target", target, device)
     if can_inspect(target) and target.numel():
-        lo, hi = int(target.min()), int(target.max())
+        lo, hi = target.aminmax()
+        lo, hi = int(lo), int(hi)
         if lo < 0 or hi >= num_classes:
             raise ValueError(f"target holds class indices from {lo} to {hi}, outside "
                              f"[0, num_classes={num_classes})")
@@ -262,8 +270,9 @@ def check_images(x, mean, std, out_dtype, inplace):
     check_out_dtype(out_dtype, allow_none=False)
     if (mean is None) != (std is None):
         raise ValueError("mean and std go together: pass both or neither")
-    if x.shape[0] and x[0].numel() >= 2**31:
-        raise ValueError(f"one sample of x has {x[0].numel()} elements; at most 2**31 - 1 are supported")
+    sample = math.prod(x.shape[1:])
+    if x.shape[0] and sample >= 2**31:
+        raise ValueError(f"one sample of x has {sample} elements; at most 2**31 - 1 are supported")
     if mean is not None:
         if x.ndim < 2:
             raise ValueError("mean/std normalize dim 1 (channels): x must have at least 2 dimensions")

@@ -280,6 +280,8 @@ if numba is not None:
             oi = out[i, start:start + n]
             for col in range(n):
                 _store(oi, col, np.float32(np.nan))
+        elif inplace and not box.shape[0]:
+            _mix_span(xi, xj, xi, xj, n, m, s, mean_tab, istd_tab, use_tab, in_scale, w_i, w_j, True)
         elif inplace:
             _mix_line(xi, xj, xi, xj, n, m, s, mean_tab, istd_tab, use_tab, in_scale, w_i, w_j,
                       c0_i, c1_i, c0_j, c1_j, True, True)
@@ -355,17 +357,17 @@ def _empty(dtype, ndim: int = 1):
 
 
 _BITS_DTYPE = {torch.float16: torch.int16, torch.bfloat16: torch.uint16}
-_IDENTITY = {}
+_NO_MEAN, _NO_ISTD = np.zeros(1, np.float32), np.ones(1, np.float32)  # the identity normalization
 
 
 def _rows(t: torch.Tensor, planar: bool):
     """(B, N) numpy view of a batch in memory order; fp16/bf16 as int16/uint16 bits. Shares memory."""
-    if not planar:
-        t = t.permute(0, 2, 3, 1)
-    t = t.reshape(t.shape[0], -1)
     if t.dtype in _BITS_DTYPE:
         t = t.view(_BITS_DTYPE[t.dtype])
-    return t.numpy()
+    a = t.numpy()  # numpy's reshape of a view costs less than torch's
+    if not planar:
+        a = a.transpose(0, 2, 3, 1)
+    return a.reshape(a.shape[0], -1)
 
 
 _HUGE_PAGE = 2 << 20
@@ -442,8 +444,8 @@ def mix_cpu(x, out, target, soft, *, perm, lam_x, lam_y, box, mean, inv_std, in_
         x_rows = _rows(x, planar)
         out_rows = x_rows if inplace else _rows(out, planar)
         plane, lines_per_plane, line, col_mult = _geometry(x, planar, has_norm, box is not None)
-        mean_np = mean.numpy() if has_norm else _IDENTITY.setdefault("mean", np.zeros(1, np.float32))
-        istd_np = inv_std.numpy() if has_norm else _IDENTITY.setdefault("istd", np.ones(1, np.float32))
+        mean_np = mean.numpy() if has_norm else _NO_MEAN
+        istd_np = inv_std.numpy() if has_norm else _NO_ISTD
         mean_tab = istd_tab = _empty(np.float32)
         if has_norm and not planar:  # per column of a line: channel = col % C
             mean_tab, istd_tab = np.tile(mean_np, line // col_mult), np.tile(istd_np, line // col_mult)

@@ -5,7 +5,10 @@ one-pass numba kernel (``mixrecipe.cpu_kernel``, the default), an eager path wit
 (``cpu_backend("eager")``, the reference the tests compare with), or the Triton kernel through the
 interpreter (``cpu_backend("triton")``, used by the tests); ``mixrecipe.backend`` holds the switch. The
 work is registered with
-``torch.library.custom_op`` so that ``torch.compile(fullgraph=True)`` sees one opaque op.
+``torch.library.custom_op`` so that ``torch.compile(fullgraph=True)``, ``torch.export`` and FakeTensor see
+one opaque op. A plain eager call skips torch's dispatcher (tens of µs, as long as the whole pass on a
+CIFAR-sized batch) and runs the op's body directly when nothing could tell the difference
+(:func:`_direct_call`).
 
 No host-device synchronization happens here: checks that need tensor values (lam in [0, 1], perm is a
 permutation, class indices in range) run only on CPU tensors and outside torch.compile. On CUDA the kernel
@@ -19,7 +22,15 @@ from torch import Tensor
 
 from . import cpu_kernel
 from .backend import current_cpu_backend, runs_kernel
-from .checks import check_box, check_images, check_lam, check_perm, check_target, check_unit_interval
+from .checks import (
+    check_box,
+    check_images,
+    check_lam,
+    check_perm,
+    check_target,
+    check_unit_interval,
+    tracing,
+)
 from .kernels import mix_launch
 from .reference import pixel_weights, smooth_targets
 
@@ -158,11 +169,19 @@ def _lam_arg(tensor: Tensor | None, value: float):
     return tensor if tensor is not None else value
 
 
+def _direct_call(*tensors: Tensor | None) -> bool:
+    """Whether a call may run the op's body without the dispatcher: plain tensors that need no grad,
+    outside torch.compile tracing and outside any dispatch or function mode (FakeTensor, make_fx,
+    FlopCounterMode, a default-device context). Anything else goes through the registered op."""
+    if tracing():
+        return False
+    return all(t is None or (type(t) is Tensor and not t.requires_grad) for t in tensors)
+
+
 # --------------------------------------------------------------------------------------------------
 # Registered ops. Tensors only, no Python unions: the public wrappers below translate.
 # --------------------------------------------------------------------------------------------------
-@torch.library.custom_op("mixrecipe::mix", mutates_args=())
-def _mix_op(
+def _mix_body(
     x: Tensor, target: Tensor | None, lam_x: Tensor | None, lam_x_value: float, lam_y: Tensor | None,
     lam_y_value: float, perm: Tensor | None, box: Tensor | None, mean: Tensor | None, std: Tensor | None,
     num_classes: int, label_smoothing: float, out_dtype: torch.dtype,
@@ -174,14 +193,16 @@ def _mix_op(
     return out, soft
 
 
+_mix_op = torch.library.custom_op("mixrecipe::mix", _mix_body, mutates_args=())
+
+
 @_mix_op.register_fake
 def _(x, target, lam_x, lam_x_value, lam_y, lam_y_value, perm, box, mean, std, num_classes,
       label_smoothing, out_dtype):
     return torch.empty_like(x, dtype=out_dtype), _new_soft(x, target, num_classes)
 
 
-@torch.library.custom_op("mixrecipe::mix_", mutates_args=("x",))
-def _mix_inplace_op(
+def _mix_inplace_body(
     x: Tensor, target: Tensor | None, lam_x: Tensor | None, lam_x_value: float, lam_y: Tensor | None,
     lam_y_value: float, box: Tensor | None, mean: Tensor | None, std: Tensor | None,
     num_classes: int, label_smoothing: float,
@@ -192,13 +213,15 @@ def _mix_inplace_op(
     return soft
 
 
+_mix_inplace_op = torch.library.custom_op("mixrecipe::mix_", _mix_inplace_body, mutates_args=("x",))
+
+
 @_mix_inplace_op.register_fake
 def _(x, target, lam_x, lam_x_value, lam_y, lam_y_value, box, mean, std, num_classes, label_smoothing):
     return _new_soft(x, target, num_classes)
 
 
-@torch.library.custom_op("mixrecipe::mix_target", mutates_args=())
-def _mix_target_op(
+def _mix_target_body(
     target: Tensor, lam: Tensor | None, lam_value: float, perm: Tensor | None, num_classes: int,
     label_smoothing: float,
 ) -> Tensor:
@@ -206,6 +229,9 @@ def _mix_target_op(
     _run(None, None, target, soft, perm, 1.0, _lam_arg(lam, lam_value), None, None, None,
          num_classes, label_smoothing)
     return soft
+
+
+_mix_target_op = torch.library.custom_op("mixrecipe::mix_target", _mix_target_body, mutates_args=())
 
 
 @_mix_target_op.register_fake
@@ -281,11 +307,15 @@ def mix(
         if perm is not None:
             raise ValueError("inplace=True needs the flip pairing (perm=None): with an explicit permutation "
                              "a row may be read after its partner overwrote it")
-        soft = _mix_inplace_op(x, target, lam_x_t, lam_x_v, lam_y_t, lam_y_v, box, mean, std,
-                               num_classes, label_smoothing)
+        direct = _direct_call(x, target, lam_x_t, lam_y_t, box, mean, std)
+        if direct:  # the kernels write through raw pointers: tell autograd that x changed, as the op would
+            torch.autograd.graph.increment_version(x)
+        soft = (_mix_inplace_body if direct else _mix_inplace_op)(
+            x, target, lam_x_t, lam_x_v, lam_y_t, lam_y_v, box, mean, std, num_classes, label_smoothing)
         return x, (soft if target is not None else None)
-    out, soft = _mix_op(x, target, lam_x_t, lam_x_v, lam_y_t, lam_y_v, perm, box, mean, std,
-                        num_classes, label_smoothing, out_dtype)
+    op = _mix_body if _direct_call(x, target, lam_x_t, lam_y_t, perm, box, mean, std) else _mix_op
+    out, soft = op(x, target, lam_x_t, lam_x_v, lam_y_t, lam_y_v, perm, box, mean, std,
+                   num_classes, label_smoothing, out_dtype)
     return out, (soft if target is not None else None)
 
 
@@ -335,4 +365,5 @@ def mixup_target(
     lam_t, lam_v = _lam_parts("lam", lam, batch, device)
     perm = check_perm(perm, batch, device)
     smoothing = check_unit_interval("label_smoothing", label_smoothing)
-    return _mix_target_op(target, lam_t, lam_v, perm, num_classes, smoothing)
+    op = _mix_target_body if _direct_call(target, lam_t, perm) else _mix_target_op
+    return op(target, lam_t, lam_v, perm, num_classes, smoothing)

@@ -23,6 +23,7 @@ and the results are moved to the batch's device with ``non_blocking=True``.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -38,6 +39,7 @@ from .checks import (
     check_num_classes,
     check_out_dtype,
     check_unit_interval,
+    tracing,
 )
 
 __all__ = [
@@ -127,12 +129,32 @@ def sample_beta(alpha: float, size=(), *, generator=None, device=None, dtype=tor
     alpha = check_alpha("alpha", alpha)
     size = _size(size)
     draw_device = _gen_device(generator, device)
+    if size == () and draw_device.type == "cpu" and not tracing():
+        return _to(torch.tensor(_beta_value(alpha, generator), dtype=dtype), device or draw_device)
     conc = torch.full((2,) + size, alpha + 1.0, dtype=torch.float64, device=draw_device)
     gamma = torch._standard_gamma(conc, generator=generator)
     u = 1.0 - torch.rand((2,) + size, generator=generator, device=draw_device, dtype=torch.float64)
     log_g = gamma.log() + u.log() / alpha
     lam = torch.sigmoid(log_g[0] - log_g[1]).to(dtype)
     return _to(lam, device if device is not None else draw_device)
+
+
+_CONCENTRATIONS: dict[float, Tensor] = {}
+
+
+def _beta_value(alpha: float, generator) -> float:
+    """One λ ~ Beta(alpha, alpha) from a CPU generator as a Python float: :func:`sample_beta`'s draws and
+    formula, with the arithmetic on floats (a dozen tiny tensor ops cost more than a CIFAR batch's mixing)."""
+    conc = _CONCENTRATIONS.get(alpha)
+    if conc is None:
+        conc = _CONCENTRATIONS[alpha] = torch.full((2,), alpha + 1.0, dtype=torch.float64)
+    g1, g2 = torch._standard_gamma(conc, generator=generator).tolist()
+    u1, u2 = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
+    d = (math.log(g1) + math.log(1.0 - u1) / alpha) - (math.log(g2) + math.log(1.0 - u2) / alpha)
+    if d >= 0.0:  # the logistic function without overflow
+        return 1.0 / (1.0 + math.exp(-d))
+    e = math.exp(d)
+    return e / (1.0 + e)
 
 
 def rand_box(img_shape, lam, *, generator=None) -> Tensor:
@@ -501,8 +523,13 @@ class Mixup:
         Returns (lam_x, lam_y, box) in float64/float64/int32; box is None when CutMix is inactive.
         """
         g = self.generator
-        apply = _uniform(size, g, device) < self.mix_prob
         mixup_on, cutmix_on = self.mixup_alpha > 0.0, self.cutmix_alpha > 0.0
+        if size == () and device.type == "cpu" and not cutmix_on and not tracing():  # same draws, floats
+            apply = torch.rand((), generator=g, dtype=torch.float64).item() < self.mix_prob
+            lam = _beta_value(self.mixup_alpha, g)
+            lam = torch.tensor(lam if apply else 1.0, dtype=torch.float64)
+            return lam, lam, None
+        apply = _uniform(size, g, device) < self.mix_prob
         if mixup_on and cutmix_on:
             use_cut = _uniform(size, g, device) < self.switch_prob
             lam = torch.where(use_cut,

@@ -456,3 +456,40 @@ def test_inplace_normalization_odd_batch_kernel(backend):
     ops.mixup(y, None, 0.4, mean=(0.1, 0.2, 0.3), std=(0.5, 2.0, 1.0), inplace=True)
     ref, _ = R.mix_reference(x, None, 0.4, mean=(0.1, 0.2, 0.3), std=(0.5, 2.0, 1.0))
     assert_matches_reference(y, ref, 16.0, torch.float32)
+
+
+def test_tracing_sees_the_registered_op():
+    """Eager calls skip the dispatcher; a tracer (a dispatch mode) must still see the one opaque op."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def step(x, y):
+        out, soft = ops.mixup(x, y, 0.3, num_classes=5, label_smoothing=0.1)
+        return out, soft, ops.mixup_target(y, 5, 0.3)
+
+    x, y = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 4])
+    graph = make_fx(step)(x, y).graph
+    targets = {str(node.target) for node in graph.nodes if node.op == "call_function"}
+    assert {"mixrecipe.mix.default", "mixrecipe.mix_target.default"} <= targets, targets
+    traced = make_fx(lambda x: ops.mixup(x, None, 0.3, inplace=True)[0])(x.clone()).graph
+    assert any(str(n.target) == "mixrecipe.mix_.default" for n in traced.nodes)
+
+
+def test_inplace_bumps_the_version_counter(backend):
+    """The kernels write through raw pointers; autograd must still learn that x changed in place, so a
+    graph that saved x refuses to backpropagate through stale values instead of giving wrong gradients."""
+    device = _device_for(backend)
+    x = torch.randn(6, 3, 4, 4, device=device)
+    w = torch.ones(1, requires_grad=True, device=device)
+    y = (w * x).sum()  # saves x for the gradient of w
+    version = x._version
+    ops.mixup(x, torch.arange(6, device=device), 0.3, num_classes=6, inplace=True)
+    assert x._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
+def test_inputs_that_need_grad_take_the_registered_op():
+    x = torch.randn(4, 3, 2, 2, requires_grad=True)
+    out, soft = ops.mixup(x, torch.arange(4), 0.3, num_classes=4)
+    torch.testing.assert_close(out.detach(), 0.3 * x.detach() + 0.7 * x.detach().flip(0))
+    assert soft.shape == (4, 4)
