@@ -161,9 +161,11 @@ def time_cpu_interleaved(
     min_rounds: int = 10,
     max_rounds: int = 2000,
     target_s: float = 2.0,
+    before_round: Callable[[], object] | None = None,
 ) -> dict[str, Timing]:
     """Time CPU callables round-robin: every round calls each once, in order; at least ``min_rounds``
-    rounds and until ``target_s`` seconds have passed (at most ``max_rounds``)."""
+    rounds and until ``target_s`` seconds of timed calls have passed (at most ``max_rounds``);
+    ``before_round`` runs untimed before every round."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -172,13 +174,17 @@ def time_cpu_interleaved(
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        start = time.perf_counter()
+        spent = 0.0
         rounds = 0
-        while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < target_s):
+        while rounds < max_rounds and (rounds < min_rounds or spent < target_s):
+            if before_round is not None:
+                before_round()
+            t_round = time.perf_counter()
             for name, fn in fns.items():
                 t0 = time.perf_counter()
                 fn()
                 samples[name].append((time.perf_counter() - t0) * 1e3)
+            spent += time.perf_counter() - t_round
             rounds += 1
     finally:
         if gc_was_enabled:
@@ -223,14 +229,17 @@ def time_cuda_graph(fn: Callable[[], object], *, n_inner: int = 20, warmup_ms: i
 
 
 def time_providers(fns: dict[str, Callable[[], object]], device: torch.device, *, quick: bool = False,
-                   target_s: float = 2.0) -> dict[str, Timing]:
-    """Time each provider: interleaved on CPU, ``do_bench`` one after another on CUDA."""
+                   target_s: float = 2.0,
+                   before_round: Callable[[], object] | None = None) -> dict[str, Timing]:
+    """Time each provider: interleaved on CPU (``before_round`` runs untimed before every round), ``do_bench``
+    one after another on CUDA."""
     if device.type == "cuda":
         rep = 20 if quick else 100
         return {k: time_cuda(fn, warmup_ms=5 if quick else 25, rep_ms=rep) for k, fn in fns.items()}
     if quick:
-        return time_cpu_interleaved(fns, warmup=1, min_rounds=3, max_rounds=3, target_s=0.0)
-    return time_cpu_interleaved(fns, target_s=target_s)
+        return time_cpu_interleaved(fns, warmup=1, min_rounds=3, max_rounds=3, target_s=0.0,
+                                    before_round=before_round)
+    return time_cpu_interleaved(fns, target_s=target_s, before_round=before_round)
 
 
 def count_cuda_kernels(fn: Callable[[], object]) -> int | None:

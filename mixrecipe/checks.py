@@ -293,6 +293,26 @@ def check_images(x, mean, std, out_dtype, inplace):
     return x, mean, std, out_dtype
 
 
+def check_out(out, x: Tensor, out_dtype: torch.dtype, inplace: bool) -> Tensor | None:
+    """A caller's output buffer: x's shape and strides, the output dtype, x's device, no memory shared
+    with x (in-place mixing is ``inplace=True``)."""
+    if out is None:
+        return None
+    if not isinstance(out, Tensor):
+        raise TypeError(f"out must be a tensor, got {type(out).__name__}")
+    if inplace:
+        raise ValueError("out and inplace=True exclude each other: inplace writes into x")
+    if out.dtype != out_dtype:
+        raise TypeError(f"out has dtype {out.dtype} but the result is {out_dtype} (out_dtype)")
+    check_device("out", out, x.device)
+    if out.shape != x.shape or out.stride() != x.stride():
+        raise ValueError(f"out must have x's shape and memory layout: shape {tuple(x.shape)}, strides "
+                         f"{x.stride()}; got {tuple(out.shape)}, {out.stride()}")
+    if out.numel() and not tracing() and out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+        raise ValueError("out shares memory with x: pass a separate buffer, or inplace=True to mix x itself")
+    return out
+
+
 def check_box(box, x: Tensor, device):
     """CutMix boxes -> int32 (B, 4) (y0, y1, x0, x1), or None."""
     if box is None:

@@ -26,6 +26,7 @@ from .checks import (
     check_box,
     check_images,
     check_lam,
+    check_out,
     check_perm,
     check_target,
     check_unit_interval,
@@ -202,6 +203,26 @@ def _(x, target, lam_x, lam_x_value, lam_y, lam_y_value, perm, box, mean, std, n
     return torch.empty_like(x, dtype=out_dtype), _new_soft(x, target, num_classes)
 
 
+def _mix_out_body(
+    x: Tensor, out: Tensor, target: Tensor | None, lam_x: Tensor | None, lam_x_value: float,
+    lam_y: Tensor | None, lam_y_value: float, perm: Tensor | None, box: Tensor | None, mean: Tensor | None,
+    std: Tensor | None, num_classes: int, label_smoothing: float,
+) -> Tensor:
+    soft = _new_soft(x, target, num_classes)
+    _run(x, out, target, soft if target is not None else None, perm, _lam_arg(lam_x, lam_x_value),
+         _lam_arg(lam_y, lam_y_value), box, mean, std, num_classes, label_smoothing)
+    return soft
+
+
+_mix_out_op = torch.library.custom_op("mixrecipe::mix_out", _mix_out_body, mutates_args=("out",))
+
+
+@_mix_out_op.register_fake
+def _(x, out, target, lam_x, lam_x_value, lam_y, lam_y_value, perm, box, mean, std, num_classes,
+      label_smoothing):
+    return _new_soft(x, target, num_classes)
+
+
 def _mix_inplace_body(
     x: Tensor, target: Tensor | None, lam_x: Tensor | None, lam_x_value: float, lam_y: Tensor | None,
     lam_y_value: float, box: Tensor | None, mean: Tensor | None, std: Tensor | None,
@@ -270,6 +291,7 @@ def mix(
     std=None,
     out_dtype: torch.dtype | None = None,
     inplace: bool = False,
+    out: Tensor | None = None,
 ):
     """The fused op in full: partner gather, optional normalization and CutMix box, lerp, soft labels.
 
@@ -288,9 +310,13 @@ def mix(
             to [0, 1] first, so mean/std are in [0, 1] units (e.g. timm's IMAGENET_DEFAULT_MEAN).
         out_dtype: dtype of the mixed images; defaults to x's dtype.
         inplace: write the result into x (flip pairing and an unchanged dtype only).
+        out: write the mixed images into this buffer instead of a new tensor (x's shape and strides,
+            ``out_dtype``, not sharing memory with x). A data loader that reuses its buffers skips the
+            allocation, which on CPU costs more than the pass (the kernel must fault in and zero new pages).
 
     Returns:
-        (x_mixed, soft_target): soft_target is (B, K) float32, or None when target is None.
+        (x_mixed, soft_target): x_mixed is ``out`` when given; soft_target is (B, K) float32, or None when
+        target is None.
     """
     x, mean, std, out_dtype = check_images(x, mean, std, out_dtype, inplace)
     batch, device = x.shape[0], x.device
@@ -303,6 +329,15 @@ def mix(
     lam_y_t, lam_y_v = (lam_x_t, lam_x_v) if lam_y is None else _lam_parts("lam_y", lam_y, batch, device)
     perm = check_perm(perm, batch, device)
     box = check_box(box, x, device)
+    out = check_out(out, x, out_dtype, inplace)
+    if out is not None:
+        direct = _direct_call(x, out, target, lam_x_t, lam_y_t, perm, box, mean, std)
+        if direct:  # as the registered op would: autograd learns that out changed
+            torch.autograd.graph.increment_version(out)
+        soft = (_mix_out_body if direct else _mix_out_op)(
+            x, out, target, lam_x_t, lam_x_v, lam_y_t, lam_y_v, perm, box, mean, std, num_classes,
+            label_smoothing)
+        return out, (soft if target is not None else None)
     if inplace:
         if perm is not None:
             raise ValueError("inplace=True needs the flip pairing (perm=None): with an explicit permutation "
@@ -331,6 +366,7 @@ def mixup(
     std=None,
     out_dtype: torch.dtype | None = None,
     inplace: bool = False,
+    out: Tensor | None = None,
 ):
     """Mixup in one pass: ``x[i] <- lam_i * x[i] + (1 - lam_i) * x[perm[i]]`` and the same for labels.
 
@@ -344,12 +380,13 @@ def mixup(
         mean, std: per-channel normalization fused into the pass (uint8 is scaled to [0, 1] first).
         out_dtype: dtype of the mixed images (default: x's).
         inplace: overwrite x (flip pairing, same dtype).
+        out: a preallocated buffer for the mixed images (see :func:`mix`).
 
     Returns:
         (x_mixed, soft_target) with soft_target (B, K) float32, or None without target.
     """
     return mix(x, target, lam, None, perm, None, num_classes=num_classes, label_smoothing=label_smoothing,
-               mean=mean, std=std, out_dtype=out_dtype, inplace=inplace)
+               mean=mean, std=std, out_dtype=out_dtype, inplace=inplace, out=out)
 
 
 def mixup_target(

@@ -493,3 +493,55 @@ def test_inputs_that_need_grad_take_the_registered_op():
     out, soft = ops.mixup(x, torch.arange(4), 0.3, num_classes=4)
     torch.testing.assert_close(out.detach(), 0.3 * x.detach() + 0.7 * x.detach().flip(0))
     assert soft.shape == (4, 4)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("perm_kind", ["flip", "random"])
+def test_out_buffer_gets_the_same_result(backend, layout, perm_kind):
+    """out= writes what the allocating call returns, into the caller's (poisoned) buffer, every element."""
+    device = _device_for(backend)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 256, (7, 3, 5, 6), dtype=torch.uint8, generator=g)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x, target = x.to(device), torch.randint(0, 4, (7,), generator=g).to(device)
+    lam, perm = torch.rand(7, generator=g).to(device), make_perm(perm_kind, 7, g, device)
+    box = torch.tensor([1, 4, 2, 5], dtype=torch.int32)
+    kw = dict(num_classes=4, label_smoothing=0.1, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3),
+              out_dtype=torch.bfloat16)
+    want, want_soft = ops.mix(x, target, lam, 0.7, perm, box, **kw)
+    buf = torch.full_like(x, float("nan"), dtype=torch.bfloat16)
+    got, soft = ops.mix(x, target, lam, 0.7, perm, box, out=buf, **kw)
+    assert got is buf and torch.equal(got, want) and torch.equal(soft, want_soft)
+    norm = {k: kw[k] for k in ("mean", "std", "out_dtype")}
+    got, _ = ops.mixup(x, None, lam, perm, out=buf, **norm)
+    assert torch.equal(got, ops.mixup(x, None, lam, perm, **norm)[0])
+
+
+@pytest.mark.parametrize("case, error, words", [
+    ("wrong dtype", TypeError, "out has dtype"),
+    ("wrong shape", ValueError, "shape and memory layout"),
+    ("wrong layout", ValueError, "shape and memory layout"),
+    ("is x", ValueError, "shares memory with x"),
+    ("with inplace", ValueError, "exclude each other"),
+    ("not a tensor", TypeError, "out must be a tensor"),
+])
+def test_bad_out_buffer_is_refused(case, error, words):
+    x = torch.randn(4, 3, 5, 5)
+    out = {"wrong dtype": torch.empty(4, 3, 5, 5, dtype=torch.float16),
+           "wrong shape": torch.empty(4, 3, 5, 4),
+           "wrong layout": torch.empty(4, 3, 5, 5).contiguous(memory_format=torch.channels_last),
+           "is x": x, "with inplace": torch.empty(4, 3, 5, 5), "not a tensor": [0.0]}[case]
+    with pytest.raises(error, match=words):
+        ops.mixup(x, None, 0.3, out=out, inplace=case == "with inplace")
+
+
+def test_out_buffer_under_torch_compile():
+    def step(x, out, lam):
+        return ops.mixup(x, None, lam, out=out)[0] * 2
+
+    x, out = torch.randn(4, 3, 2, 2), torch.empty(4, 3, 2, 2)
+    compiled = torch.compile(step, fullgraph=True, dynamic=False)
+    got = compiled(x, out, torch.full((4,), 0.25))
+    torch.testing.assert_close(got, 2 * (0.25 * x + 0.75 * x.flip(0)))
+    torch.testing.assert_close(out, 0.25 * x + 0.75 * x.flip(0))
