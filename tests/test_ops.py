@@ -545,3 +545,15 @@ def test_out_buffer_under_torch_compile():
     got = compiled(x, out, torch.full((4,), 0.25))
     torch.testing.assert_close(got, 2 * (0.25 * x + 0.75 * x.flip(0)))
     torch.testing.assert_close(out, 0.25 * x + 0.75 * x.flip(0))
+
+
+def test_readme_op_snippet_runs():
+    """README's "The op" block, on the CPU when there is no GPU."""
+    from readme_snippets import snippet
+
+    code = snippet("The op")
+    if not torch.cuda.is_available():
+        code = code.replace('device="cuda"', 'device="cpu"')
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["x3"] is scope["buf"] and scope["soft4"].shape == (7, 10)
