@@ -228,10 +228,9 @@ def _mix_inplace_body(
     lam_y_value: float, box: Tensor | None, mean: Tensor | None, std: Tensor | None,
     num_classes: int, label_smoothing: float,
 ) -> Tensor:
-    soft = _new_soft(x, target, num_classes)
-    _run(x, x, target, soft if target is not None else None, None, _lam_arg(lam_x, lam_x_value),
-         _lam_arg(lam_y, lam_y_value), box, mean, std, num_classes, label_smoothing)
-    return soft
+    # x is its own output: flip pairing only (a row's partner is read before either is written).
+    return _mix_out_body(x, x, target, lam_x, lam_x_value, lam_y, lam_y_value, None, box, mean, std,
+                         num_classes, label_smoothing)
 
 
 _mix_inplace_op = torch.library.custom_op("mixrecipe::mix_", _mix_inplace_body, mutates_args=("x",))
