@@ -270,16 +270,22 @@ if numba is not None:
         return row, False
 
     @_jit(inline="always")
+    def _lines_per_unit(box, lines_per_plane):
+        """A CutMix box makes every image row a line, too short to be a unit alone: one unit takes the
+        plane's rows. Without one, lines are long (CHUNK_ELEMS) and each is a unit."""
+        return lines_per_plane if box.shape[0] else 1
+
+    @_jit(inline="always")
     def _image_unit(u, x, out, inplace, perm, lam, lam_value, box, mean, istd, mean_tab, istd_tab,
                     in_scale, plane, lines_per_plane, line, col_mult):
-        n_lines = (x.shape[1] // plane) * lines_per_plane
         batch = x.shape[0]
-        i = u // n_lines
-        li = u % n_lines
-        p = li // lines_per_plane
-        r = li % lines_per_plane
-        start = p * plane + r * line
-        n = min(line, plane - r * line)
+        span = _lines_per_unit(box, lines_per_plane)
+        units_per_plane = lines_per_plane // span
+        units_per_row = (x.shape[1] // plane) * units_per_plane
+        i = u // units_per_row
+        rest = u % units_per_row
+        p = rest // units_per_plane
+        r0 = (rest % units_per_plane) * span
         j, valid = _partner(perm, i, batch)
         paired = perm.shape[0] == 0
         use_tab = mean_tab.shape[0] > 0
@@ -287,28 +293,31 @@ if numba is not None:
         s = istd[p % istd.shape[0]]
         w_i = _lam(lam, lam_value, i)
         w_j = _lam(lam, lam_value, j)
-        c0_i = c1_i = c0_j = c1_j = 0
-        if box.shape[0]:  # lines are image rows here: r is the row index h
-            if box[i, 0] <= r < box[i, 1]:
-                c0_i, c1_i = box[i, 2] * col_mult, box[i, 3] * col_mult
-            if box[j, 0] <= r < box[j, 1]:
-                c0_j, c1_j = box[j, 2] * col_mult, box[j, 3] * col_mult
-        xi, xj = x[i, start:start + n], x[j, start:start + n]
-        if not valid:  # never read out of bounds: the row says it has no partner
-            oi = out[i, start:start + n]
-            for col in range(n):
-                _store(oi, col, np.float32(np.nan))
-        elif inplace and not box.shape[0]:
-            _mix_span(xi, xj, xi, xj, n, m, s, mean_tab, istd_tab, use_tab, in_scale, w_i, w_j, True)
-        elif inplace:
-            _mix_line(xi, xj, xi, xj, n, m, s, mean_tab, istd_tab, use_tab, in_scale, w_i, w_j,
-                      c0_i, c1_i, c0_j, c1_j, True, True)
-        elif paired:
-            _mix_line(xi, xj, out[i, start:start + n], out[j, start:start + n], n, m, s, mean_tab,
-                      istd_tab, use_tab, in_scale, w_i, w_j, c0_i, c1_i, c0_j, c1_j, True, False)
-        else:
-            _mix_line(xi, xj, out[i, start:start + n], out[i, start:start + n], n, m, s, mean_tab,
-                      istd_tab, use_tab, in_scale, w_i, w_j, c0_i, c1_i, c0_j, c1_j, False, False)
+        for r in range(r0, r0 + span):
+            start = p * plane + r * line
+            n = min(line, plane - r * line)
+            c0_i = c1_i = c0_j = c1_j = 0
+            if box.shape[0]:  # lines are image rows here: r is the row index h
+                if box[i, 0] <= r < box[i, 1]:
+                    c0_i, c1_i = box[i, 2] * col_mult, box[i, 3] * col_mult
+                if box[j, 0] <= r < box[j, 1]:
+                    c0_j, c1_j = box[j, 2] * col_mult, box[j, 3] * col_mult
+            xi, xj = x[i, start:start + n], x[j, start:start + n]
+            if not valid:  # never read out of bounds: the row says it has no partner
+                oi = out[i, start:start + n]
+                for col in range(n):
+                    _store(oi, col, np.float32(np.nan))
+            elif inplace and not box.shape[0]:
+                _mix_span(xi, xj, xi, xj, n, m, s, mean_tab, istd_tab, use_tab, in_scale, w_i, w_j, True)
+            elif inplace:
+                _mix_line(xi, xj, xi, xj, n, m, s, mean_tab, istd_tab, use_tab, in_scale, w_i, w_j,
+                          c0_i, c1_i, c0_j, c1_j, True, True)
+            elif paired:
+                _mix_line(xi, xj, out[i, start:start + n], out[j, start:start + n], n, m, s, mean_tab,
+                          istd_tab, use_tab, in_scale, w_i, w_j, c0_i, c1_i, c0_j, c1_j, True, False)
+            else:
+                _mix_line(xi, xj, out[i, start:start + n], out[i, start:start + n], n, m, s, mean_tab,
+                          istd_tab, use_tab, in_scale, w_i, w_j, c0_i, c1_i, c0_j, c1_j, False, False)
 
     @_jit(inline="always")
     def _label_unit(i, batch, perm, target, dense, soft, lam, lam_value, off, keep):
@@ -346,7 +355,7 @@ if numba is not None:
         batch = max(x.shape[0], soft.shape[0])
         groups = (batch + 1) // 2 if perm.shape[0] == 0 else batch
         n_lines = (x.shape[1] // plane) * lines_per_plane if x.shape[1] else 0
-        n_image = groups * n_lines if x.shape[0] else 0
+        n_image = groups * (n_lines // _lines_per_unit(box, lines_per_plane)) if x.shape[0] else 0
         for u in range(u0, u1):
             if u < n_image:
                 _image_unit(u, x, out, inplace, perm, lam_x, lam_x_value, box, mean, istd, mean_tab, istd_tab,
@@ -472,7 +481,8 @@ def mix_cpu(x, out, target, soft, *, perm, lam_x, lam_y, box, mean, inv_std, in_
         mean_tab = istd_tab = _empty(np.float32)
         if has_norm and not planar:  # per column of a line: channel = col % C
             mean_tab, istd_tab = np.tile(mean_np, line // col_mult), np.tile(istd_np, line // col_mult)
-        n_units = ((batch + 1) // 2 if perm is None else batch) * (sample // plane) * lines_per_plane
+        units_per_plane = 1 if box is not None else lines_per_plane  # see _lines_per_unit
+        n_units = ((batch + 1) // 2 if perm is None else batch) * (sample // plane) * units_per_plane
         moved = x.numel() * (x.element_size() + out.element_size())
     else:
         x_rows = out_rows = np.zeros((0, 0), np.float32)
