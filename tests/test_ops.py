@@ -557,3 +557,15 @@ def test_readme_op_snippet_runs():
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["x3"] is scope["buf"] and scope["soft4"].shape == (7, 10)
+
+
+def test_inference_mode():
+    """Inference tensors (no version counter) mix in place and out of place, inside inference mode and out."""
+    with torch.inference_mode():
+        x = torch.randn(4, 3, 2, 2)
+        want = 0.3 * x + 0.7 * x.flip(0)
+        out, soft = ops.mixup(x, torch.arange(4), 0.3, num_classes=4, inplace=True)
+        torch.testing.assert_close(out, want)
+        assert soft.shape == (4, 4)
+    out, _ = ops.mixup(x, None, 0.3)
+    torch.testing.assert_close(out, 0.3 * x + 0.7 * x.flip(0))
