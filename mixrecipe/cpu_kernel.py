@@ -51,6 +51,7 @@ __all__ = ["available", "mix_cpu", "cache_stats", "PARALLEL_MIN_BYTES", "CHUNK_E
 
 PARALLEL_MIN_BYTES = 4 << 20  # below this many bytes moved, one thread (waking workers costs ~0.1 ms)
 CHUNK_ELEMS = 8192  # elements of one row handled by a work unit (no CutMix box): a few pages per row
+PARALLEL_CHUNKS = 16  # chunks of work units per thread: small enough to rebalance, large enough to be cheap
 
 _LAUNCH_LOCK = threading.Lock()  # the workqueue layer is not thread-safe: one parallel launch at a time
 
@@ -112,6 +113,15 @@ if numba is not None:
             return view._getvalue()
 
         return arr(arr), codegen
+
+    @intrinsic
+    def _fetch_add(typingctx, counter, value):
+        """Atomically add ``value`` to ``counter[0]`` (int64) and return the old value."""
+        def codegen(context, builder, signature, args):
+            ary = context.make_array(counter)(context, builder, value=args[0])
+            return builder.atomic_rmw("add", ary.data, args[1], "seq_cst")
+
+        return types.int64(counter, types.int64), codegen
 
     _U32 = np.uint32
 
@@ -367,15 +377,22 @@ if numba is not None:
                 _label_unit(u - n_image, batch, perm, target, dense, soft, lam_y, lam_y_value, off, keep)
 
     @_jit(parallel=True)
-    def _mix_parallel(n_units, n_workers, x, out, inplace, perm, lam_x, lam_x_value, box, mean, istd,
-                      mean_tab, istd_tab, in_scale, plane, lines_per_plane, line, col_mult, target, dense,
-                      soft, lam_y, lam_y_value, off, keep):
-        """``_mix_units`` split into n_workers contiguous ranges, one per thread."""
-        per = (n_units + n_workers - 1) // n_workers
-        for w in prange(n_workers):
-            _mix_units(w * per, min(n_units, (w + 1) * per), x, out, inplace, perm, lam_x, lam_x_value,
-                       box, mean, istd, mean_tab, istd_tab, in_scale, plane, lines_per_plane, line,
-                       col_mult, target, dense, soft, lam_y, lam_y_value, off, keep)
+    def _mix_parallel(n_units, n_workers, chunk, next_unit, x, out, inplace, perm, lam_x, lam_x_value,
+                      box, mean, istd, mean_tab, istd_tab, in_scale, plane, lines_per_plane, line, col_mult,
+                      target, dense, soft, lam_y, lam_y_value, off, keep):
+        """``_mix_units`` on n_workers threads, each taking the next ``chunk`` units until none are left.
+
+        Taking chunks as they go (not a fixed half each) matters when a core is shared: PyTorch's OpenMP
+        threads spin for milliseconds after each parallel op, and a fixed split waits for the slowed thread.
+        ``next_unit`` is a one-element int64 counter starting at 0.
+        """
+        for _worker in prange(n_workers):
+            start = _fetch_add(next_unit, chunk)
+            while start < n_units:
+                _mix_units(start, min(n_units, start + chunk), x, out, inplace, perm, lam_x, lam_x_value,
+                           box, mean, istd, mean_tab, istd_tab, in_scale, plane, lines_per_plane, line,
+                           col_mult, target, dense, soft, lam_y, lam_y_value, off, keep)
+                start = _fetch_add(next_unit, chunk)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -515,7 +532,8 @@ def mix_cpu(x, out, target, soft, *, perm, lam_x, lam_y, box, mean, inv_std, in_
         return
     with _LAUNCH_LOCK:
         numba.set_num_threads(workers)
-        _mix_parallel(n_units, workers, *args)
+        chunk = max(1, n_units // (workers * PARALLEL_CHUNKS))
+        _mix_parallel(n_units, workers, chunk, np.zeros(1, np.int64), *args)
 
 
 def cache_stats() -> tuple[int, int]:
