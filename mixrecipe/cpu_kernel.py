@@ -18,9 +18,10 @@ compiled signature) and are converted by bit manipulation, rounding to nearest e
 Threads: numba's "workqueue" layer is chosen unless NUMBA_THREADING_LAYER is set. Its workers sleep
 between calls; numba's OpenMP layer runs a second OpenMP runtime beside PyTorch's whose spinning threads
 fight PyTorch's for the cores (a 77 MB pass went from 4.7 ms to 16 ms on a 2-core machine). PyTorch's own
-OpenMP threads still spin for a few milliseconds after each parallel PyTorch op: a pass started then takes up
-to 2x as long (measured: 2.07x the in-place floor right after a ``copy_``, 1.02x 20 ms later, 0.97-1.00x
-with ``OMP_WAIT_POLICY=PASSIVE``, which a process that mostly mixes can set before it starts). Batches
+OpenMP threads still spin for milliseconds after each parallel PyTorch op: a pass started then takes up to
+2x as long (``bench/omp_contention.py``: 1.55-2.08x the in-place floor right after a ``copy_``, 0.97-1.05x
+20 ms later; ``OMP_WAIT_POLICY=PASSIVE``, which a process that mostly mixes can set before it starts,
+narrows it). Threads take chunks of work as they go, so one slowed thread does not hold up the rest. Batches
 moving less than ``PARALLEL_MIN_BYTES`` run on the calling thread: waking a worker costs more than it
 saves there.
 """
