@@ -179,6 +179,18 @@ def _direct_call(*tensors: Tensor | None) -> bool:
     return all(t is None or (type(t) is Tensor and not t.requires_grad) for t in tensors)
 
 
+def _call(op, body, *args, mutated: Tensor | None = None):
+    """``body(*args)`` directly when :func:`_direct_call` allows it, else the registered ``op``.
+
+    The kernels write through raw pointers, so the direct call bumps the version counter of the tensor it
+    mutates, as the registered op would: a graph that saved it then refuses to backpropagate."""
+    if not _direct_call(*(a for a in args if isinstance(a, Tensor))):
+        return op(*args)
+    if mutated is not None:
+        torch.autograd.graph.increment_version(mutated)
+    return body(*args)
+
+
 # --------------------------------------------------------------------------------------------------
 # Registered ops. Tensors only, no Python unions: the public wrappers below translate.
 # --------------------------------------------------------------------------------------------------
@@ -330,26 +342,18 @@ def mix(
     box = check_box(box, x, device)
     out = check_out(out, x, out_dtype, inplace)
     if out is not None:
-        direct = _direct_call(x, out, target, lam_x_t, lam_y_t, perm, box, mean, std)
-        if direct:  # as the registered op would: autograd learns that out changed
-            torch.autograd.graph.increment_version(out)
-        soft = (_mix_out_body if direct else _mix_out_op)(
-            x, out, target, lam_x_t, lam_x_v, lam_y_t, lam_y_v, perm, box, mean, std, num_classes,
-            label_smoothing)
+        soft = _call(_mix_out_op, _mix_out_body, x, out, target, lam_x_t, lam_x_v, lam_y_t, lam_y_v, perm,
+                     box, mean, std, num_classes, label_smoothing, mutated=out)
         return out, (soft if target is not None else None)
     if inplace:
         if perm is not None:
             raise ValueError("inplace=True needs the flip pairing (perm=None): with an explicit permutation "
                              "a row may be read after its partner overwrote it")
-        direct = _direct_call(x, target, lam_x_t, lam_y_t, box, mean, std)
-        if direct:  # the kernels write through raw pointers: tell autograd that x changed, as the op would
-            torch.autograd.graph.increment_version(x)
-        soft = (_mix_inplace_body if direct else _mix_inplace_op)(
-            x, target, lam_x_t, lam_x_v, lam_y_t, lam_y_v, box, mean, std, num_classes, label_smoothing)
+        soft = _call(_mix_inplace_op, _mix_inplace_body, x, target, lam_x_t, lam_x_v, lam_y_t, lam_y_v, box,
+                     mean, std, num_classes, label_smoothing, mutated=x)
         return x, (soft if target is not None else None)
-    op = _mix_body if _direct_call(x, target, lam_x_t, lam_y_t, perm, box, mean, std) else _mix_op
-    out, soft = op(x, target, lam_x_t, lam_x_v, lam_y_t, lam_y_v, perm, box, mean, std,
-                   num_classes, label_smoothing, out_dtype)
+    out, soft = _call(_mix_op, _mix_body, x, target, lam_x_t, lam_x_v, lam_y_t, lam_y_v, perm, box, mean,
+                      std, num_classes, label_smoothing, out_dtype)
     return out, (soft if target is not None else None)
 
 
@@ -401,5 +405,4 @@ def mixup_target(
     lam_t, lam_v = _lam_parts("lam", lam, batch, device)
     perm = check_perm(perm, batch, device)
     smoothing = check_unit_interval("label_smoothing", label_smoothing)
-    op = _mix_target_body if _direct_call(target, lam_t, perm) else _mix_target_op
-    return op(target, lam_t, lam_v, perm, num_classes, smoothing)
+    return _call(_mix_target_op, _mix_target_body, target, lam_t, lam_v, perm, num_classes, smoothing)
