@@ -13,7 +13,8 @@ the run's test set (with ``data.val_size: 0`` the validation set is the test set
 
 Writes ``RUN_DIR/evaluation.json`` and prints a one-screen table. Keys: ``eps=0,1/255,2/255`` (the FGSM
 steps), ``ood=auto|digits|fashion_mnist|noise|none``, ``checkpoint=best|last``, ``n_bins=15``,
-``batch_size=500``; any other ``key=value`` overrides the run's config (``data.root=...``, ``device=cpu``).
+``batch_size=500``, ``progress=true`` (a line on stderr as each measurement starts); any other
+``key=value`` overrides the run's config (``data.root=...``, ``device=cpu``).
 A missing or unfinished run directory, or a bad key, exits with status 2 and a one-line message.
 """
 
@@ -23,6 +24,7 @@ import json
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -48,6 +50,7 @@ class EvalOptions:
     checkpoint: str = "best"
     n_bins: int = 15
     batch_size: int = 500
+    progress: bool = True  # a line on stderr as each measurement starts (FGSM on a big model takes minutes)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -198,7 +201,13 @@ def evaluate_run(run_dir: str, overrides: list[str] = (), options: EvalOptions |
     images, labels = _tensors(bundle.test if bundle.test is not None else bundle.val)
     labels = labels[:, 0] if labels.ndim == 2 else labels
     torch.manual_seed(0)
+    t0 = time.perf_counter()
 
+    def stage(what: str) -> None:
+        if opt.progress:
+            print(f"[{time.perf_counter() - t0:6.1f}s] {what}", file=sys.stderr, flush=True)
+
+    stage(f"clean predictions on {images.shape[0]:,} {split} images")
     logits = _logits(net, images, opt.batch_size, device)
     bins = calibration_bins(logits.softmax(dim=1), labels, opt.n_bins)
     result = {
@@ -209,11 +218,15 @@ def evaluate_run(run_dir: str, overrides: list[str] = (), options: EvalOptions |
         "nll": F.cross_entropy(logits.double(), labels).item(),
         "ece": 100.0 * ece_from_bins(bins), "n_bins": opt.n_bins,
         "mean_confidence": 100.0 * (bins[1].sum() / bins[0].sum().clamp(min=1)).item(),
-        "fgsm": [{"eps": e, "eps_255": round(e * 255, 4),
-                  "top1": _fgsm_top1(net, images, labels, e, opt.batch_size, device)} for e in opt.eps],
+        "fgsm": [],
     }
+    for e in opt.eps:
+        stage(f"FGSM at ε={e * 255:g}/255")
+        result["fgsm"].append({"eps": e, "eps_255": round(e * 255, 4),
+                               "top1": _fgsm_top1(net, images, labels, e, opt.batch_size, device)})
     if opt.ood != "none":
         ood, what = ood_images(cfg.data.name, tuple(images.shape[1:]), opt.ood)
+        stage(f"out-of-distribution detection against {what}")
         score_in = max_softmax(logits)
         score_out = max_softmax(_logits(net, ood, opt.batch_size, device))
         result["ood"] = {"data": what, "images": int(ood.shape[0]), "auroc": auroc(score_in, score_out),
@@ -291,6 +304,10 @@ def parse_args(argv: list[str]) -> tuple[str, list[str], EvalOptions]:
             if raw not in ("best", "last"):
                 raise RecipeError(f"checkpoint: expected best or last, got {raw!r}")
             opt.checkpoint = raw
+        elif key == "progress":
+            if raw.lower() not in ("true", "false"):
+                raise RecipeError(f"progress: expected true or false, got {raw!r}")
+            opt.progress = raw.lower() == "true"
         elif key in ("n_bins", "batch_size"):
             if not raw.isdigit() or int(raw) < 1:
                 raise RecipeError(f"{key}: expected a positive integer, got {raw!r}")

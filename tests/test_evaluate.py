@@ -36,8 +36,12 @@ def _exit_message(capsys, argv):
 def test_evaluation_of_a_finished_run(finished_run, capsys):
     out, summary = finished_run
     result = evaluate.main([str(out), "checkpoint=last", "eps=0,2/255,0.1", "ood=noise"])
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "clean top-1" in printed and "FGSM ε=2/255" in printed and "OOD AUROC" in printed
+    # Progress on stderr, one line as each measurement starts.
+    stages = [line for line in captured.err.splitlines() if line.startswith("[")]
+    assert len(stages) == 1 + 3 + 1 and "FGSM at ε=2/255" in stages[2] and "noise" in stages[-1]
     assert "noise" in printed  # says what the out-of-distribution images are
     saved = json.loads((out / "evaluation.json").read_text())
     assert saved == json.loads(json.dumps(result))
@@ -50,6 +54,12 @@ def test_evaluation_of_a_finished_run(finished_run, capsys):
     assert [f["eps"] for f in result["fgsm"]] == pytest.approx([0.0, 2 / 255, 0.1])
     assert fg[0] == pytest.approx(result["top1"]) and fg[2] < fg[0] - 10  # a 0.1 step hurts a lot
     assert 0.0 <= result["ood"]["auroc"] <= 1.0 and result["ood"]["images"] > 0
+
+
+def test_progress_false_is_quiet(finished_run, capsys):
+    out, _ = finished_run
+    evaluate.main([str(out), "eps=0", "ood=none", "progress=false"])
+    assert capsys.readouterr().err == ""
 
 
 def test_best_checkpoint_is_the_default(finished_run, capsys):
@@ -90,6 +100,7 @@ def test_missing_and_unfinished_run_directories_exit_two(tmp_path, capsys, finis
 @pytest.mark.parametrize("argv, words", [
     (["eps=2"], "[0, 1]"), (["eps=a"], "eps"), (["ood=mnist"], "ood"), (["checkpoint=first"], "checkpoint"),
     (["n_bins=0"], "n_bins"), (["mixup.alpah=1"], "mixup.alpha"), (["other_dir"], "one run directory"),
+    (["progress=maybe"], "progress"),
 ])
 def test_bad_keys_exit_two(finished_run, capsys, argv, words):
     out, _ = finished_run
