@@ -623,7 +623,7 @@ class Mixup:
             return torch.float32
         return self.out_dtype
 
-    def _apply(self, x: Tensor, target, with_soft: bool):
+    def _apply(self, x: Tensor, target, with_soft: bool, out: Tensor | None = None):
         """-> (x_out, soft or None, op target, label smoothing, lam_y (B,), perm)."""
         if not isinstance(x, Tensor) or x.ndim < 1:
             raise ValueError(f"x must be a tensor of shape (B, ...), got "
@@ -636,49 +636,53 @@ class Mixup:
         op_target = target if with_soft else None
         if not self.mixup_enabled:
             ones = torch.ones(batch, dtype=torch.float32, device=x.device)
-            if same_dtype and self.mean is None and x.dtype != torch.uint8:
+            if same_dtype and self.mean is None and x.dtype != torch.uint8 and out is None:
                 soft = None
                 if op_target is not None:
                     soft = ops.mixup_target(op_target, self.num_classes, 1.0, None, smoothing)
                 return x, soft, target, smoothing, ones, None
             x_out, soft = ops.mix(x, op_target, 1.0, num_classes=self.num_classes, label_smoothing=smoothing,
                                   mean=self.mean, std=self.std, out_dtype=out_dtype,
-                                  inplace=self.inplace and same_dtype and dense)
+                                  inplace=self.inplace and same_dtype and dense and out is None, out=out)
             return x_out, soft, target, smoothing, ones, None
         p = self.sample(x.shape, x.device)
-        inplace = self.inplace and p.perm is None and same_dtype and dense
+        inplace = self.inplace and p.perm is None and same_dtype and dense and out is None
         x_out, soft = ops.mix(
             x, op_target, p.lam_x, None if p.lam_y is p.lam_x else p.lam_y, p.perm, p.box,
             num_classes=self.num_classes, label_smoothing=smoothing, mean=self.mean, std=self.std,
-            out_dtype=out_dtype, inplace=inplace,
+            out_dtype=out_dtype, inplace=inplace, out=out,
         )
         lam = p.lam_y.expand(batch) if p.lam_y.ndim == 0 else p.lam_y
         return x_out, soft, target, smoothing, lam, p.perm
 
-    def __call__(self, x: Tensor, target: Tensor | None):
+    def __call__(self, x: Tensor, target: Tensor | None, *, out: Tensor | None = None):
         """Mix a batch: ``(x, target) -> (x_mixed, soft_target)`` like timm's ``Mixup``.
 
         Args:
             x: (B, C, H, W) images (any (B, ...) for Mixup alone), float32/float16/bfloat16 or uint8.
             target: (B,) class indices or (B, K) float targets (or None: soft_target is None).
+            out: a buffer for the mixed images (x's shape and strides, the output dtype), which a loader
+                reusing its buffers passes to skip the allocation (see :func:`mixrecipe.mix`); x then
+                stays unchanged.
 
         Returns:
-            (x_mixed, soft_target): x_mixed is ``x`` itself when mixed in place (flip pairing); soft_target
-            is (B, num_classes) float32.
+            (x_mixed, soft_target): x_mixed is ``x`` itself when mixed in place (flip pairing), ``out`` when
+            given; soft_target is (B, num_classes) float32.
         """
-        x_out, soft, *_ = self._apply(x, target, with_soft=True)
+        x_out, soft, *_ = self._apply(x, target, with_soft=True, out=out)
         return x_out, soft
 
-    def mix_batch(self, x: Tensor, target: Tensor | None = None) -> MixedBatch:
+    def mix_batch(self, x: Tensor, target: Tensor | None = None, *, out: Tensor | None = None) -> MixedBatch:
         """Mix the images only and return what ``mixup_cross_entropy`` needs instead of soft targets.
 
         Args:
             x: the batch, as for ``__call__``.
             target: (B,) class indices (passed through), or None.
+            out: a buffer for the mixed images, as for ``__call__``.
 
         Returns:
             :class:`MixedBatch`: ``loss = mixup_cross_entropy(logits, mb.target, mb.lam, mb.perm,
             label_smoothing=mb.label_smoothing)``.
         """
-        x_out, _, target, smoothing, lam, perm = self._apply(x, target, with_soft=False)
+        x_out, _, target, smoothing, lam, perm = self._apply(x, target, with_soft=False, out=out)
         return MixedBatch(x_out, target, lam.contiguous(), perm, smoothing)

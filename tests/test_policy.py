@@ -727,3 +727,34 @@ def test_no_host_device_sync_on_cuda(where):
             finally:
                 torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("mode", ["batch", "elem"])
+@pytest.mark.parametrize("enabled", [True, False])
+def test_out_buffer_gets_what_the_policy_returns(mode, enabled):
+    """Mixup(..., out=buf) writes the same batch into the caller's buffer, leaves x as it was, and keeps
+    the draw stream (same generator state after)."""
+    x = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
+    y = torch.arange(6) % 4
+    kw = dict(mixup_alpha=0.4, cutmix_alpha=1.0, num_classes=4, mode=mode, label_smoothing=0.1,
+              mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), out_dtype=torch.bfloat16)
+    a, b = Mixup(**kw, generator=gen(5)), Mixup(**kw, generator=gen(5))
+    a.mixup_enabled = b.mixup_enabled = enabled
+    want, want_soft = a(x, y)
+    buf = torch.full((6, 3, 8, 8), float("nan"), dtype=torch.bfloat16)
+    x_before = x.clone()
+    got, soft = b(x, y, out=buf)
+    assert got is buf and torch.equal(got, want) and torch.equal(soft, want_soft)
+    assert torch.equal(x, x_before)
+    assert torch.equal(a.generator.get_state(), b.generator.get_state())
+    mb = b.mix_batch(x, y, out=buf)
+    assert mb.x is buf and torch.isfinite(buf.float()).all()
+
+
+def test_out_buffer_instead_of_mixing_in_place():
+    x = torch.randn(4, 3, 5, 5)
+    buf = torch.empty_like(x)
+    x_before = x.clone()
+    m = Mixup(mixup_alpha=1.0, num_classes=3, generator=gen(1))
+    got, _ = m(x, torch.arange(4) % 3, out=buf)
+    assert got is buf and torch.equal(x, x_before) and not torch.equal(buf, x)
