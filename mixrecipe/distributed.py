@@ -15,7 +15,8 @@ import torch.distributed as dist
 from .config import Config, RecipeError
 
 __all__ = [
-    "DistContext", "setup_distributed", "all_sum", "all_max", "broadcast_buffers", "shutdown_distributed",
+    "DistContext", "wants_cuda", "setup_distributed", "all_sum", "all_max", "broadcast_buffers",
+    "shutdown_distributed",
 ]
 
 
@@ -41,12 +42,21 @@ class DistContext:
         return self.rank == 0
 
 
+def wants_cuda(cfg: Config) -> bool:
+    """Whether ``cfg.device`` (auto, cuda or cpu) puts the run on a GPU.
+
+    Raises:
+        RecipeError: device=cuda on a machine without one.
+    """
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RecipeError("device=cuda, but no CUDA device is available (use device=auto or device=cpu)")
+    return cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+
+
 def setup_distributed(cfg: Config) -> DistContext:
     """Pick the device from ``cfg.device`` and join the process group when launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise RecipeError("device=cuda, but no CUDA device is available (use device=auto or device=cpu)")
-    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    cuda = wants_cuda(cfg)
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local)

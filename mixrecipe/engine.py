@@ -48,6 +48,7 @@ class RunState:
         channels_last, amp: memory format and bf16 autocast (CUDA); in_dtype: the network's input dtype.
         mixup: the Mixup policy, or None for ERM; generator: its generator (reseeded every epoch).
         start_epoch, history, best_top1: the epochs done, their records and the best val top-1 so far.
+        val_bins: the last validation's calibration sums, for reliability.png when there is no test set.
     """
 
     cfg: Config
@@ -73,6 +74,7 @@ class RunState:
     start_epoch: int = 0
     history: list[dict] = field(default_factory=list)
     best_top1: float = float("-inf")
+    val_bins: Tensor | None = None
 
     def autocast(self):
         """bf16 autocast on CUDA with amp, else a no-op context."""

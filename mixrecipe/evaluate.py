@@ -20,7 +20,6 @@ A missing or unfinished run directory, or a bad key, exits with status 2 and a o
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -32,8 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Config, RecipeError
+from .config import DataConfig, RecipeError, load_config
+from .distributed import wants_cuda
 from .metrics import auroc, calibration_bins, ece_from_bins, fgsm, max_softmax
+from .outputs import load_checkpoint, write_summary
 
 __all__ = ["EvalOptions", "load_run", "evaluate_run", "main", "DEFAULT_EPS"]
 
@@ -63,10 +64,8 @@ def load_run(run_dir: str, overrides: list[str], checkpoint: str = "best"):
     Raises:
         RecipeError: not a run directory, no checkpoint, an unfinished run, a bad override, missing data.
     """
-    from .config import load_config
     from .data import build_data
     from .models import create_model
-    from .outputs import load_checkpoint
 
     if not os.path.isdir(run_dir):
         raise RecipeError(f"{run_dir} is not a directory (expected a run directory of mixrecipe.train)")
@@ -173,7 +172,6 @@ def ood_images(in_name: str, shape: tuple[int, int, int], choice: str = "auto") 
         x = _resize(d.unsqueeze(1), (h, w)).expand(-1, c, -1, -1).contiguous()
         return x, f"scikit-learn digits ({x.shape[0]} images, 8x8 resized to {h}x{w})"
     if choice == "fashion_mnist":
-        from .config import DataConfig
         from .data import DataNotFoundError, build_data
 
         try:
@@ -195,7 +193,7 @@ def evaluate_run(run_dir: str, overrides: list[str] = (), options: EvalOptions |
     """Measure a finished run (see the module docstring); write and return ``evaluation.json``'s content."""
     opt = options or EvalOptions()
     cfg, bundle, model, ckpt, state = load_run(run_dir, list(overrides), opt.checkpoint)
-    device = _device(cfg)
+    device = torch.device("cuda" if wants_cuda(cfg) else "cpu")
     net = _Normalized(model, bundle.mean, bundle.std).to(device).eval()
     split = "test"  # bundle.test is None only when data.val_size = 0, and then val is the test set
     images, labels = _tensors(bundle.test if bundle.test is not None else bundle.val)
@@ -231,19 +229,8 @@ def evaluate_run(run_dir: str, overrides: list[str] = (), options: EvalOptions |
         score_out = max_softmax(_logits(net, ood, opt.batch_size, device))
         result["ood"] = {"data": what, "images": int(ood.shape[0]), "auroc": auroc(score_in, score_out),
                          "mean_msp_in": score_in.mean().item(), "mean_msp_out": score_out.mean().item()}
-    path = os.path.join(run_dir, "evaluation.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(result, fh, indent=2)
-        fh.write("\n")
-    os.replace(tmp, path)
+    write_summary(os.path.join(run_dir, "evaluation.json"), result)  # atomic, as the run's summary.json
     return result
-
-
-def _device(cfg: Config) -> torch.device:
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise RecipeError("device=cuda, but no CUDA device is available (use device=auto or device=cpu)")
-    return torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ from .outputs import (
     write_metrics,
     write_summary,
 )
-from .scoring import evaluate, evaluate_with_bins, memorization
+from .scoring import evaluate, memorization
 
 __all__ = ["ENGINES", "run", "prepare", "begin_epoch", "evaluate_epoch", "record", "summarize",
            "write_preview", "write_reliability", "epoch_seed"]
@@ -221,7 +221,7 @@ def evaluate_epoch(engine: Engine, state: RunState) -> dict:
     """The epoch's evaluation: validation accuracy and loss, memorization with label noise, and the count
     of image files skipped as unreadable when ``data.skip_corrupt`` is on."""
     broadcast_buffers(state.model, state.dist)  # evaluate (and save) rank 0's BatchNorm statistics
-    metrics = evaluate(engine.predict(state.val_loader), state.dist, "val")
+    metrics, state.val_bins = evaluate(engine.predict(state.val_loader), state.dist, "val")
     if state.mem_loader is not None:
         metrics.update(memorization(engine.predict(state.mem_loader), state.dist))
     if state.cfg.data.skip_corrupt:
@@ -272,14 +272,17 @@ def summarize(state: RunState, engine: Engine) -> dict:
     top-1; written to summary.json on rank 0 with reliability.png beside it."""
     history, bundle, out = state.history, state.bundle, state.out
     summary = dict(history[-1]) if history else {}
-    final_loader = (state.val_loader if bundle.test is None
-                    else eval_loader(bundle.test, state.cfg, state.dist))
-    test, bins = evaluate_with_bins(engine.predict(final_loader), state.dist, "test")
     if bundle.test is not None:
+        test, bins = evaluate(engine.predict(eval_loader(bundle.test, state.cfg, state.dist)), state.dist,
+                              "test")
         summary.update(test)
-    elif history:  # the validation set is the test set: its last record, as the epoch reported it
-        summary.update({k.replace("val_", "test_", 1): v for k, v in history[-1].items()
-                        if k in ("val_loss", "val_top1", "val_top5", "val_nll", "val_ece")})
+    else:  # the validation set is the test set: its last record, as the epoch reported it
+        bins = state.val_bins
+        if bins is None:  # no epoch ran in this process (a finished run resumed)
+            bins = evaluate(engine.predict(state.val_loader), state.dist, "val")[1]
+        if history:
+            summary.update({k.replace("val_", "test_", 1): v for k, v in history[-1].items()
+                            if k in ("val_loss", "val_top1", "val_top5", "val_nll", "val_ece")})
     summary["best_val_top1"] = state.best_top1 if history else None
     if state.cfg.data.skip_corrupt:  # also the files first met by the test evaluation above
         skipped = int(all_sum([float(len(count_unreadable(bundle)))], state.dist)[0])

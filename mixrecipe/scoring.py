@@ -17,25 +17,21 @@ from torch import Tensor
 from .distributed import DistContext, all_sum
 from .metrics import calibration_bins, ece_from_bins
 
-__all__ = ["ECE_BINS", "evaluate", "evaluate_with_bins", "memorization"]
+__all__ = ["ECE_BINS", "evaluate", "memorization"]
 
 ECE_BINS = 15  # equal-width confidence bins of val_ece / test_ece and reliability.png
 
 
-def evaluate(batches: Iterable[tuple[Tensor, Tensor]], d: DistContext, prefix: str = "val") -> dict:
+def evaluate(batches: Iterable[tuple[Tensor, Tensor]], d: DistContext,
+             prefix: str = "val") -> tuple[dict, Tensor]:
     """Top-1 and top-5 accuracy (%), mean cross-entropy (NLL) and ECE (%) over all ranks' batches.
 
     Returns:
-        ``{prefix_loss, prefix_top1, prefix_top5, prefix_nll, prefix_ece}``; ``prefix_nll`` is
-        ``prefix_loss``, named for what it measures.
+        ``{prefix_loss, prefix_top1, prefix_top5, prefix_nll, prefix_ece}`` (``prefix_nll`` is
+        ``prefix_loss``, named for what it measures), and the (3, ECE_BINS) calibration sums behind the ECE
+        (on the CPU, summed over ranks; :func:`mixrecipe.metrics.calibration_bins`) for a reliability
+        diagram.
     """
-    return evaluate_with_bins(batches, d, prefix)[0]
-
-
-def evaluate_with_bins(batches: Iterable[tuple[Tensor, Tensor]], d: DistContext,
-                       prefix: str = "val") -> tuple[dict, Tensor]:
-    """:func:`evaluate`'s metrics and the (3, ECE_BINS) calibration sums behind the ECE (on the CPU, summed
-    over ranks; :func:`mixrecipe.metrics.calibration_bins`), for a reliability diagram."""
     sums = torch.zeros(4, dtype=torch.float64, device=d.device)  # loss, top-1, top-5, count
     bins = torch.zeros(3, ECE_BINS, dtype=torch.float64, device=d.device)
     for logits, y in batches:

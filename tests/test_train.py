@@ -272,7 +272,7 @@ def test_torchrun_two_gloo_processes(tmp_path):
     with torch.no_grad():
         batches = [(model(normalize_batch(x, bundle.mean, bundle.std)), y)
                    for x, y in eval_loader(bundle.val, cfg, d)]
-    check = evaluate(batches, d, "val")
+    check, _ = evaluate(batches, d, "val")
     assert check["val_top1"] == pytest.approx(records[-1]["val_top1"])
     assert check["val_loss"] == pytest.approx(records[-1]["val_loss"], rel=1e-5)
 
