@@ -11,6 +11,9 @@ Providers (every one gets its own tensor of the same shape, dtype and layout, ma
 - ``copy``: ``dst.copy_(x)`` into a warm preallocated tensor, the bandwidth reference (one read + one
   write); ``t / copy`` is the time over it. In a loader case it is the bare conversion
   ``dst_bf16.copy_(x_uint8)``, the floor of the uint8 -> bf16 rows.
+- ``convert-alloc`` (loader cases): ``x_uint8.to(torch.bfloat16)``, the conversion into a fresh tensor:
+  it pays what any fresh output pays on the CPU (new pages faulted in and zeroed), so it is the honest
+  floor for ``ours-op-flip``'s fresh output, as ``copy`` is for ``ours-op-out``.
 - ``scale-inplace``: ``x.mul_(1.0)`` on the same buffer, the floor for in-place passes (float cases):
   one ATen op that reads and writes the same bytes an in-place mixup does; ``t / in-place`` is the time
   over it. On the CPU the copy's time depends on where its two buffers landed (1.7 or 3.0 ms for the same
@@ -20,6 +23,10 @@ Providers (every one gets its own tensor of the same shape, dtype and layout, ma
 - ``ours-op-out`` (loader cases): ``ours-op-flip`` writing into a warm preallocated buffer (``out=``), as
   a loader that reuses its batch buffers calls it; the same conditions as the ``copy`` floor, which a
   fresh output cannot meet on the CPU (the kernel must fault in and zero new pages first).
+- ``ours-kernel`` (CPU float cases): ``mixrecipe.cpu_kernel.mix_cpu``, the numba kernel and its launcher
+  alone on already-checked tensors, into a warm soft-target buffer: ``ours-op-flip`` without its argument
+  checks, allocation and dispatch, so the table splits a call's time into the pass, the op around it and
+  the policy's draw around that.
 - ``ours-op-perm``: ``mixrecipe.mixup(x, t, lam, perm, ...)`` with a random permutation and per-sample
   λ, out of place: the same work as ``eager-lerp``.
 - ``ours-Mixup-batch`` / ``-pair`` / ``-elem``: the policy ``mixrecipe.Mixup`` with timm's arguments
@@ -68,6 +75,7 @@ import common
 import torch
 
 import mixrecipe
+from mixrecipe import cpu_kernel
 from mixrecipe.reference import mix_reference
 
 MEAN = (0.485, 0.456, 0.406)  # timm's IMAGENET_DEFAULT_MEAN / STD, in [0, 1] units
@@ -75,9 +83,10 @@ STD = (0.229, 0.224, 0.225)
 SMOOTHING = 0.1
 LAM = 0.7
 PEERS = ("eager-lerp", "timm-batch", "timm-elem", "compile-lerp")
-ORDER = ("copy", "scale-inplace", "ours-op-flip", "ours-op-out", "ours-Mixup-batch", "ours-Mixup-pair",
-         "ours-Mixup-elem", "ours-op-perm", "eager-lerp", "compile-lerp", "timm-batch", "timm-elem",
-         "ours-tv-MixUp", "tv-MixUp", "ours-tv-CutMix", "tv-CutMix")
+ORDER = ("copy", "convert-alloc", "scale-inplace", "ours-kernel", "ours-op-flip", "ours-op-out",
+         "ours-Mixup-batch", "ours-Mixup-pair", "ours-Mixup-elem", "ours-op-perm", "eager-lerp",
+         "compile-lerp", "timm-batch", "timm-elem", "ours-tv-MixUp", "tv-MixUp", "ours-tv-CutMix",
+         "tv-CutMix")
 GRAPH_MAX_BYTES = 16 << 20  # CUDA-graph rows for batches up to this size (the CIFAR-size ones)
 
 
@@ -189,9 +198,20 @@ def providers(case: Case, x0: torch.Tensor, target: torch.Tensor, perm: torch.Te
 
     dst = torch.empty_like(x0, dtype=case.out_dtype)
     out.append(Provider("copy", lambda: dst.copy_(x0), False, True))
+    if case.loader:
+        out.append(Provider("convert-alloc", lambda: x0.to(case.out_dtype), True, True))
     if not case.loader:
         x_scale = own()
         out.append(Provider("scale-inplace", lambda: x_scale.mul_(1.0), False, True, x_scale))
+
+    if device.type == "cpu" and not case.loader and cpu_kernel.available():
+        x_kernel, soft_buf = own(), torch.empty(batch, k)
+        out.append(Provider(
+            "ours-kernel",
+            lambda: cpu_kernel.mix_cpu(
+                x_kernel, x_kernel, target, soft_buf, perm=None, lam_x=LAM, lam_y=LAM, box=None, mean=None,
+                inv_std=None, in_scale=1.0, label_off=off, label_keep=on - off) or (x_kernel, soft_buf),
+            False, True, x_kernel))
 
     x_flip = x0 if case.loader else own()
     out.append(Provider(
@@ -289,6 +309,8 @@ def verify(case: Case, device: torch.device, with_compile: bool) -> None:
     tol = dict(rtol=1e-5, atol=1e-5) if case.out_dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
     norm = dict(mean=MEAN, std=STD) if case.loader else {}
     checks = {"ours-op-flip": (LAM, None), "ours-op-perm": (lam_vec, perm), "eager-lerp": (lam_vec, perm)}
+    if "ours-kernel" in ps:
+        checks["ours-kernel"] = (LAM, None)
     if "compile-lerp" in ps:
         checks["compile-lerp"] = (lam_vec, perm)
     if "ours-op-out" in ps:
@@ -451,6 +473,10 @@ def target_checks(rows: list[dict], device: torch.device) -> list[str]:
                   x_copy(case, "ours-op-flip"), 1.5, "lower")
             check(f"{case}: ours-op-out (fused normalize + mix into a warm buffer) time / bare conversion "
                   "floor", x_copy(case, "ours-op-out"), 1.5, "lower")
+            fresh = ratio(case, "convert-alloc", "ours-op-flip")
+            if fresh is not None:
+                lines.append(f"- {case} (information): ours-op-flip (fresh output) time / torch's allocating "
+                             f"conversion x.to(bf16), which pays the same new pages: {fresh:.2f}x")
         case = "cifar-128 fp32 NCHW"
         check(f"{case}: ours-Mixup-batch speedup vs timm-batch",
               ratio(case, "ours-Mixup-batch", "timm-batch"), 3.0, "higher")
@@ -458,6 +484,13 @@ def target_checks(rows: list[dict], device: torch.device) -> list[str]:
         if op is not None and floor is not None:
             check(f"{case}: ours-op-flip per-call overhead (its time minus the in-place floor's)",
                   1e3 * (op["median_ms"] - floor["median_ms"]), 30, "lower", unit=" µs")
+        names = ("ours-kernel", "ours-op-flip", "ours-Mixup-batch", "timm-batch")
+        split = [_find(rows, case, n) for n in names]
+        if all(r is not None for r in split):
+            kernel, op, policy, timm_ = (1e3 * r["median_ms"] for r in split)
+            lines.append(f"- {case} (information): a call's median split into the kernel with its "
+                         f"launcher {kernel:.0f} µs, the op's checks and allocation {op - kernel:.0f} µs, "
+                         f"the policy's draw and glue {policy - op:.0f} µs; timm-batch {timm_:.0f} µs")
     else:
         for layout in ("NCHW", "CL"):
             case = f"imagenet-256 bf16 {layout}"
@@ -507,7 +540,8 @@ def plot(rows: list[dict], path, title: str) -> None:
     rows = [r for r in rows if r["mode"] == "eager"]
     shapes = list(dict.fromkeys(r["case"].split()[0] for r in rows))
     provs = [p for p in ORDER if any(r["provider"] == p for r in rows)]
-    colors = {"copy": "#9e9e9e", "scale-inplace": "#d0d0d0", "ours-op-flip": "#08519c",
+    colors = {"copy": "#9e9e9e", "convert-alloc": "#bdbdbd", "scale-inplace": "#d0d0d0",
+              "ours-kernel": "#041f4a", "ours-op-flip": "#08519c",
               "ours-Mixup-batch": "#3182bd", "ours-Mixup-pair": "#4a9bd0", "ours-Mixup-elem": "#6baed6",
               "ours-op-perm": "#31a354",
               "eager-lerp": "#fd8d3c",

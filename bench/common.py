@@ -20,6 +20,7 @@ import csv
 import gc
 import os
 import platform
+import random
 import re
 import subprocess
 import sys
@@ -163,9 +164,16 @@ def time_cpu_interleaved(
     target_s: float = 2.0,
     before_round: Callable[[], object] | None = None,
 ) -> dict[str, Timing]:
-    """Time CPU callables round-robin: every round calls each once, in order; at least ``min_rounds``
-    rounds and until ``target_s`` seconds of timed calls have passed (at most ``max_rounds``);
-    ``before_round`` runs untimed before every round."""
+    """Time CPU callables round-robin: every round calls each once; at least ``min_rounds`` rounds and
+    until ``target_s`` seconds of timed calls have passed (at most ``max_rounds``); ``before_round`` runs
+    untimed before every round.
+
+    The order is shuffled every round (seeded): a call that follows a parallel PyTorch op runs while
+    PyTorch's OpenMP threads still spin (``bench/omp_contention.py``), so a fixed order would charge that
+    to whichever callables come first.
+    """
+    rng = random.Random(0)
+    order = list(fns.items())
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -179,8 +187,9 @@ def time_cpu_interleaved(
         while rounds < max_rounds and (rounds < min_rounds or spent < target_s):
             if before_round is not None:
                 before_round()
+            rng.shuffle(order)
             t_round = time.perf_counter()
-            for name, fn in fns.items():
+            for name, fn in order:
                 t0 = time.perf_counter()
                 fn()
                 samples[name].append((time.perf_counter() - t0) * 1e3)

@@ -23,7 +23,9 @@ The integrations (``fastai``, ``lightning``, ``transforms``) check their argumen
 before a parent class (torchvision's ``MixUp``/``CutMix``) sees them, so their errors are these errors.
 
 Checks that read tensor values (ranges, permutations) run only on CPU tensors outside ``torch.compile``:
-on a GPU they would force a host-device synchronization on every call.
+on a GPU they would force a host-device synchronization on every call. The CPU kernel applies the
+class-index rule (:func:`check_index_range`) from its own bounds pass, so the ops skip the torch reduction
+for it there (``values=False``).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ __all__ = [
     "check_out_dtype",
     "check_lam",
     "check_perm",
+    "check_index_range",
     "check_index_target",
     "check_target",
     "check_minmax",
@@ -195,8 +198,17 @@ def check_perm(perm, batch: int, device: torch.device) -> Tensor | None:
     return perm.long().contiguous()
 
 
-def check_index_target(target, batch: int, num_classes: int, device: torch.device) -> Tensor:
-    """Class indices (B,) -> a contiguous int64 tensor."""
+def check_index_range(lo: int, hi: int, num_classes: int) -> None:
+    """The smallest and largest class index of a target must lie in [0, num_classes)."""
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(f"target holds class indices from {lo} to {hi}, outside "
+                         f"[0, num_classes={num_classes})")
+
+
+def check_index_target(target, batch: int, num_classes: int, device: torch.device,
+                       values: bool = True) -> Tensor:
+    """Class indices (B,) -> a contiguous int64 tensor. ``values=False`` leaves the range check to the caller
+    (the CPU kernel finds the bounds in its own pass and calls :func:`check_index_range` before writing)."""
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a tensor, got {type(target).__name__}")
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
@@ -204,17 +216,15 @@ def check_index_target(target, batch: int, num_classes: int, device: torch.devic
     if target.shape != (batch,):
         raise ValueError(f"target must have shape ({batch},), got {tuple(target.shape)}")
     check_device("target", target, device)
-    if can_inspect(target) and target.numel():
+    if values and can_inspect(target) and target.numel():
         lo, hi = target.aminmax()
-        lo, hi = int(lo), int(hi)
-        if lo < 0 or hi >= num_classes:
-            raise ValueError(f"target holds class indices from {lo} to {hi}, outside "
-                             f"[0, num_classes={num_classes})")
+        check_index_range(int(lo), int(hi), num_classes)
     return target.long().contiguous()
 
 
-def check_target(target, batch: int, num_classes, device: torch.device):
-    """Class indices (B,) or dense float targets (B, K) -> (target, num_classes)."""
+def check_target(target, batch: int, num_classes, device: torch.device, values: bool = True):
+    """Class indices (B,) or dense float targets (B, K) -> (target, num_classes); ``values`` as for
+    :func:`check_index_target`."""
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a tensor, got {type(target).__name__}")
     if target.ndim == 1:
@@ -223,7 +233,7 @@ def check_target(target, batch: int, num_classes, device: torch.device):
         if num_classes is None:
             raise ValueError("num_classes is required when target holds class indices")
         num_classes = check_num_classes(num_classes)
-        return check_index_target(target, batch, num_classes, device), num_classes
+        return check_index_target(target, batch, num_classes, device, values), num_classes
     if target.ndim == 2:
         if not target.is_floating_point():
             raise TypeError(f"target of shape (B, K) must be floating point, got {target.dtype}")

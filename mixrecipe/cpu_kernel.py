@@ -39,6 +39,8 @@ import warnings
 import numpy as np
 import torch
 
+from .checks import check_index_range
+
 try:
     import numba
     from llvmlite import ir
@@ -377,6 +379,15 @@ if numba is not None:
             else:
                 _label_unit(u - n_image, batch, perm, target, dense, soft, lam_y, lam_y_value, off, keep)
 
+    @_jit()
+    def _index_bounds(index):
+        """(smallest, largest) class index of a non-empty (B,) target: the range check's one pass."""
+        lo = hi = index[0]
+        for v in index:
+            lo = min(lo, v)
+            hi = max(hi, v)
+        return lo, hi
+
     @_jit(parallel=True)
     def _mix_parallel(n_units, n_workers, chunk, next_unit, x, out, inplace, perm, lam_x, lam_x_value,
                       box, mean, istd, mean_tab, istd_tab, in_scale, plane, lines_per_plane, line, col_mult,
@@ -479,7 +490,8 @@ def mix_cpu(x, out, target, soft, *, perm, lam_x, lam_y, box, mean, inv_std, in_
 
     Args:
         x: (B, ...) batch, contiguous or channels_last, or None. out: x's layout and shape (may be x).
-        target: (B,) int64 or (B, K) float targets, or None. soft: (B, K) float32 output, or None.
+        target: (B,) int64 or (B, K) float targets, or None; class indices are range-checked here
+            (``check_index_range``) before anything is written. soft: (B, K) float32 output, or None.
         perm: (B,) int64 partners, or None for the flip pairing.
         lam_x, lam_y: floats or (B,) float32 tensors.
         box: (B, 4) int32 CutMix boxes or None. mean, inv_std: (C,) float32 or None.
@@ -514,6 +526,8 @@ def mix_cpu(x, out, target, soft, *, perm, lam_x, lam_y, box, mean, inv_std, in_
         n_units += (batch + 1) // 2 if perm is None else batch
         moved += soft.numel() * 4
         index = target.numpy() if target.ndim == 1 else _empty(np.int64)
+        if target.ndim == 1:  # before anything is written; cheaper than a torch reduction per call
+            check_index_range(*_index_bounds(index), soft.shape[1])
         dense = target.float().numpy() if target.ndim == 2 else _empty(np.float32, 2)
         soft_np = soft.numpy()
     else:

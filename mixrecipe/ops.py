@@ -11,8 +11,10 @@ CIFAR-sized batch) and runs the op's body directly when nothing could tell the d
 (:func:`_direct_call`).
 
 No host-device synchronization happens here: checks that need tensor values (lam in [0, 1], perm is a
-permutation, class indices in range) run only on CPU tensors and outside torch.compile. On CUDA the kernel
-writes NaN rows for out-of-range partners or class indices instead of reading out of bounds.
+permutation, class indices in range) run only on CPU tensors and outside torch.compile, except that the
+CPU kernel's launcher range-checks class indices itself on every call (its own pass over B indices is
+cheaper than a torch reduction, and it works inside torch.compile too). On CUDA the kernel writes NaN rows
+for out-of-range partners or class indices instead of reading out of bounds.
 """
 
 from __future__ import annotations
@@ -332,8 +334,8 @@ def mix(
     x, mean, std, out_dtype = check_images(x, mean, std, out_dtype, inplace)
     batch, device = x.shape[0], x.device
     label_smoothing = check_unit_interval("label_smoothing", label_smoothing)
-    if target is not None:
-        target, num_classes = check_target(target, batch, num_classes, device)
+    if target is not None:  # the CPU kernel range-checks class indices itself, before writing
+        target, num_classes = check_target(target, batch, num_classes, device, values=not _use_cpu_kernel(x))
     else:
         num_classes = 0
     lam_x_t, lam_x_v = _lam_parts("lam_x", lam_x, batch, device)
@@ -401,7 +403,7 @@ def mixup_target(
     if target.ndim < 1:
         raise ValueError("target must have shape (B,) or (B, K)")
     batch, device = target.shape[0], target.device
-    target, num_classes = check_target(target, batch, num_classes, device)
+    target, num_classes = check_target(target, batch, num_classes, device, values=not _use_cpu_kernel(target))
     lam_t, lam_v = _lam_parts("lam", lam, batch, device)
     perm = check_perm(perm, batch, device)
     smoothing = check_unit_interval("label_smoothing", label_smoothing)

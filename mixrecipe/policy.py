@@ -24,6 +24,7 @@ and the results are moved to the batch's device with ``non_blocking=True``.
 from __future__ import annotations
 
 import math
+import struct
 from typing import NamedTuple
 
 import torch
@@ -140,6 +141,11 @@ def sample_beta(alpha: float, size=(), *, generator=None, device=None, dtype=tor
 
 
 _CONCENTRATIONS: dict[float, Tensor] = {}
+
+
+def _round_to_float32(value: float) -> float:
+    """The float32 nearest to ``value`` (ties to even), as ``torch.tensor(value).float()`` rounds."""
+    return struct.unpack("f", struct.pack("f", value))[0]
 
 
 def _beta_value(alpha: float, generator) -> float:
@@ -520,16 +526,19 @@ class Mixup:
     def _draw(self, size, img_shape, device):
         """timm's ``_params_per_batch`` / ``_params_per_elem`` as tensors of shape ``size`` on ``device``.
 
-        Returns (lam_x, lam_y, box) in float64/float64/int32; box is None when CutMix is inactive.
+        Returns (lam_x, lam_y, box) in float64/float64/int32; box is None when CutMix is inactive. One λ on
+        the CPU without CutMix comes as a Python float (rounded to float32, as the tensors are later):
+        the same draws, without a dozen tiny tensor ops that cost more than mixing a CIFAR batch.
         """
         g = self.generator
         mixup_on, cutmix_on = self.mixup_alpha > 0.0, self.cutmix_alpha > 0.0
+        always = self.mix_prob >= 1.0  # every sample is mixed: no coin is drawn
         if size == () and device.type == "cpu" and not cutmix_on and not tracing():  # same draws, floats
-            apply = torch.rand((), generator=g, dtype=torch.float64).item() < self.mix_prob
+            apply = always or torch.rand((), generator=g, dtype=torch.float64).item() < self.mix_prob
             lam = _beta_value(self.mixup_alpha, g)
-            lam = torch.tensor(lam if apply else 1.0, dtype=torch.float64)
+            lam = _round_to_float32(lam) if apply else 1.0
             return lam, lam, None
-        apply = _uniform(size, g, device) < self.mix_prob
+        apply = None if always else _uniform(size, g, device) < self.mix_prob
         if mixup_on and cutmix_on:
             use_cut = _uniform(size, g, device) < self.switch_prob
             lam = torch.where(use_cut,
@@ -541,12 +550,15 @@ class Mixup:
             use_cut = None
             alpha = self.mixup_alpha if mixup_on else self.cutmix_alpha
             lam = sample_beta(alpha, size, generator=g, device=device, dtype=torch.float64)
-        lam = torch.where(apply, lam, 1.0)
+        if apply is not None:
+            lam = torch.where(apply, lam, 1.0)
         if not cutmix_on:
             return lam, lam, None
-        cut = apply if use_cut is None else apply & use_cut
+        cut = use_cut if apply is None else apply if use_cut is None else apply & use_cut
         box, lam_cut = cutmix_box_and_lam(img_shape, lam, minmax=self.cutmix_minmax,
                                           correct_lam=self.correct_lam, generator=g)
+        if cut is None:  # CutMix alone, every sample
+            return torch.ones_like(lam), lam_cut.double(), box
         box = torch.where(cut.unsqueeze(-1), box, 0)
         lam_y = torch.where(cut, lam_cut.double(), lam)
         lam_x = torch.where(cut, 1.0, lam)
@@ -562,12 +574,20 @@ class Mixup:
         Returns:
             :class:`MixParams` on ``device``.
         """
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        p = self._sample(x_shape, device)
+        if isinstance(p.lam_x, float):
+            lam = torch.tensor(p.lam_x, dtype=torch.float32, device=device)
+            return MixParams(lam, lam, p.perm, p.box)
+        return p
+
+    def _sample(self, x_shape, device: torch.device) -> MixParams:
+        """:meth:`sample`, except that one λ drawn on the CPU stays a Python float (see :meth:`_draw`)."""
         batch = int(x_shape[0])
         if batch < 1:
             raise ValueError("the batch must hold at least one sample")
         if self.cutmix_alpha > 0.0 and len(x_shape) != 4:
             raise ValueError(f"CutMix needs a batch of shape (B, C, H, W), got {tuple(x_shape)}")
-        device = torch.device(device) if device is not None else torch.device("cpu")
         draw = _gen_device(self.generator, device)
         perm = None
         if self.mode == "batch":
@@ -597,6 +617,8 @@ class Mixup:
             lam_y = lam_x if same else lam_y[pair]
             if box is not None:
                 box = box[pair]
+        if isinstance(lam_x, float):
+            return MixParams(lam_x, lam_x, None if perm is None else _to(perm, device), None)
         same = lam_y is lam_x
         lam_x = _to(lam_x.float(), device)
         lam_y = lam_x if same else _to(lam_y.float(), device)
@@ -624,7 +646,7 @@ class Mixup:
         return self.out_dtype
 
     def _apply(self, x: Tensor, target, with_soft: bool, out: Tensor | None = None):
-        """-> (x_out, soft or None, op target, label smoothing, lam_y (B,), perm)."""
+        """-> (x_out, soft or None, op target, label smoothing, lam_y (float, () or (B,) tensor), perm)."""
         if not isinstance(x, Tensor) or x.ndim < 1:
             raise ValueError(f"x must be a tensor of shape (B, ...), got "
                              f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
@@ -635,25 +657,23 @@ class Mixup:
         dense = x.is_contiguous() or (x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last))
         op_target = target if with_soft else None
         if not self.mixup_enabled:
-            ones = torch.ones(batch, dtype=torch.float32, device=x.device)
             if same_dtype and self.mean is None and x.dtype != torch.uint8 and out is None:
                 soft = None
                 if op_target is not None:
                     soft = ops.mixup_target(op_target, self.num_classes, 1.0, None, smoothing)
-                return x, soft, target, smoothing, ones, None
+                return x, soft, target, smoothing, 1.0, None
             x_out, soft = ops.mix(x, op_target, 1.0, num_classes=self.num_classes, label_smoothing=smoothing,
                                   mean=self.mean, std=self.std, out_dtype=out_dtype,
                                   inplace=self.inplace and same_dtype and dense and out is None, out=out)
-            return x_out, soft, target, smoothing, ones, None
-        p = self.sample(x.shape, x.device)
+            return x_out, soft, target, smoothing, 1.0, None
+        p = self._sample(x.shape, x.device)
         inplace = self.inplace and p.perm is None and same_dtype and dense and out is None
         x_out, soft = ops.mix(
             x, op_target, p.lam_x, None if p.lam_y is p.lam_x else p.lam_y, p.perm, p.box,
             num_classes=self.num_classes, label_smoothing=smoothing, mean=self.mean, std=self.std,
             out_dtype=out_dtype, inplace=inplace, out=out,
         )
-        lam = p.lam_y.expand(batch) if p.lam_y.ndim == 0 else p.lam_y
-        return x_out, soft, target, smoothing, lam, p.perm
+        return x_out, soft, target, smoothing, p.lam_y, p.perm
 
     def __call__(self, x: Tensor, target: Tensor | None, *, out: Tensor | None = None):
         """Mix a batch: ``(x, target) -> (x_mixed, soft_target)`` like timm's ``Mixup``.
@@ -685,4 +705,7 @@ class Mixup:
             label_smoothing=mb.label_smoothing)``.
         """
         x_out, _, target, smoothing, lam, perm = self._apply(x, target, with_soft=False, out=out)
-        return MixedBatch(x_out, target, lam.contiguous(), perm, smoothing)
+        batch = x_out.shape[0]
+        if isinstance(lam, float):
+            lam = torch.full((batch,), lam, dtype=torch.float32, device=x_out.device)
+        return MixedBatch(x_out, target, lam.expand(batch).contiguous(), perm, smoothing)

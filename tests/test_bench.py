@@ -103,3 +103,17 @@ def test_omp_contention_quick(tmp_path):
             if line.startswith("| ") and "gap" not in line]
     assert [float(r[0]) for r in rows] == [0.0, 1.0, 5.0, 20.0]
     assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
+
+
+def test_interleaved_timing_shuffles_the_order_every_round():
+    """Every round calls each callable once, before_round first, in an order that changes between rounds
+    (a fixed order would charge PyTorch's spinning OpenMP threads to whoever comes first)."""
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abcde"}
+    timings = common.time_cpu_interleaved(fns, warmup=0, min_rounds=20, max_rounds=20, target_s=0.0,
+                                          before_round=lambda: calls.append("|"))
+    rounds = "".join(calls).split("|")[1:]
+    assert len(rounds) == 20 and all(sorted(r) == list("abcde") for r in rounds)
+    assert len(set(rounds)) > 5  # orders differ
+    assert {r[0] for r in rounds} == set("abcde")  # everyone goes first sometimes
+    assert set(timings) == set(fns) and all(t.n == 20 and t.median >= 0 for t in timings.values())

@@ -147,15 +147,34 @@ def test_writes_every_element(threads, paired, dtype):
     torch.testing.assert_close(soft, ref_soft)
 
 
-def test_bad_indices_give_nan_rows_not_out_of_bounds_reads():
-    """What the op does where it cannot check values (inside torch.compile): the Triton kernel's contract."""
+def test_bad_partners_give_nan_rows_not_out_of_bounds_reads():
+    """What the kernel does with a partner index the op could not check (inside torch.compile): the Triton
+    kernel's contract, a NaN row instead of a read out of bounds."""
     x = torch.randn(4, 2, 3, 3)
-    target = torch.tensor([0, 99, 2, 3])
+    target = torch.tensor([0, 1, 2, 3])
     perm = torch.tensor([1, 0, 7, 2])
     out, soft = torch.empty_like(x), torch.empty(4, 10)
     _launch(x, out, target, soft, perm)
     assert out[2].isnan().all() and not out[[0, 1, 3]].isnan().any()
-    assert soft[[0, 1, 2]].isnan().all() and not soft[3].isnan().any()  # rows 0, 1 touch class 99
+    assert soft[2].isnan().all() and not soft[[0, 1, 3]].isnan().any()
+
+
+@pytest.mark.parametrize("bad", [99, 10, -1])
+def test_class_indices_are_range_checked_before_anything_is_written(bad):
+    """The launcher finds the index bounds in its own pass (no torch reduction per call) and refuses a
+    target outside [0, K) with the checks module's message, before writing images or labels, in place too."""
+    x = torch.randn(5, 2, 3, 3)
+    before = x.clone()
+    target = torch.tensor([0, 1, bad, 3, 4])
+    soft = torch.full((5, 10), -7.0)
+    with pytest.raises(ValueError, match=r"class indices from .* outside \[0, num_classes=10\)"):
+        _launch(x, x, target, soft, None)
+    assert torch.equal(x, before) and (soft == -7.0).all()
+    with pytest.raises(ValueError, match="outside"):
+        ops.mixup(x, target, 0.3, num_classes=10, inplace=True)
+    assert torch.equal(x, before)
+    with pytest.raises(ValueError, match="outside"):
+        ops.mixup_target(target, 10, 0.3)
 
 
 def test_two_thread_and_one_thread_results_are_bitwise_equal(monkeypatch):

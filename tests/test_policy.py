@@ -12,6 +12,7 @@ interpreter (the ``backend`` fixture) as well as the eager CPU path.
 
 import importlib
 import math
+from unittest.mock import patch
 
 import numpy as np
 import pytest
@@ -158,6 +159,46 @@ def test_one_beta_draw_on_floats_is_the_tensor_formula(alpha):
     assert all(0.0 <= v <= 1.0 for v in fast)
     if alpha >= 0.2:  # Beta(0.01, 0.01) piles mass within float64 rounding of 1.0: an atom KS rejects
         assert scipy.stats.kstest(fast, scipy.stats.beta(alpha, alpha).cdf).pvalue > P_MIN
+
+
+@pytest.mark.parametrize("prob", [1.0, 0.7])
+def test_batch_draw_on_floats_is_the_tensor_draw(prob):
+    """Mode "batch" on a CPU generator keeps λ a Python float through the call (per-call speed): the
+    value, the draws consumed and the mixed batch must be those of the tensor path. With prob=1 no coin
+    is drawn on either path; with prob<1 both draw it first."""
+    x, y = torch.rand(6, 3, 4, 4), torch.tensor([0, 1, 2, 3, 4, 0])
+    fast = Mixup(mixup_alpha=0.3, num_classes=5, prob=prob, generator=gen(21))
+    ref = Mixup(mixup_alpha=0.3, num_classes=5, prob=prob, generator=gen(21))
+    for _ in range(40):
+        lam_x, lam_y, box = fast._draw((), x.shape, torch.device("cpu"))
+        assert isinstance(lam_x, float) and lam_y is lam_x and box is None
+        with patch("mixrecipe.policy.tracing", return_value=True):  # forces the tensor path
+            t_x, t_y, _ = ref._draw((), x.shape, torch.device("cpu"))
+        assert lam_x == float(t_x.float())  # rounded to float32 like the tensor
+        assert torch.equal(fast.generator.get_state(), ref.generator.get_state())
+    mb = fast.mix_batch(x.clone(), y)
+    p = ref.sample(x.shape)
+    assert mb.lam.dtype == torch.float32 and mb.lam.shape == (6,)
+    assert torch.equal(mb.lam, p.lam_y.expand(6))
+    plain = Mixup(mixup_alpha=0.3, num_classes=5, prob=prob, generator=gen(5))
+    with patch("mixrecipe.policy.tracing", return_value=True):
+        p = plain.sample(x.shape)
+    assert p.lam_x.shape == () and p.lam_x.dtype == torch.float32
+    again = Mixup(mixup_alpha=0.3, num_classes=5, prob=prob, generator=gen(5)).sample(x.shape)
+    assert torch.equal(again.lam_x, p.lam_x) and again.lam_y is again.lam_x
+
+
+def test_prob_one_draws_no_coin():
+    """prob=1 mixes every batch without drawing the apply coin: one call consumes exactly one Beta draw."""
+    g_policy, g_beta = gen(9), gen(9)
+    Mixup(mixup_alpha=0.5, num_classes=3, generator=g_policy).sample((4, 2))
+    sample_beta(0.5, generator=g_beta)
+    assert torch.equal(g_policy.get_state(), g_beta.get_state())
+    g_elem = gen(9)
+    Mixup(mixup_alpha=0.5, num_classes=3, mode="elem", generator=g_elem).sample((4, 2))
+    g_ref = gen(9)
+    sample_beta(0.5, 4, generator=g_ref, dtype=torch.float64)
+    assert torch.equal(g_elem.get_state(), g_ref.get_state())
 
 
 def test_sample_beta_generator_is_honoured():
