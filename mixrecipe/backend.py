@@ -1,8 +1,8 @@
 """Where the ops run CPU tensors: the one switch for every op (mixing and the loss alike).
 
 CUDA tensors always run the Triton kernels. CPU tensors run the compiled one-pass numba kernel by default
-(``"numba"``; the loss has no numba kernel and runs eager under it), the plain-PyTorch path
-(``"eager"``, the reference the tests compare with), or the Triton kernels through Triton's interpreter
+(``"numba"``; the loss runs its numba rows for small float32 logits and eager otherwise), the plain-PyTorch
+path (``"eager"``, the reference the tests compare with), or the Triton kernels through Triton's interpreter
 inside ``with cpu_backend("triton"):`` (how the tests check the kernels on a machine without a GPU; needs
 ``TRITON_INTERPRET=1`` before triton is imported). The environment variable ``MIXRECIPE_CPU_BACKEND`` sets
 the starting value.

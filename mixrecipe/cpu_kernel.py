@@ -50,7 +50,8 @@ try:
 except ImportError:  # pragma: no cover - exercised only where numba is missing
     numba = None
 
-__all__ = ["available", "mix_cpu", "cache_stats", "PARALLEL_MIN_BYTES", "CHUNK_ELEMS"]
+__all__ = ["available", "mix_cpu", "ce_rows", "ce_rows_backward", "cache_stats", "PARALLEL_MIN_BYTES",
+           "CHUNK_ELEMS"]
 
 PARALLEL_MIN_BYTES = 4 << 20  # below this many bytes moved, one thread (waking workers costs ~0.1 ms)
 CHUNK_ELEMS = 8192  # elements of one row handled by a work unit (no CutMix box): a few pages per row
@@ -379,6 +380,85 @@ if numba is not None:
             else:
                 _label_unit(u - n_image, batch, perm, target, dense, soft, lam_y, lam_y_value, off, keep)
 
+    # ----------------------------------------------------------------------------------------------
+    # Mixup cross-entropy rows (``mixrecipe.loss``): the Triton loss kernels' formula, one row at a time.
+    # ----------------------------------------------------------------------------------------------
+    @_jit(inline="always")
+    def _exp(x):
+        """exp for x <= 88 in float32, within 2 ulp: Cody-Waite reduction, a degree-6 polynomial, the
+        exponent set by bits. Branch-free, so loops of it vectorize (numba's exp is a scalar libm call,
+        3x slower here); results below float32's normal range flush to 0."""
+        tiny = x < np.float32(-87.33654)
+        x = min(max(x, np.float32(-87.33654)), np.float32(88.0))
+        n = np.float32(np.floor(x * np.float32(1.4426950408889634) + np.float32(0.5)))
+        r = x - n * np.float32(0.693359375)
+        r = r + n * np.float32(2.12194440e-4)
+        p = np.float32(1.9875691500e-4)
+        p = p * r + np.float32(1.3981999507e-3)
+        p = p * r + np.float32(8.3334519073e-3)
+        p = p * r + np.float32(4.1665795894e-2)
+        p = p * r + np.float32(1.6666665459e-1)
+        p = p * r + np.float32(5.0000001201e-1)
+        y = (p * r * r + r + np.float32(1.0)) * _float_of(_U32(np.int32(n) + np.int32(127)) << _U32(23))
+        return np.float32(0.0) if tiny else y
+
+    @_jit(inline="always")
+    def _row_max(row):
+        """max of a non-empty row with four running maxima: one chain waits ~4 cycles per element (a float
+        max's latency), and the compiler may not reorder it without giving up NaN semantics."""
+        m0 = m1 = m2 = m3 = row[0]
+        n = row.shape[0]
+        k = 0
+        while k + 4 <= n:
+            m0 = max(m0, row[k])
+            m1 = max(m1, row[k + 1])
+            m2 = max(m2, row[k + 2])
+            m3 = max(m3, row[k + 3])
+            k += 4
+        for r in range(k, n):
+            m0 = max(m0, row[r])
+        return max(max(m0, m1), max(m2, m3))
+
+    @_jit(fastmath={"reassoc", "nsz"})  # lets the row's sums vectorize (NaN and inf keep their meaning)
+    def _ce_rows(z, target, lam, perm, smoothing, loss, lse):
+        """Per row: lse = logsumexp(z), loss = -(1-s) lerp(lp[t_partner], lp[t], lam) - s/K sum(lp)."""
+        z, target, lam, perm = _borrowed(z), _borrowed(target), _borrowed(lam), _borrowed(perm)
+        loss, lse = _borrowed(loss), _borrowed(lse)
+        batch, classes = z.shape
+        for i in range(batch):
+            row = z[i]
+            top = _row_max(row)
+            total = np.float32(0.0)
+            mass = np.float32(0.0)
+            for k in range(classes):
+                total += row[k]
+                mass += _exp(row[k] - top)
+            log_z = top + np.log(mass)
+            j = batch - 1 - i if perm.shape[0] == 0 else perm[i]
+            own, other = row[target[i]] - log_z, row[target[j]] - log_z
+            value = -(np.float32(1.0) - smoothing) * _lerp(other, own, lam[i])
+            if smoothing > 0:  # as the eager path: no 0 * inf when a logit is -inf
+                value -= (smoothing / classes) * (total - classes * log_z)
+            loss[i] = value
+            lse[i] = log_z
+
+    @_jit()
+    def _ce_rows_backward(grad, z, lse, target, lam, perm, smoothing, dz):
+        """dz = grad * (softmax(z) - s/K - (1-s) (lam onehot(t) + (1-lam) onehot(t_partner)))."""
+        grad, z, lse, target, lam, perm = _borrowed(grad), _borrowed(z), _borrowed(lse), _borrowed(target), \
+            _borrowed(lam), _borrowed(perm)
+        dz = _borrowed(dz)
+        batch, classes = z.shape
+        off = smoothing / classes
+        keep = np.float32(1.0) - smoothing
+        for i in range(batch):
+            g, log_z, row, out = grad[i], lse[i], z[i], dz[i]
+            for k in range(classes):
+                out[k] = g * (_exp(row[k] - log_z) - off)
+            j = batch - 1 - i if perm.shape[0] == 0 else perm[i]
+            out[target[i]] -= g * keep * lam[i]
+            out[target[j]] -= g * keep * (np.float32(1.0) - lam[i])
+
     @_jit()
     def _index_bounds(index):
         """(smallest, largest) class index of a non-empty (B,) target: the range check's one pass."""
@@ -551,10 +631,40 @@ def mix_cpu(x, out, target, soft, *, perm, lam_x, lam_y, box, mean, inv_std, in_
         _mix_parallel(n_units, workers, chunk, np.zeros(1, np.int64), *args)
 
 
+def ce_rows(logits, target, lam, perm, smoothing: float):
+    """The mixup cross-entropy rows on CPU: (loss (B,), logsumexp (B,)) in float32.
+
+    Args:
+        logits: (B, K) float32 (made contiguous here). target: (B,) int64 class indices, range-checked here
+            (``check_index_range``). lam: (B,) float32, any strides. perm: (B,) int64 partners or None (flip).
+        smoothing: timm's label smoothing.
+    """
+    logits = logits.detach().contiguous()
+    index = target.numpy()
+    check_index_range(*_index_bounds(index), logits.shape[1])
+    loss, lse = torch.empty(logits.shape[0]), torch.empty(logits.shape[0])
+    _ce_rows(logits.numpy(), index, lam.detach().numpy(), _empty(np.int64) if perm is None else perm.numpy(),
+             np.float32(smoothing), loss.numpy(), lse.numpy())
+    return loss, lse
+
+
+def ce_rows_backward(grad, logits, lse, target, lam, perm, smoothing: float):
+    """The gradient of :func:`ce_rows`' loss with respect to the logits: (B, K) float32, contiguous.
+
+    softmax is recomputed as exp(z - lse) from the saved logsumexp, as the Triton kernels do: the absolute
+    error is bounded by lse's float32 rounding, about |lse| * 2**-24 (5e-6 for logits near +-90)."""
+    logits = logits.detach().contiguous()
+    dz = torch.empty_like(logits)
+    _ce_rows_backward(grad.detach().float().numpy(), logits.numpy(), lse.detach().numpy(), target.numpy(),
+                      lam.detach().numpy(), _empty(np.int64) if perm is None else perm.numpy(),
+                      np.float32(smoothing), dz.numpy())
+    return dz
+
+
 def cache_stats() -> tuple[int, int]:
     """(signatures loaded from the disk cache, signatures compiled) by this process so far."""
     hits = misses = 0
-    for kernel in (_mix_units, _mix_parallel):
+    for kernel in (_mix_units, _mix_parallel, _ce_rows, _ce_rows_backward, _index_bounds):
         hits += sum(kernel.stats.cache_hits.values())
         misses += sum(kernel.stats.cache_misses.values())
     return hits, misses

@@ -67,8 +67,11 @@ def assert_matches(actual, expected, dtype):
 
 
 def path_context(path):
-    """Path "triton" forces the Triton kernels (the interpreter on CPU); "default" is the normal dispatch."""
-    return cpu_backend("triton") if path == "triton" else contextlib.nullcontext()
+    """Path "triton" forces the Triton kernels (the interpreter on CPU), "eager" the plain-PyTorch CPU path;
+    "default" is the normal dispatch (on CPU: the numba rows for small float32 logits)."""
+    if path == "default":
+        return contextlib.nullcontext()
+    return cpu_backend(path)
 
 
 def make_batch(batch, classes, dtype, device, seed=0):
@@ -99,7 +102,7 @@ def make_perm(kind, batch, gen, device):
 # ----------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["default", "triton"])
+@pytest.mark.parametrize("path", ["default", "eager", "triton"])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("perm_kind", ["flip", "random", "identity"])
 @pytest.mark.parametrize("lam_kind", ["float", "tensor0d", "per_sample"])
@@ -113,7 +116,7 @@ def test_matches_dense_reference(device, dtype, lam_kind, perm_kind, smoothing, 
     assert_matches(actual, dense_reference(logits, target, lam, perm, smoothing), dtype)
 
 
-@pytest.mark.parametrize("path", ["default", "triton"])
+@pytest.mark.parametrize("path", ["default", "eager", "triton"])
 @pytest.mark.parametrize("batch, classes", [(1, 2), (1, 37), (2, 5), (7, 2), (6, 130), (3, 1)])
 def test_weird_shapes(device, batch, classes, path):
     logits, target, gen = make_batch(batch, classes, torch.float32, device, seed=batch * 1000 + classes)
@@ -123,7 +126,7 @@ def test_weird_shapes(device, batch, classes, path):
     assert_matches(actual, dense_reference(logits, target, lam, None, 0.1), torch.float32)
 
 
-@pytest.mark.parametrize("path", ["default", "triton"])
+@pytest.mark.parametrize("path", ["default", "eager", "triton"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_reductions_and_upstream_gradient(device, reduction, path):
     # Non-uniform upstream weights check that each row's gradient is scaled by its own grad_output.
@@ -137,7 +140,7 @@ def test_reductions_and_upstream_gradient(device, reduction, path):
     assert_matches(actual, expected, torch.float32)
 
 
-@pytest.mark.parametrize("path", ["default", "triton"])
+@pytest.mark.parametrize("path", ["default", "eager", "triton"])
 def test_strided_logits(device, path):
     # A column slice (row stride > K) and a transposed (column-major) view must read the right logits.
     base, _, gen = make_batch(6, 50, torch.float32, device)
@@ -150,7 +153,7 @@ def test_strided_logits(device, path):
         assert_matches(actual, dense_reference(logits, target, lam, None, 0.1), torch.float32)
 
 
-@pytest.mark.parametrize("path", ["default", "triton"])
+@pytest.mark.parametrize("path", ["default", "eager", "triton"])
 def test_lam_one_and_zero_are_plain_cross_entropy(device, path):
     logits, target, gen = make_batch(5, 11, torch.float32, device)
     perm = torch.randperm(5, generator=gen).to(device)
@@ -365,3 +368,99 @@ def test_soft_target_cross_entropy_bad_input():
         SoftTargetCrossEntropy()(_X, torch.rand(4, 6))
     with pytest.raises(ValueError, match="reduction"):
         SoftTargetCrossEntropy(reduction="avg")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The numba rows on CPU (small float32 logits) against the eager path and the float64 reference
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch, classes", [(1, 1), (3, 2), (128, 10), (33, 100), (64, 512)])
+@pytest.mark.parametrize("perm_kind", ["flip", "random"])
+def test_cpu_kernel_rows_match_the_reference_and_the_eager_path(batch, classes, perm_kind):
+    """Logits spread over +-90 so that exp underflows for most classes and the kernel's own exp is used over
+    its whole range; loss and gradient within float32 rounding of the float64 reference."""
+    from mixrecipe.loss import CPU_KERNEL_MAX_ELEMS
+
+    assert batch * classes <= CPU_KERNEL_MAX_ELEMS
+    gen = torch.Generator().manual_seed(batch + classes)
+    logits = (torch.rand(batch, classes, generator=gen) * 180 - 90).float()
+    target = torch.randint(0, classes, (batch,), generator=gen)
+    lam = torch.rand(batch, generator=gen)
+    perm = make_perm(perm_kind, batch, gen, "cpu")
+    ref = dense_reference(logits, target, lam, perm, 0.1, "none")
+    got = run_loss(logits, target, lam, perm, 0.1, reduction="none")
+    with cpu_backend("eager"):
+        eager = run_loss(logits, target, lam, perm, 0.1, reduction="none")
+    for actual in (got, eager):
+        torch.testing.assert_close(actual[0].double(), ref[0], rtol=1e-5, atol=1e-4)
+        # The rows recompute softmax as exp(z - logsumexp) from the saved logsumexp (as the Triton kernels
+        # do): its float32 rounding, |lse| * 2**-24 ~ 5e-6 here, bounds the gradient's absolute error.
+        torch.testing.assert_close(actual[1].double(), ref[1], rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(eager[1].double(), ref[1], rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_kernel_rows_run_below_the_size_limit_only(monkeypatch):
+    """The numba rows take float32 logits up to CPU_KERNEL_MAX_ELEMS under the "numba" backend; anything
+    else runs the eager path (counted by patching both)."""
+    from mixrecipe import cpu_kernel
+    from mixrecipe import loss as loss_module
+
+    calls = []
+    real = cpu_kernel.ce_rows
+    monkeypatch.setattr(cpu_kernel, "ce_rows", lambda *a: calls.append(a[0].shape) or real(*a))
+    limit = loss_module.CPU_KERNEL_MAX_ELEMS
+    shapes = (((4, 8), torch.float32), ((limit // 8, 8), torch.float32), ((limit // 8 + 1, 8), torch.float32),
+              ((4, 8), torch.bfloat16), ((4, 8), torch.float64))
+    for shape, dtype in shapes:
+        logits = torch.randn(shape).to(dtype)
+        mixup_cross_entropy(logits, torch.zeros(shape[0], dtype=torch.long), 0.5)
+    with cpu_backend("eager"):
+        mixup_cross_entropy(torch.randn(4, 8), torch.zeros(4, dtype=torch.long), 0.5)
+    assert calls == [(4, 8), (limit // 8, 8)]
+
+
+def test_cpu_kernel_rows_refuse_bad_class_indices_before_computing():
+    logits = torch.randn(4, 6, requires_grad=True)
+    for bad in (6, -1):
+        with pytest.raises(ValueError, match=r"class indices from .* outside \[0, num_classes=6\)"):
+            mixup_cross_entropy(logits, torch.tensor([0, 1, bad, 2]), 0.5)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_cpu_kernel_rows_treat_non_finite_logits_like_the_eager_path(value, smoothing):
+    """A NaN or infinite logit gives the same loss and gradient (NaN, inf or finite) on both CPU paths: the
+    kernel's exp, its running maxima and its vectorized sums keep NaN and inf."""
+    results = []
+    for backend in ("numba", "eager"):
+        logits = torch.randn(4, 6, generator=torch.Generator().manual_seed(3))
+        logits[1, 2] = value
+        with cpu_backend(backend):
+            results.append(run_loss(logits, torch.tensor([0, 1, 2, 3]), 0.5, None, smoothing, "none"))
+    (loss, grad), (ref_loss, ref_grad) = results
+    torch.testing.assert_close(loss, ref_loss, equal_nan=True, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, equal_nan=True, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (700, 400)])  # the numba rows, then the eager path
+def test_direct_eager_call_equals_the_registered_op(shape):
+    """A plain eager call runs the op's bodies through an autograd.Function (no dispatcher); forcing the
+    registered op (as under a tracer) must give the same loss and gradient bitwise, and neither path may
+    silently return a zero second derivative."""
+    from unittest.mock import patch
+
+    gen = torch.Generator().manual_seed(8)
+    logits = torch.randn(*shape, generator=gen)
+    target = torch.randint(0, shape[1], (shape[0],), generator=gen)
+    lam = torch.rand(shape[0], generator=gen)
+    direct = run_loss(logits, target, lam, None, 0.1)
+    with patch("mixrecipe.loss.tracing", return_value=True):
+        registered = run_loss(logits, target, lam, None, 0.1)
+    assert torch.equal(direct[0], registered[0]) and torch.equal(direct[1], registered[1])
+    for force_op in (False, True):
+        with patch("mixrecipe.loss.tracing", return_value=force_op):
+            x = logits.clone().requires_grad_()
+            (grad,) = torch.autograd.grad(mixup_cross_entropy(x, target, lam), x, create_graph=True)
+            with pytest.raises(RuntimeError):
+                grad.sum().backward()
