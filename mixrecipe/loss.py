@@ -219,7 +219,9 @@ def _lam_rows(lam, logits: torch.Tensor) -> torch.Tensor:
     """A checked lam as a (B,) tensor in the loss's compute dtype on the logits' device."""
     batch = logits.shape[0]
     lam = check_lam("lam", lam, batch, logits.device)
-    lam_t = torch.as_tensor(lam).detach().to(device=logits.device, dtype=_compute_dtype(logits))
+    if not isinstance(lam, torch.Tensor):  # one op for a number
+        return torch.full((batch,), lam, dtype=_compute_dtype(logits), device=logits.device)
+    lam_t = lam.detach().to(device=logits.device, dtype=_compute_dtype(logits))
     return lam_t.expand(batch) if lam_t.ndim == 0 else lam_t.contiguous()
 
 
