@@ -167,6 +167,7 @@ class _DirectRows(torch.autograd.Function):
     def forward(ctx, logits, target, lam, perm, smoothing):
         loss, lse = _rows_body(logits, target, lam, perm, smoothing)
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # no zeros made for lse's (unused) gradient
         _setup_context(ctx, (logits, target, lam, perm, smoothing), (loss, lse))
         return loss, lse
 
@@ -175,7 +176,7 @@ class _DirectRows(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_lse):
         logits, lse, target, lam, perm = ctx.saved_tensors
         grad = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and grad_loss is not None:  # None: only lse was used downstream
             grad = _rows_backward_body(grad_loss, logits, lse, target, lam, perm, ctx.smoothing)
         return grad, None, None, None, None
 
