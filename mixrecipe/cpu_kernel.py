@@ -642,16 +642,11 @@ def ce_rows(logits, target, lam, perm, smoothing: float):
     logits = logits.detach().contiguous()
     index = target.numpy()
     check_index_range(*_index_bounds(index), logits.shape[1])
-    loss, lse = _new_array(logits.shape[0]), _new_array(logits.shape[0])
+    # Outputs come from torch's allocator (not numpy's), so torch's memory accounting sees them.
+    loss, lse = torch.empty(logits.shape[0]), torch.empty(logits.shape[0])
     _ce_rows(logits.numpy(), index, lam.detach().numpy(), _empty(np.int64) if perm is None else perm.numpy(),
-             np.float32(smoothing), loss, lse)
-    return torch.from_numpy(loss), torch.from_numpy(lse)
-
-
-def _new_array(*shape):
-    """A new float32 output for the loss rows, made by numpy: ``torch.from_numpy`` wraps it without the
-    four dispatched ops (detach, to, resolve_conj, resolve_neg) of ``torch.empty(...).numpy()``."""
-    return np.empty(shape, np.float32)
+             np.float32(smoothing), loss.numpy(), lse.numpy())
+    return loss, lse
 
 
 def ce_rows_backward(grad, logits, lse, target, lam, perm, smoothing: float):
@@ -660,11 +655,11 @@ def ce_rows_backward(grad, logits, lse, target, lam, perm, smoothing: float):
     softmax is recomputed as exp(z - lse) from the saved logsumexp, as the Triton kernels do: the absolute
     error is bounded by lse's float32 rounding, about |lse| * 2**-24 (5e-6 for logits near +-90)."""
     logits = logits.detach().contiguous()
-    dz = _new_array(*logits.shape)
+    dz = torch.empty_like(logits)
     _ce_rows_backward(grad.detach().float().numpy(), logits.numpy(), lse.detach().numpy(), target.numpy(),
                       lam.detach().numpy(), _empty(np.int64) if perm is None else perm.numpy(),
-                      np.float32(smoothing), dz)
-    return torch.from_numpy(dz)
+                      np.float32(smoothing), dz.numpy())
+    return dz
 
 
 def cache_stats() -> tuple[int, int]:
