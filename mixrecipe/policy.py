@@ -430,8 +430,9 @@ class Mixup:
 
     Per call (timm's order of decisions, as tensors): with probability ``prob`` (per batch in mode
     ``"batch"``, per pair in ``"pair"``, per sample in ``"elem"``) a sample is mixed, else it is left as is
-    (λ = 1). When both ``mixup_alpha`` and ``cutmix_alpha`` are > 0, CutMix is chosen with probability
-    ``switch_prob``, else Mixup. Mixup: λ ~ Beta(mixup_alpha, mixup_alpha), ``x = λ x + (1 - λ) x_partner``.
+    (λ = 1); with ``prob=1`` no coin is drawn (timm draws one anyway). When both ``mixup_alpha`` and
+    ``cutmix_alpha`` are > 0, CutMix is chosen with probability ``switch_prob``, else Mixup.
+    Mixup: λ ~ Beta(mixup_alpha, mixup_alpha), ``x = λ x + (1 - λ) x_partner``.
     CutMix: λ ~ Beta(cutmix_alpha, cutmix_alpha), the partner's box (timm's ``rand_bbox``, or
     ``rand_bbox_minmax`` with ``cutmix_minmax``) replaces the region, and the label weight is the kept area
     when ``correct_lam`` (always with ``cutmix_minmax``). Labels: timm's ``mixup_target`` with the label
