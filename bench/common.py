@@ -117,9 +117,15 @@ def environment(device: torch.device) -> str:
     """One line for the head of a results file: device, versions, commit, load."""
     import triton
 
+    omp = ", ".join(f"{k}={os.environ[k]}" for k in OPENMP_SETTINGS if k in os.environ) or "libgomp defaults"
     return (f"device: {device_name(device)}; torch {torch.__version__}; triton {triton.__version__}; "
             f"python {platform.python_version()}; commit {git_commit()}; "
-            f"load average at start: {load1()}; {time.strftime('%Y-%m-%d %H:%M %Z')}")
+            f"load average at start: {load1()}; {time.strftime('%Y-%m-%d %H:%M %Z')}; OpenMP: {omp}")
+
+
+# How long PyTorch's OpenMP threads spin after a parallel region: it decides how much a CPU pass started
+# right after one is slowed (bench/omp_contention.py), so every results file records them.
+OPENMP_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")
 
 
 def load_note(rows: list[dict]) -> str:

@@ -2,6 +2,7 @@
 
     python bench/omp_contention.py                          # the default OpenMP wait policy
     OMP_WAIT_POLICY=PASSIVE python bench/omp_contention.py  # threads sleep at once after each region
+    GOMP_SPINCOUNT=30000 python bench/omp_contention.py --tag gomp-spin30000   # spin briefly, then sleep
 
 Each round restores the batch with ``x.copy_(x0)`` (a parallel PyTorch op), waits ``gap`` and times one
 in-place ``mixrecipe.mixup``; the floor ``s.mul_(1.0)`` is timed the same way on its own buffer. Writes
@@ -10,7 +11,6 @@ in-place ``mixrecipe.mixup``; the floor ``s.mul_(1.0)`` is timed the same way on
 
 from __future__ import annotations
 
-import os
 import time
 
 import common
@@ -61,13 +61,12 @@ def main(argv=None) -> None:
     device = common.setup(args)
     shape = (4, 3, 32, 32) if args.quick else (128, 3, 224, 224)
     rows = measure(shape, 2 if args.quick else args.rounds)
-    policy = os.environ.get("OMP_WAIT_POLICY", "(unset: libgomp's default, spin then sleep)")
     lines = [
         "# CPU kernel right after a parallel PyTorch op",
         "",
         f"`{common.command_line()}`",
         "",
-        f"{common.environment(device)}; OMP_WAIT_POLICY={policy}; batch {'x'.join(map(str, shape))} fp32",
+        f"{common.environment(device)}; batch {'x'.join(map(str, shape))} fp32",
         "",
         "Median ms of one in-place `mixrecipe.mixup` and of the floor `x.mul_(1.0)`, each started `gap` "
         "after restoring its buffer with `copy_` (a parallel PyTorch op).",
