@@ -24,8 +24,8 @@ before a parent class (torchvision's ``MixUp``/``CutMix``) sees them, so their e
 
 Checks that read tensor values (ranges, permutations) run only on CPU tensors outside ``torch.compile``:
 on a GPU they would force a host-device synchronization on every call. The CPU kernel applies the
-class-index rule (:func:`check_index_range`) from its own bounds pass, so the ops skip the torch reduction
-for it there (``values=False``).
+class-index and weight rules (:func:`check_index_range`, :func:`check_unit_range`) from its own bounds
+pass, so the ops skip the torch reductions for them there (``values=False``).
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ __all__ = [
     "check_reduction",
     "check_generator",
     "check_out_dtype",
+    "check_unit_range",
     "check_lam",
     "check_perm",
     "check_index_range",
@@ -164,8 +165,16 @@ def check_minmax(minmax):
 # --------------------------------------------------------------------------------------------------
 # Tensors of a batch.
 # --------------------------------------------------------------------------------------------------
-def check_lam(name: str, lam, batch: int, device: torch.device):
-    """-> a float, or a floating tensor of shape () or (batch,) on ``device`` (as given, not converted)."""
+def check_unit_range(name: str, lo: float, hi: float) -> None:
+    """The smallest and largest value of a weight tensor must lie in [0, 1] (a NaN bound is refused)."""
+    if not (0.0 <= lo and hi <= 1.0):
+        raise ValueError(f"{name} must lie in [0, 1]; got values from {lo} to {hi}")
+
+
+def check_lam(name: str, lam, batch: int, device: torch.device, values: bool = True):
+    """-> a float, or a floating tensor of shape () or (batch,) on ``device`` (as given, not converted).
+    ``values=False`` leaves a (batch,) tensor's range to the caller (the CPU kernel's launcher applies
+    :func:`check_unit_range` from its own bounds pass)."""
     if isinstance(lam, Tensor):
         if not lam.is_floating_point():
             raise TypeError(f"{name} must be a float or a floating-point tensor, got {lam.dtype}")
@@ -174,9 +183,9 @@ def check_lam(name: str, lam, batch: int, device: torch.device):
         if lam.shape not in ((), (batch,)):
             raise ValueError(f"{name} must be a scalar or have shape ({batch},), got {tuple(lam.shape)}")
         check_device(name, lam, device)
-        if can_inspect(lam) and lam.numel() and not bool(((lam >= 0) & (lam <= 1)).all()):
-            raise ValueError(f"{name} must lie in [0, 1]; got values from {float(lam.min())} "
-                             f"to {float(lam.max())}")
+        if values and can_inspect(lam) and lam.numel():
+            lo, hi = lam.aminmax()  # NaN propagates into both bounds
+            check_unit_range(name, float(lo), float(hi))
         return lam
     if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
         raise TypeError(f"{name} must be a float or a tensor, got {type(lam).__name__}")

@@ -39,7 +39,7 @@ import warnings
 import numpy as np
 import torch
 
-from .checks import check_index_range
+from .checks import check_index_range, check_unit_range
 
 try:
     import numba
@@ -460,10 +460,13 @@ if numba is not None:
             out[target[j]] -= g * keep * (np.float32(1.0) - lam[i])
 
     @_jit()
-    def _index_bounds(index):
-        """(smallest, largest) class index of a non-empty (B,) target: the range check's one pass."""
-        lo = hi = index[0]
-        for v in index:
+    def _bounds(values):
+        """(smallest, largest) of a non-empty (B,) array (class indices, per-sample weights) in one pass;
+        (NaN, NaN) as soon as a NaN shows up, so a range check refuses it."""
+        lo = hi = values[0]
+        for v in values:
+            if v != v:
+                return v, v
             lo = min(lo, v)
             hi = max(hi, v)
         return lo, hi
@@ -538,10 +541,14 @@ def _advise_huge_pages(t: torch.Tensor) -> None:
         _LIBC.madvise(lo, hi - lo, _MADV_HUGEPAGE)  # advice only: a refusal changes nothing
 
 
-def _lam_args(lam):
-    if isinstance(lam, torch.Tensor):
-        return lam.numpy(), np.float32(0.0)
-    return _empty(np.float32), np.float32(lam)
+def _lam_args(name: str, lam):
+    """(array, value) for the kernel; a (B,) weight is range-checked here (``check_unit_range``)."""
+    if not isinstance(lam, torch.Tensor):
+        return _empty(np.float32), np.float32(lam)
+    values = lam.numpy()
+    if values.shape[0]:
+        check_unit_range(name, *(float(b) for b in _bounds(values)))
+    return values, np.float32(0.0)
 
 
 def _geometry(x: torch.Tensor, planar: bool, has_norm: bool, has_box: bool):
@@ -573,7 +580,8 @@ def mix_cpu(x, out, target, soft, *, perm, lam_x, lam_y, box, mean, inv_std, in_
         target: (B,) int64 or (B, K) float targets, or None; class indices are range-checked here
             (``check_index_range``) before anything is written. soft: (B, K) float32 output, or None.
         perm: (B,) int64 partners, or None for the flip pairing.
-        lam_x, lam_y: floats or (B,) float32 tensors.
+        lam_x, lam_y: floats or (B,) float32 tensors; tensors are range-checked here (``check_unit_range``)
+            before anything is written.
         box: (B, 4) int32 CutMix boxes or None. mean, inv_std: (C,) float32 or None.
         in_scale: multiplies raw inputs before normalization. label_off, label_keep: timm smoothing.
     """
@@ -607,13 +615,13 @@ def mix_cpu(x, out, target, soft, *, perm, lam_x, lam_y, box, mean, inv_std, in_
         moved += soft.numel() * 4
         index = target.numpy() if target.ndim == 1 else _empty(np.int64)
         if target.ndim == 1:  # before anything is written; cheaper than a torch reduction per call
-            check_index_range(*_index_bounds(index), soft.shape[1])
+            check_index_range(*_bounds(index), soft.shape[1])
         dense = target.float().numpy() if target.ndim == 2 else _empty(np.float32, 2)
         soft_np = soft.numpy()
     else:
         index, dense, soft_np = _empty(np.int64), _empty(np.float32, 2), _empty(np.float32, 2)
-    lam_x_np, lam_x_value = _lam_args(lam_x)
-    lam_y_np, lam_y_value = _lam_args(lam_y)
+    lam_x_np, lam_x_value = _lam_args("lam_x", lam_x)
+    lam_y_np, lam_y_value = (lam_x_np, lam_x_value) if lam_y is lam_x else _lam_args("lam_y", lam_y)
     if has_x and not inplace and out.numel() * out.element_size() >= PARALLEL_MIN_BYTES:
         _advise_huge_pages(out)
     perm_np = _empty(np.int64) if perm is None else perm.numpy()
@@ -636,15 +644,18 @@ def ce_rows(logits, target, lam, perm, smoothing: float):
 
     Args:
         logits: (B, K) float32 (made contiguous here). target: (B,) int64 class indices, range-checked here
-            (``check_index_range``). lam: (B,) float32, any strides. perm: (B,) int64 partners or None (flip).
+            (``check_index_range``). lam: (B,) float32, any strides, range-checked here
+            (``check_unit_range``). perm: (B,) int64 partners or None (flip).
         smoothing: timm's label smoothing.
     """
     logits = logits.detach().contiguous()
     index = target.numpy()
-    check_index_range(*_index_bounds(index), logits.shape[1])
+    check_index_range(*_bounds(index), logits.shape[1])
+    weights = lam.detach().numpy()
+    check_unit_range("lam", *(float(b) for b in _bounds(weights)))
     # Outputs come from torch's allocator (not numpy's), so torch's memory accounting sees them.
     loss, lse = torch.empty(logits.shape[0]), torch.empty(logits.shape[0])
-    _ce_rows(logits.numpy(), index, lam.detach().numpy(), _empty(np.int64) if perm is None else perm.numpy(),
+    _ce_rows(logits.numpy(), index, weights, _empty(np.int64) if perm is None else perm.numpy(),
              np.float32(smoothing), loss.numpy(), lse.numpy())
     return loss, lse
 
@@ -665,7 +676,7 @@ def ce_rows_backward(grad, logits, lse, target, lam, perm, smoothing: float):
 def cache_stats() -> tuple[int, int]:
     """(signatures loaded from the disk cache, signatures compiled) by this process so far."""
     hits = misses = 0
-    for kernel in (_mix_units, _mix_parallel, _ce_rows, _ce_rows_backward, _index_bounds):
+    for kernel in (_mix_units, _mix_parallel, _ce_rows, _ce_rows_backward, _bounds):
         hits += sum(kernel.stats.cache_hits.values())
         misses += sum(kernel.stats.cache_misses.values())
     return hits, misses

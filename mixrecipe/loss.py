@@ -219,7 +219,7 @@ def _check_class_target(target, logits: torch.Tensor) -> torch.Tensor:
 def _lam_rows(lam, logits: torch.Tensor) -> torch.Tensor:
     """A checked lam as a (B,) tensor in the loss's compute dtype on the logits' device."""
     batch = logits.shape[0]
-    lam = check_lam("lam", lam, batch, logits.device)
+    lam = check_lam("lam", lam, batch, logits.device, values=not _use_cpu_kernel(logits))
     if not isinstance(lam, torch.Tensor):  # one op for a number
         return torch.full((batch,), lam, dtype=_compute_dtype(logits), device=logits.device)
     lam_t = lam.detach().to(device=logits.device, dtype=_compute_dtype(logits))

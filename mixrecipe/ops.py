@@ -12,9 +12,9 @@ CIFAR-sized batch) and runs the op's body directly when nothing could tell the d
 
 No host-device synchronization happens here: checks that need tensor values (lam in [0, 1], perm is a
 permutation, class indices in range) run only on CPU tensors and outside torch.compile, except that the
-CPU kernel's launcher range-checks class indices itself on every call (its own pass over B indices is
-cheaper than a torch reduction, and it works inside torch.compile too). On CUDA the kernel writes NaN rows
-for out-of-range partners or class indices instead of reading out of bounds.
+CPU kernel's launcher range-checks class indices and (B,) weights itself on every call (its own pass over
+B values is cheaper than torch reductions, and it works inside torch.compile too). On CUDA the kernel
+writes NaN rows for out-of-range partners or class indices instead of reading out of bounds.
 """
 
 from __future__ import annotations
@@ -279,9 +279,10 @@ def _new_soft(ref: Tensor, target: Tensor | None, num_classes: int) -> Tensor:
                        device=ref.device)
 
 
-def _lam_parts(name: str, lam, batch: int, device) -> tuple[Tensor | None, float]:
-    """A checked lam as the registered ops take it: (fp32 (B,) tensor, 0.0) or (None, the float)."""
-    lam = check_lam(name, lam, batch, device)
+def _lam_parts(name: str, lam, batch: int, device, values: bool = True) -> tuple[Tensor | None, float]:
+    """A checked lam as the registered ops take it: (fp32 (B,) tensor, 0.0) or (None, the float);
+    ``values`` as for ``check_lam``."""
+    lam = check_lam(name, lam, batch, device, values)
     if not isinstance(lam, Tensor):
         return None, lam
     if lam.dtype == torch.float32 and lam.ndim == 1 and lam.is_contiguous():
@@ -336,12 +337,14 @@ def mix(
     x, mean, std, out_dtype = check_images(x, mean, std, out_dtype, inplace)
     batch, device = x.shape[0], x.device
     label_smoothing = check_unit_interval("label_smoothing", label_smoothing)
-    if target is not None:  # the CPU kernel range-checks class indices itself, before writing
-        target, num_classes = check_target(target, batch, num_classes, device, values=not _use_cpu_kernel(x))
+    values = not _use_cpu_kernel(x)  # the CPU kernel range-checks class indices and weights itself
+    if target is not None:
+        target, num_classes = check_target(target, batch, num_classes, device, values)
     else:
         num_classes = 0
-    lam_x_t, lam_x_v = _lam_parts("lam_x", lam_x, batch, device)
-    lam_y_t, lam_y_v = (lam_x_t, lam_x_v) if lam_y is None else _lam_parts("lam_y", lam_y, batch, device)
+    lam_x_t, lam_x_v = _lam_parts("lam_x", lam_x, batch, device, values)
+    lam_y_t, lam_y_v = (lam_x_t, lam_x_v) if lam_y is None else _lam_parts("lam_y", lam_y, batch, device,
+                                                                            values)
     perm = check_perm(perm, batch, device)
     box = check_box(box, x, device)
     out = check_out(out, x, out_dtype, inplace)
@@ -405,6 +408,7 @@ def mixup_target(
     if target.ndim < 1:
         raise ValueError("target must have shape (B,) or (B, K)")
     batch, device = target.shape[0], target.device
+    # The CPU kernel range-checks the class indices; lam is checked here, where its name is "lam".
     target, num_classes = check_target(target, batch, num_classes, device, values=not _use_cpu_kernel(target))
     lam_t, lam_v = _lam_parts("lam", lam, batch, device)
     perm = check_perm(perm, batch, device)

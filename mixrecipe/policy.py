@@ -136,7 +136,9 @@ def sample_beta(alpha: float, size=(), *, generator=None, device=None, dtype=tor
     gamma = torch._standard_gamma(conc, generator=generator)
     u = 1.0 - torch.rand((2,) + size, generator=generator, device=draw_device, dtype=torch.float64)
     log_g = gamma.log() + u.log() / alpha
-    lam = torch.sigmoid(log_g[0] - log_g[1]).to(dtype)
+    lam = torch.sigmoid(torch.sub(*log_g.unbind(0)))  # one op for both rows, not two selects
+    if dtype != torch.float64:  # each skipped no-op is a dispatch (a launch on a GPU)
+        lam = lam.to(dtype)
     return _to(lam, device if device is not None else draw_device)
 
 

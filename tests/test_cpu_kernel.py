@@ -221,3 +221,22 @@ def test_second_process_loads_the_kernel_from_the_cache():
     assert done.returncode == 0, done.stderr
     hits, misses = (int(v) for v in done.stdout.split()[-2:])
     assert hits >= 1 and misses == 0, done.stdout
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 1.5, -0.25])
+def test_per_sample_weights_are_range_checked_before_anything_is_written(bad):
+    """A (B,) lam outside [0, 1] (or NaN) is refused by the launcher's own bounds pass with the checks
+    module's message, before the in-place pass writes; the loss's numba rows refuse it the same way."""
+    x = torch.randn(5, 2, 3, 3)
+    before = x.clone()
+    lam = torch.tensor([0.1, 0.2, bad, 0.4, 0.5])
+    with pytest.raises(ValueError, match=r"lam_x must lie in \[0, 1\]; got values from"):
+        ops.mixup(x, torch.arange(5), lam, num_classes=5, inplace=True)
+    assert torch.equal(x, before)
+    with pytest.raises(ValueError, match=r"lam_y must lie in \[0, 1\]"):
+        ops.mix(x, torch.arange(5), 0.5, lam, num_classes=5, inplace=True)
+    assert torch.equal(x, before)
+    from mixrecipe.loss import mixup_cross_entropy
+
+    with pytest.raises(ValueError, match=r"lam must lie in \[0, 1\]"):
+        mixup_cross_entropy(torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 0]), lam)
