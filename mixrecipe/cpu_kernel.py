@@ -9,32 +9,37 @@ Bytes moved for a batch of M elements of E bytes (flip pairing, in place, no uin
 Explicit permutation: read 2*M*E + write M*E.  uint8 in, 2-byte out: read M + write 2*M.
 Labels add B*K*4 bytes written (plus B*K*4 read for dense targets).
 
-Why numba: it compiles on the user's machine without a C/C++ toolchain (LLVM ships in llvmlite), its
-``cache=True`` keeps the machine code on disk so a later process loads it instead of compiling, and
-``prange`` gives a thread pool. fp16 and bf16 travel as raw 16-bit integers (fp16 as int16, bf16 as
-uint16, so the array type alone tells the format and each (input, output) pair is its own small
-compiled signature) and are converted by bit manipulation, rounding to nearest even like PyTorch.
+Why numba: it compiles on the user's machine without a C/C++ toolchain (LLVM ships in llvmlite) and its
+``cache=True`` keeps the machine code on disk, so a later process loads it instead of compiling. fp16 and
+bf16 travel as raw 16-bit integers (fp16 as int16, bf16 as uint16, so the array type alone tells the format
+and each (input, output) pair is its own small compiled entry) and are converted by bit manipulation,
+rounding to nearest even like PyTorch.
 
-Threads: numba's "workqueue" layer is chosen unless NUMBA_THREADING_LAYER is set. Its workers sleep
-between calls; numba's OpenMP layer runs a second OpenMP runtime beside PyTorch's whose spinning threads
-fight PyTorch's for the cores (a 77 MB pass went from 4.7 ms to 16 ms on a 2-core machine). PyTorch's own
-OpenMP threads still spin for milliseconds after each parallel PyTorch op: a pass started then takes up to
-2x as long (``bench/omp_contention.py``: 1.55-2.08x the in-place floor right after a ``copy_``, 0.97-1.05x
-20 ms later; ``OMP_WAIT_POLICY=PASSIVE``, which a process that mostly mixes can set before it starts,
-narrows it). Threads take chunks of work as they go, so one slowed thread does not hold up the rest. Batches
-moving less than ``PARALLEL_MIN_BYTES`` run on the calling thread: waking a worker costs more than it
-saves there.
+Launch: the launcher packs the tensors' addresses and sizes and the scalars into one argument block and
+calls a C entry (``numba.cfunc``) with its address, through ctypes, which releases the GIL.
+
+Threads: a parallel launch runs on PyTorch's own OpenMP thread team, handed to the runtime's
+``GOMP_parallel`` like any ``#pragma omp parallel`` region. PyTorch's OpenMP threads spin for a while after
+each parallel PyTorch op; a second pool (numba's workqueue or OpenMP layer) had to fight them for the
+cores, so a pass started right after a ``copy_`` took 1.55-2.08x the in-place floor on a 2-core machine,
+while PyTorch's own team picks the work up at once. Where no such runtime is found (``team_runtime()``),
+Python threads run the entry side by side. Team members take chunks of work as they go, so one slowed
+thread does not hold up the rest. Batches moving less than ``PARALLEL_MIN_BYTES`` run on the calling
+thread: starting a team costs more than it saves there.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import math
 import os
+import struct
 import sys
 import tempfile
 import threading
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -44,20 +49,54 @@ from .checks import check_index_range, check_unit_range
 try:
     import numba
     from llvmlite import ir
-    from numba import prange, types
+    from numba import types
     from numba.core import cgutils
     from numba.extending import intrinsic, overload
 except ImportError:  # pragma: no cover - exercised only where numba is missing
     numba = None
 
-__all__ = ["available", "mix_cpu", "ce_rows", "ce_rows_backward", "cache_stats", "PARALLEL_MIN_BYTES",
-           "CHUNK_ELEMS"]
+__all__ = ["available", "mix_cpu", "ce_rows", "ce_rows_backward", "cache_stats", "team_runtime",
+           "openmp_max_threads", "PARALLEL_MIN_BYTES", "CHUNK_ELEMS", "USE_OPENMP_TEAM"]
 
-PARALLEL_MIN_BYTES = 4 << 20  # below this many bytes moved, one thread (waking workers costs ~0.1 ms)
+PARALLEL_MIN_BYTES = 2 << 20  # below this many bytes moved, one thread (a team costs ~5-10 µs to start)
 CHUNK_ELEMS = 8192  # elements of one row handled by a work unit (no CutMix box): a few pages per row
 PARALLEL_CHUNKS = 16  # chunks of work units per thread: small enough to rebalance, large enough to be cheap
 
-_LAUNCH_LOCK = threading.Lock()  # the workqueue layer is not thread-safe: one parallel launch at a time
+
+class _Layout(NamedTuple):
+    """Slots of a launch's argument block (int64; the float values stored as float64 bits). An array takes
+    three slots: its address and two sizes (a vector uses the first)."""
+    COUNTER: int = 0  # the next work unit, taken atomically by the team
+    N_UNITS: int = 1
+    CHUNK: int = 2
+    INPLACE: int = 3
+    PLANE: int = 4
+    LINES_PER_PLANE: int = 5
+    LINE: int = 6
+    COL_MULT: int = 7
+    LAM_X_VALUE: int = 8
+    LAM_Y_VALUE: int = 9
+    IN_SCALE: int = 10
+    LABEL_OFF: int = 11
+    LABEL_KEEP: int = 12
+    X: int = 13
+    OUT: int = 16
+    PERM: int = 19
+    LAM_X: int = 22
+    BOX: int = 25
+    MEAN: int = 28
+    ISTD: int = 31
+    MEAN_TAB: int = 34
+    ISTD_TAB: int = 37
+    TARGET: int = 40
+    DENSE: int = 43
+    SOFT: int = 46
+    LAM_Y: int = 49
+    SLOTS: int = 52
+
+
+_BLOCK = _Layout()
+_FIRST_REAL, _FIRST_ARRAY = _BLOCK.LAM_X_VALUE, _BLOCK.X
 
 
 def available() -> bool:
@@ -66,9 +105,6 @@ def available() -> bool:
 
 
 if numba is not None:
-    if "NUMBA_THREADING_LAYER" not in os.environ:
-        numba.config.THREADING_LAYER = "workqueue"
-
     def _ensure_cache_dir() -> None:
         """Give numba a writable cache folder when neither the package folder nor the user's is writable."""
         if os.environ.get("NUMBA_CACHE_DIR"):
@@ -471,27 +507,71 @@ if numba is not None:
             hi = max(hi, v)
         return lo, hi
 
-    @_jit(parallel=True)
-    def _mix_parallel(n_units, n_workers, chunk, next_unit, x, out, inplace, perm, lam_x, lam_x_value,
-                      box, mean, istd, mean_tab, istd_tab, in_scale, plane, lines_per_plane, line, col_mult,
-                      target, dense, soft, lam_y, lam_y_value, off, keep):
-        """``_mix_units`` on n_workers threads, each taking the next ``chunk`` units until none are left.
+    @intrinsic
+    def _pointer(typingctx, address):
+        """An int64 address as a void pointer, for ``numba.carray``."""
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], ir.IntType(8).as_pointer())
 
-        Taking chunks as they go (not a fixed half each) matters when a core is shared: PyTorch's OpenMP
-        threads spin for milliseconds after each parallel op, and a fixed split waits for the slowed thread.
-        ``next_unit`` is a one-element int64 counter starting at 0.
+        return types.voidptr(types.int64), codegen
+
+    @_jit(inline="always")
+    def _vector(slots, k, dtype):
+        return numba.carray(_pointer(slots[k]), slots[k + 1], dtype)
+
+    @_jit(inline="always")
+    def _matrix(slots, k, dtype):
+        return numba.carray(_pointer(slots[k]), (slots[k + 1], slots[k + 2]), dtype)
+
+    @_jit()
+    def _team_work(block, x_type, out_type):
+        """One team member's share of a launch: take the next ``chunk`` work units until none are left.
+
+        ``block`` is the launch's argument block (``_BLOCK``): int64 slots, the float ones holding float64
+        bits. Taking chunks as they go (not a fixed share each) keeps one slowed thread from holding up
+        the rest. Nothing here allocates, raises or touches Python: it runs on threads that hold no GIL.
         """
-        for _worker in prange(n_workers):
-            start = _fetch_add(next_unit, chunk)
-            while start < n_units:
-                _mix_units(start, min(n_units, start + chunk), x, out, inplace, perm, lam_x, lam_x_value,
-                           box, mean, istd, mean_tab, istd_tab, in_scale, plane, lines_per_plane, line,
-                           col_mult, target, dense, soft, lam_y, lam_y_value, off, keep)
-                start = _fetch_add(next_unit, chunk)
+        slots = numba.carray(block, _BLOCK.SLOTS, np.int64)
+        reals = numba.carray(block, _BLOCK.SLOTS, np.float64)
+        counter = slots[_BLOCK.COUNTER:_BLOCK.COUNTER + 1]
+        x = _matrix(slots, _BLOCK.X, x_type)
+        out = _matrix(slots, _BLOCK.OUT, out_type)
+        perm = _vector(slots, _BLOCK.PERM, np.int64)
+        lam_x = _vector(slots, _BLOCK.LAM_X, np.float32)
+        box = _matrix(slots, _BLOCK.BOX, np.int32)
+        mean = _vector(slots, _BLOCK.MEAN, np.float32)
+        istd = _vector(slots, _BLOCK.ISTD, np.float32)
+        mean_tab = _vector(slots, _BLOCK.MEAN_TAB, np.float32)
+        istd_tab = _vector(slots, _BLOCK.ISTD_TAB, np.float32)
+        target = _vector(slots, _BLOCK.TARGET, np.int64)
+        dense = _matrix(slots, _BLOCK.DENSE, np.float32)
+        soft = _matrix(slots, _BLOCK.SOFT, np.float32)
+        lam_y = _vector(slots, _BLOCK.LAM_Y, np.float32)
+        n_units, chunk = slots[_BLOCK.N_UNITS], slots[_BLOCK.CHUNK]
+        inplace = slots[_BLOCK.INPLACE] != 0
+        plane, lines_per_plane = slots[_BLOCK.PLANE], slots[_BLOCK.LINES_PER_PLANE]
+        line, col_mult = slots[_BLOCK.LINE], slots[_BLOCK.COL_MULT]
+        lam_x_value = np.float32(reals[_BLOCK.LAM_X_VALUE])
+        lam_y_value = np.float32(reals[_BLOCK.LAM_Y_VALUE])
+        in_scale = np.float32(reals[_BLOCK.IN_SCALE])
+        off, keep = np.float32(reals[_BLOCK.LABEL_OFF]), np.float32(reals[_BLOCK.LABEL_KEEP])
+        start = _fetch_add(counter, chunk)
+        while start < n_units:
+            _mix_units(start, min(n_units, start + chunk), x, out, inplace, perm, lam_x, lam_x_value, box,
+                       mean, istd, mean_tab, istd_tab, in_scale, plane, lines_per_plane, line, col_mult,
+                       target, dense, soft, lam_y, lam_y_value, off, keep)
+            start = _fetch_add(counter, chunk)
+
+    def _compile_entry(x_type, out_type):
+        """A C entry ``void(void *block)`` for one (input, output) element type, cached on disk."""
+        def entry(block):
+            _team_work(block, x_type, out_type)
+
+        return numba.cfunc(types.void(types.voidptr), cache=True)(entry)
 
 
 # --------------------------------------------------------------------------------------------------
-# Launcher: torch tensors -> the arrays and line geometry the kernel walks.
+# Launcher: torch tensors -> the argument block and line geometry the kernel walks, then a team runs it.
 # --------------------------------------------------------------------------------------------------
 _EMPTY: dict = {}
 
@@ -503,18 +583,122 @@ def _empty(dtype, ndim: int = 1):
     return _EMPTY[key]
 
 
-_BITS_DTYPE = {torch.float16: torch.int16, torch.bfloat16: torch.uint16}
-_NO_MEAN, _NO_ISTD = np.zeros(1, np.float32), np.ones(1, np.float32)  # the identity normalization
+_NO_MEAN, _NO_ISTD = torch.zeros(1), torch.ones(1)  # the identity normalization
+# The kernel's element types: fp16 and bf16 travel as their bits (int16, uint16), so each is its own type.
+_ELEMENT_TYPE = {torch.float32: np.float32, torch.float16: np.int16, torch.bfloat16: np.uint16,
+                 torch.uint8: np.uint8}
+_ENTRIES: dict = {}  # (input dtype, output dtype) -> (compiled C entry, its ctypes function)
+_ENTRY_LOCK = threading.Lock()
 
 
-def _rows(t: torch.Tensor, planar: bool):
-    """(B, N) numpy view of a batch in memory order; fp16/bf16 as int16/uint16 bits. Shares memory."""
-    if t.dtype in _BITS_DTYPE:
-        t = t.view(_BITS_DTYPE[t.dtype])
-    a = t.numpy()  # numpy's reshape of a view costs less than torch's
-    if not planar:
-        a = a.transpose(0, 2, 3, 1)
-    return a.reshape(a.shape[0], -1)
+def _entry(x_dtype: torch.dtype, out_dtype: torch.dtype):
+    key = (x_dtype, out_dtype)
+    found = _ENTRIES.get(key)
+    if found is None:
+        with _ENTRY_LOCK:
+            found = _ENTRIES.get(key)
+            if found is None:
+                compiled = _compile_entry(_ELEMENT_TYPE[x_dtype], _ELEMENT_TYPE[out_dtype])
+                found = _ENTRIES[key] = (compiled, ctypes.CFUNCTYPE(None, ctypes.c_void_p)(compiled.address))
+    return found
+
+
+USE_OPENMP_TEAM = True  # False: parallel launches run on Python threads even where PyTorch's OpenMP is found
+_UNRESOLVED = object()
+_OPENMP = _UNRESOLVED
+
+
+def _torch_openmp():
+    """(``GOMP_parallel``, ``omp_get_max_threads``) of the OpenMP runtime PyTorch itself runs on, or None.
+
+    A launch handed to it runs on PyTorch's own thread team: the threads that spin for a while after
+    each parallel PyTorch op pick the work up at once instead of fighting a second pool for the cores.
+    Found among the libraries already loaded from torch's folder (GNU libgomp, or an LLVM/Intel runtime,
+    which export the same entry), else in the process's global scope; None where PyTorch is not built
+    on OpenMP or no loaded runtime reports PyTorch's thread count.
+    """
+    global _OPENMP
+    if _OPENMP is not _UNRESOLVED:
+        return _OPENMP
+    found = None
+    no_load = getattr(os, "RTLD_NOLOAD", None)
+    if no_load is not None and "parallel backend: OpenMP" in torch.__config__.parallel_info():
+        folder = os.path.join(os.path.dirname(torch.__file__), "lib")
+        names = sorted(n for n in os.listdir(folder) if "omp" in n) if os.path.isdir(folder) else []
+        for path in [os.path.join(folder, n) for n in names] + [None]:
+            try:
+                lib = ctypes.CDLL(path, mode=no_load | os.RTLD_LAZY) if path else ctypes.CDLL(None)
+                parallel, max_threads = lib.GOMP_parallel, lib.omp_get_max_threads
+            except (OSError, AttributeError):
+                continue
+            if max_threads() == torch.get_num_threads():
+                parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+                parallel.restype = None
+                found = parallel, max_threads
+                break
+    _OPENMP = found
+    return found
+
+
+def team_runtime() -> str:
+    """Which threads run a parallel launch: ``"openmp"`` (PyTorch's own OpenMP team) or ``"python"``."""
+    return "openmp" if USE_OPENMP_TEAM and _torch_openmp() is not None else "python"
+
+
+def openmp_max_threads() -> int | None:
+    """``omp_get_max_threads()`` of the OpenMP runtime launches use (None without one): it follows
+    ``torch.set_num_threads`` when that runtime is PyTorch's."""
+    found = _torch_openmp()
+    return None if found is None else found[1]()
+
+
+_POOL = None
+_POOL_LOCK = threading.Lock()
+
+
+def _run_on_python_threads(call, address: int, workers: int) -> None:
+    """The team without OpenMP: ctypes releases the GIL, so pool threads run the entry side by side."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = concurrent.futures.ThreadPoolExecutor(max(1, (os.cpu_count() or 2) - 1), "mixrecipe-cpu")
+    helpers = [_POOL.submit(call, address) for _ in range(workers - 1)]
+    call(address)
+    for helper in helpers:
+        helper.result()
+
+
+_BLOCK_FORMAT = struct.Struct(f"<{_FIRST_REAL}q{_FIRST_ARRAY - _FIRST_REAL}d{_BLOCK.SLOTS - _FIRST_ARRAY}q")
+_THREAD = threading.local()
+
+
+def _thread_block():
+    """This thread's argument block and its address: a launch returns before its thread runs another."""
+    try:
+        return _THREAD.block
+    except AttributeError:
+        block = ctypes.create_string_buffer(_BLOCK_FORMAT.size)
+        _THREAD.block = block, ctypes.addressof(block)
+        return _THREAD.block
+
+
+def _run(x_dtype, out_dtype, address: int, workers: int) -> None:
+    """Run a packed launch on ``workers`` threads (PyTorch's OpenMP team where found)."""
+    compiled, call = _entry(x_dtype, out_dtype)
+    if workers <= 1:
+        call(address)
+        return
+    if team_runtime() == "openmp":
+        _torch_openmp()[0](compiled.address, address, workers, 0)
+    else:
+        _run_on_python_threads(call, address, workers)
+
+
+def _array(t) -> tuple:
+    """A vector's or matrix's three block slots: address and sizes (None: an empty array)."""
+    if t is None:
+        return 0, 0, 0
+    return (t.data_ptr(), t.shape[0], t.shape[1]) if t.ndim == 2 else (t.data_ptr(), t.shape[0], 0)
 
 
 _HUGE_PAGE = 2 << 20
@@ -541,14 +725,14 @@ def _advise_huge_pages(t: torch.Tensor) -> None:
         _LIBC.madvise(lo, hi - lo, _MADV_HUGEPAGE)  # advice only: a refusal changes nothing
 
 
-def _lam_args(name: str, lam):
-    """(array, value) for the kernel; a (B,) weight is range-checked here (``check_unit_range``)."""
+def _lam_slots(name: str, lam):
+    """(tensor or None, value) for the block; a (B,) weight is range-checked here (``check_unit_range``)."""
     if not isinstance(lam, torch.Tensor):
-        return _empty(np.float32), np.float32(lam)
-    values = lam.numpy()
-    if values.shape[0]:
-        check_unit_range(name, *(float(b) for b in _bounds(values)))
-    return values, np.float32(0.0)
+        return None, float(lam)
+    lam = lam.contiguous()
+    if lam.shape[0]:
+        check_unit_range(name, *(float(b) for b in _bounds(lam.numpy())))
+    return lam, 0.0
 
 
 def _geometry(x: torch.Tensor, planar: bool, has_norm: bool, has_box: bool):
@@ -578,7 +762,7 @@ def mix_cpu(x, out, target, soft, *, perm, lam_x, lam_y, box, mean, inv_std, in_
     Args:
         x: (B, ...) batch, contiguous or channels_last, or None. out: x's layout and shape (may be x).
         target: (B,) int64 or (B, K) float targets, or None; class indices are range-checked here
-            (``check_index_range``) before anything is written. soft: (B, K) float32 output, or None.
+            (``check_index_range``) before anything is written. soft: (B, K) float32 contiguous, or None.
         perm: (B,) int64 partners, or None for the flip pairing.
         lam_x, lam_y: floats or (B,) float32 tensors; tensors are range-checked here (``check_unit_range``)
             before anything is written.
@@ -591,52 +775,51 @@ def mix_cpu(x, out, target, soft, *, perm, lam_x, lam_y, box, mean, inv_std, in_
     sample = math.prod(x.shape[1:]) if x is not None else 0
     has_x = sample > 0
     inplace = has_x and out.data_ptr() == x.data_ptr()
+    mean_tab = istd_tab = None
     if has_x:
         planar = x.is_contiguous()
         has_norm = mean is not None
-        x_rows = _rows(x, planar)
-        out_rows = x_rows if inplace else _rows(out, planar)
         plane, lines_per_plane, line, col_mult = _geometry(x, planar, has_norm, box is not None)
-        mean_np = mean.numpy() if has_norm else _NO_MEAN
-        istd_np = inv_std.numpy() if has_norm else _NO_ISTD
-        mean_tab = istd_tab = _empty(np.float32)
-        if has_norm and not planar:  # per column of a line: channel = col % C
-            mean_tab, istd_tab = np.tile(mean_np, line // col_mult), np.tile(istd_np, line // col_mult)
+        if not has_norm:
+            mean, inv_std = _NO_MEAN, _NO_ISTD
+        elif not planar:  # per column of a line: channel = col % C
+            mean_tab, istd_tab = mean.repeat(line // col_mult), inv_std.repeat(line // col_mult)
         units_per_plane = 1 if box is not None else lines_per_plane  # see _lines_per_unit
         n_units = ((batch + 1) // 2 if perm is None else batch) * (sample // plane) * units_per_plane
         moved = x.numel() * (x.element_size() + out.element_size())
+        x_slots, out_slots = (x.data_ptr(), batch, sample), (out.data_ptr(), batch, sample)
     else:
-        x_rows = out_rows = np.zeros((0, 0), np.float32)
-        plane, lines_per_plane, line, col_mult = 1, 1, 1, 1
-        mean_np = istd_np = mean_tab = istd_tab = _empty(np.float32)
+        plane = lines_per_plane = line = col_mult = 1
         n_units = moved = 0
+        x_slots = out_slots = (0, 0, 0)
+    index = dense = None
     if target is not None:
         n_units += (batch + 1) // 2 if perm is None else batch
         moved += soft.numel() * 4
-        index = target.numpy() if target.ndim == 1 else _empty(np.int64)
         if target.ndim == 1:  # before anything is written; cheaper than a torch reduction per call
-            check_index_range(*_bounds(index), soft.shape[1])
-        dense = target.float().numpy() if target.ndim == 2 else _empty(np.float32, 2)
-        soft_np = soft.numpy()
-    else:
-        index, dense, soft_np = _empty(np.int64), _empty(np.float32, 2), _empty(np.float32, 2)
-    lam_x_np, lam_x_value = _lam_args("lam_x", lam_x)
-    lam_y_np, lam_y_value = (lam_x_np, lam_x_value) if lam_y is lam_x else _lam_args("lam_y", lam_y)
+            index = target.contiguous()
+            check_index_range(*_bounds(index.numpy()), soft.shape[1])
+        else:
+            dense = target.float().contiguous()
+    lam_x, lam_x_value = _lam_slots("lam_x", lam_x)
+    lam_y, lam_y_value = (lam_x, lam_x_value) if lam_y is lam_x else _lam_slots("lam_y", lam_y)
     if has_x and not inplace and out.numel() * out.element_size() >= PARALLEL_MIN_BYTES:
         _advise_huge_pages(out)
-    perm_np = _empty(np.int64) if perm is None else perm.numpy()
-    args = (x_rows, out_rows, inplace, perm_np, lam_x_np, lam_x_value,
-            _empty(np.int32, 2) if box is None else box.numpy(), mean_np, istd_np, mean_tab, istd_tab,
-            np.float32(in_scale), plane, lines_per_plane, line, col_mult, index, dense, soft_np,
-            lam_y_np, lam_y_value, np.float32(label_off), np.float32(label_keep))
-    workers = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, n_units)
-    if workers <= 1 or moved < PARALLEL_MIN_BYTES:
-        _mix_units(0, n_units, *args)
-        return
-    with _LAUNCH_LOCK:
-        numba.set_num_threads(workers)
-        chunk = max(1, n_units // (workers * PARALLEL_CHUNKS))
-        _mix_parallel(n_units, workers, chunk, np.zeros(1, np.int64), *args)
+    workers = 1 if moved < PARALLEL_MIN_BYTES else min(torch.get_num_threads(), n_units)
+    chunk = n_units if workers <= 1 else max(1, n_units // (workers * PARALLEL_CHUNKS))
+    # Every tensor the block points at is held by a local name until the launch returns.
+    perm = None if perm is None else perm.contiguous()
+    box = None if box is None else box.contiguous()
+    block, address = _thread_block()
+    _BLOCK_FORMAT.pack_into(block, 0, 0, n_units, chunk, inplace, plane, lines_per_plane, line, col_mult,
+                            lam_x_value, lam_y_value, in_scale, label_off, label_keep,
+                            *x_slots, *out_slots, *_array(perm), *_array(lam_x), *_array(box), *_array(mean),
+                            *_array(inv_std), *_array(mean_tab), *_array(istd_tab), *_array(index),
+                            *_array(dense), *_array(soft), *_array(lam_y))
+    if has_x:
+        _run(x.dtype, out.dtype, address, workers)
+    else:
+        _run(torch.float32, torch.float32, address, workers)
 
 
 def ce_rows(logits, target, lam, perm, smoothing: float):
@@ -676,9 +859,12 @@ def ce_rows_backward(grad, logits, lse, target, lam, perm, smoothing: float):
 def cache_stats() -> tuple[int, int]:
     """(signatures loaded from the disk cache, signatures compiled) by this process so far."""
     hits = misses = 0
-    for kernel in (_mix_units, _mix_parallel, _ce_rows, _ce_rows_backward, _bounds):
+    for kernel in (_mix_units, _team_work, _ce_rows, _ce_rows_backward, _bounds):
         hits += sum(kernel.stats.cache_hits.values())
         misses += sum(kernel.stats.cache_misses.values())
+    for compiled, _ in list(_ENTRIES.values()):  # a C entry is loaded (one hit) or compiled (one miss)
+        hits += compiled.cache_hits
+        misses += 1 - compiled.cache_hits
     return hits, misses
 
 

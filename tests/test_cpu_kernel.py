@@ -8,6 +8,7 @@ Shapes stay small so the whole file compiles a handful of signatures once and th
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 import torch
@@ -28,14 +29,20 @@ def assert_close_ulp(out, ref, scale, dtype):
     assert not (diff > bound).any(), f"worst {float(diff.max()):.3g}"
 
 
-@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+@pytest.fixture(params=["1", "2-openmp", "2-python"], ids=["1-thread", "2-openmp", "2-python-threads"])
 def threads(request, monkeypatch):
-    """Run with 1 and with 2 threads; with 2, even tiny batches take the parallel entry."""
+    """Run on 1 thread, on a 2-thread team of PyTorch's OpenMP runtime and on 2 Python threads (the team
+    where no OpenMP runtime is found); with 2, even tiny batches take the team."""
     monkeypatch.setattr(cpu_kernel, "PARALLEL_MIN_BYTES", 0)
+    if request.param == "2-python":
+        monkeypatch.setattr(cpu_kernel, "USE_OPENMP_TEAM", False)
+    elif request.param == "2-openmp" and cpu_kernel.team_runtime() != "openmp":
+        pytest.skip("PyTorch here does not run on an OpenMP runtime this kernel can hand work to")
+    n = int(request.param[0])
     before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
+    torch.set_num_threads(n)
     with cpu_backend("numba"):
-        yield request.param
+        yield n
     torch.set_num_threads(before)
 
 
@@ -175,6 +182,45 @@ def test_class_indices_are_range_checked_before_anything_is_written(bad):
     assert torch.equal(x, before)
     with pytest.raises(ValueError, match="outside"):
         ops.mixup_target(target, 10, 0.3)
+
+
+@pytest.mark.skipif("OpenMP" not in torch.__config__.parallel_info() or not sys.platform.startswith("linux"),
+                    reason="PyTorch here is not built on OpenMP, or this is not Linux")
+def test_the_team_is_pytorchs_own_openmp_runtime():
+    """The runtime found is the one torch.set_num_threads configures: its threads are PyTorch's, so a
+    launch right after a parallel PyTorch op finds them awake instead of fighting a second pool."""
+    assert cpu_kernel.team_runtime() == "openmp"
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 3, 2):
+            torch.set_num_threads(n)
+            assert cpu_kernel.openmp_max_threads() == n
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_launches_from_several_python_threads_at_once(monkeypatch):
+    """Each Python thread packs its own argument block and may start its own team."""
+    monkeypatch.setattr(cpu_kernel, "PARALLEL_MIN_BYTES", 0)
+    g = torch.Generator().manual_seed(8)
+    batches = [torch.randn(6, 3, 9, 9, generator=g) for _ in range(4)]
+    targets = [torch.randint(0, 7, (6,), generator=g) for _ in range(4)]
+    results = [None] * 4
+
+    def work(k):
+        for _ in range(25):
+            results[k] = ops.mixup(batches[k], targets[k], 0.3, num_classes=7)
+
+    with cpu_backend("numba"):
+        workers = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    for k in range(4):
+        ref, ref_soft = R.mix_reference(batches[k], targets[k], 0.3, num_classes=7)
+        assert_close_ulp(results[k][0], ref, 8.0, torch.float32)
+        torch.testing.assert_close(results[k][1], ref_soft)
 
 
 def test_two_thread_and_one_thread_results_are_bitwise_equal(monkeypatch):
