@@ -228,7 +228,9 @@ def check_index_target(target, batch: int, num_classes: int, device: torch.devic
     if values and can_inspect(target) and target.numel():
         lo, hi = target.aminmax()
         check_index_range(int(lo), int(hi), num_classes)
-    return target.long().contiguous()
+    if target.dtype != torch.int64:  # each skipped no-op is a dispatch: tens of µs with cold caches
+        target = target.long()
+    return target if target.is_contiguous() else target.contiguous()
 
 
 def check_target(target, batch: int, num_classes, device: torch.device, values: bool = True):

@@ -562,6 +562,19 @@ if numba is not None:
                        target, dense, soft, lam_y, lam_y_value, off, keep)
             start = _fetch_add(counter, chunk)
 
+    @_jit()
+    def _bounds_at(address, n, value_type, out_address):
+        lo, hi = _bounds(numba.carray(_pointer(address), n, value_type))
+        out = numba.carray(_pointer(out_address), 2, value_type)
+        out[0], out[1] = lo, hi
+
+    def _compile_bounds(value_type):
+        """A C entry ``void(values, n, out)``: :func:`_bounds` of n values into out[0:2], cached on disk."""
+        def entry(address, n, out_address):
+            _bounds_at(address, n, value_type, out_address)
+
+        return numba.cfunc(types.void(types.int64, types.int64, types.int64), cache=True)(entry)
+
     def _compile_entry(x_type, out_type):
         """A C entry ``void(void *block)`` for one (input, output) element type, cached on disk."""
         def entry(block):
@@ -604,6 +617,26 @@ def _entry(x_dtype: torch.dtype, out_dtype: torch.dtype):
 
 
 USE_OPENMP_TEAM = True  # False: parallel launches run on Python threads even where PyTorch's OpenMP is found
+_BOUNDS: dict = {}  # dtype -> (compiled C entry, its ctypes function, ctypes type of the result pair)
+_BOUNDS_TYPES = {torch.int64: (np.int64, ctypes.c_int64), torch.float32: (np.float32, ctypes.c_float)}
+
+
+def _value_bounds(values: torch.Tensor) -> tuple:
+    """(smallest, largest) of a non-empty contiguous (B,) int64 or float32 tensor in one compiled pass,
+    (NaN, NaN) where a NaN shows up: no torch op (each costs tens of µs with cold caches)."""
+    found = _BOUNDS.get(values.dtype)
+    if found is None:
+        value_type, c_type = _BOUNDS_TYPES[values.dtype]
+        with _ENTRY_LOCK:
+            compiled = _compile_bounds(value_type)
+            call = ctypes.CFUNCTYPE(None, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)(compiled.address)
+            found = _BOUNDS[values.dtype] = (compiled, call, c_type * 2)
+    _, call, pair = found
+    out = pair()
+    call(values.data_ptr(), values.shape[0], ctypes.addressof(out))
+    return out[0], out[1]
+
+
 _UNRESOLVED = object()
 _OPENMP = _UNRESOLVED
 
@@ -731,7 +764,7 @@ def _lam_slots(name: str, lam):
         return None, float(lam)
     lam = lam.contiguous()
     if lam.shape[0]:
-        check_unit_range(name, *(float(b) for b in _bounds(lam.numpy())))
+        check_unit_range(name, *_value_bounds(lam))
     return lam, 0.0
 
 
@@ -798,7 +831,7 @@ def mix_cpu(x, out, target, soft, *, perm, lam_x, lam_y, box, mean, inv_std, in_
         moved += soft.numel() * 4
         if target.ndim == 1:  # before anything is written; cheaper than a torch reduction per call
             index = target.contiguous()
-            check_index_range(*_bounds(index.numpy()), soft.shape[1])
+            check_index_range(*_value_bounds(index), soft.shape[1])
         else:
             dense = target.float().contiguous()
     lam_x, lam_x_value = _lam_slots("lam_x", lam_x)
@@ -859,10 +892,10 @@ def ce_rows_backward(grad, logits, lse, target, lam, perm, smoothing: float):
 def cache_stats() -> tuple[int, int]:
     """(signatures loaded from the disk cache, signatures compiled) by this process so far."""
     hits = misses = 0
-    for kernel in (_mix_units, _team_work, _ce_rows, _ce_rows_backward, _bounds):
+    for kernel in (_mix_units, _team_work, _bounds_at, _ce_rows, _ce_rows_backward, _bounds):
         hits += sum(kernel.stats.cache_hits.values())
         misses += sum(kernel.stats.cache_misses.values())
-    for compiled, _ in list(_ENTRIES.values()):  # a C entry is loaded (one hit) or compiled (one miss)
+    for compiled, *_ in list(_ENTRIES.values()) + list(_BOUNDS.values()):  # loaded (a hit) or compiled
         hits += compiled.cache_hits
         misses += 1 - compiled.cache_hits
     return hits, misses
