@@ -479,8 +479,9 @@ if numba is not None:
             lse[i] = log_z
 
     @_jit()
-    def _ce_rows_backward(grad, z, lse, target, lam, perm, smoothing, dz):
-        """dz = grad * (softmax(z) - s/K - (1-s) (lam onehot(t) + (1-lam) onehot(t_partner)))."""
+    def _ce_rows_backward(grad, grad_step, z, lse, target, lam, perm, smoothing, dz):
+        """dz = grad * (softmax(z) - s/K - (1-s) (lam onehot(t) + (1-lam) onehot(t_partner))); row i's
+        gradient is grad[i * grad_step] (0: the one value a mean's backward expands)."""
         grad, z, lse, target, lam, perm = _borrowed(grad), _borrowed(z), _borrowed(lse), _borrowed(target), \
             _borrowed(lam), _borrowed(perm)
         dz = _borrowed(dz)
@@ -488,7 +489,7 @@ if numba is not None:
         off = smoothing / classes
         keep = np.float32(1.0) - smoothing
         for i in range(batch):
-            g, log_z, row, out = grad[i], lse[i], z[i], dz[i]
+            g, log_z, row, out = grad[i * grad_step], lse[i], z[i], dz[i]
             for k in range(classes):
                 out[k] = g * (_exp(row[k] - log_z) - off)
             j = batch - 1 - i if perm.shape[0] == 0 else perm[i]
@@ -574,6 +575,38 @@ if numba is not None:
             _bounds_at(address, n, value_type, out_address)
 
         return numba.cfunc(types.void(types.int64, types.int64, types.int64), cache=True)(entry)
+
+    @_jit(inline="always")
+    def _at(address, shape, dtype):
+        return numba.carray(_pointer(address), shape, dtype)
+
+    def _compile_ce_entries():
+        """C entries for the loss rows and their gradient: addresses and sizes in (a perm address of 0 is
+        the flip pairing), cached on disk."""
+        def forward(z, batch, classes, target, lam, perm, smoothing, loss, lse):
+            """0, or before writing anything: 1 for a class index outside [0, K), 2 for a weight outside
+            [0, 1] (or NaN)."""
+            indices, weights = _at(target, batch, np.int64), _at(lam, batch, np.float32)
+            for i in range(batch):
+                if not 0 <= indices[i] < classes:
+                    return 1
+                if not np.float32(0.0) <= weights[i] <= np.float32(1.0):
+                    return 2
+            _ce_rows(_at(z, (batch, classes), np.float32), indices, weights,
+                     _at(perm, batch if perm else 0, np.int64), smoothing, _at(loss, batch, np.float32),
+                     _at(lse, batch, np.float32))
+            return 0
+
+        def backward(grad, grad_step, z, batch, classes, lse, target, lam, perm, smoothing, dz):
+            _ce_rows_backward(_at(grad, (batch - 1) * grad_step + 1, np.float32), grad_step,
+                              _at(z, (batch, classes), np.float32), _at(lse, batch, np.float32),
+                              _at(target, batch, np.int64), _at(lam, batch, np.float32),
+                              _at(perm, batch if perm else 0, np.int64), smoothing,
+                              _at(dz, (batch, classes), np.float32))
+
+        i64, f32 = types.int64, types.float32
+        return (numba.cfunc(types.int32(*[i64] * 6, f32, i64, i64), cache=True)(forward),
+                numba.cfunc(types.void(*[i64] * 9, f32, i64), cache=True)(backward))
 
     def _compile_entry(x_type, out_type):
         """A C entry ``void(void *block)`` for one (input, output) element type, cached on disk."""
@@ -855,24 +888,47 @@ def mix_cpu(x, out, target, soft, *, perm, lam_x, lam_y, box, mean, inv_std, in_
         _run(torch.float32, torch.float32, address, workers)
 
 
+_CE_ENTRIES: list = []  # [(forward C entry, its ctypes function), (backward ..., ...)], made on first use
+
+
+def _ce_entries():
+    if not _CE_ENTRIES:
+        with _ENTRY_LOCK:
+            if not _CE_ENTRIES:
+                i64, f32 = ctypes.c_int64, ctypes.c_float
+                forward, backward = _compile_ce_entries()
+                forward_call = ctypes.CFUNCTYPE(ctypes.c_int32, *[i64] * 6, f32, i64, i64)(forward.address)
+                backward_call = ctypes.CFUNCTYPE(None, *[i64] * 9, f32, i64)(backward.address)
+                _CE_ENTRIES.extend([(forward, forward_call), (backward, backward_call)])
+    return _CE_ENTRIES
+
+
+def _address(t) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
 def ce_rows(logits, target, lam, perm, smoothing: float):
     """The mixup cross-entropy rows on CPU: (loss (B,), logsumexp (B,)) in float32.
 
     Args:
-        logits: (B, K) float32 (made contiguous here). target: (B,) int64 class indices, range-checked here
-            (``check_index_range``). lam: (B,) float32, any strides, range-checked here
-            (``check_unit_range``). perm: (B,) int64 partners or None (flip).
+        logits: (B, K) float32 (made contiguous here). target: (B,) int64 class indices and lam: (B,)
+            float32, any strides, both range-checked by the entry before it writes (the messages of
+            ``check_index_range`` and ``check_unit_range``). perm: (B,) int64 partners or None (flip).
         smoothing: timm's label smoothing.
+
+    Like the mixing launcher, it reads the tensors by address (no ``.numpy()``: each is a few dispatches).
     """
-    logits = logits.detach().contiguous()
-    index = target.numpy()
-    check_index_range(*_bounds(index), logits.shape[1])
-    weights = lam.detach().numpy()
-    check_unit_range("lam", *(float(b) for b in _bounds(weights)))
-    # Outputs come from torch's allocator (not numpy's), so torch's memory accounting sees them.
-    loss, lse = torch.empty(logits.shape[0]), torch.empty(logits.shape[0])
-    _ce_rows(logits.numpy(), index, weights, _empty(np.int64) if perm is None else perm.numpy(),
-             np.float32(smoothing), loss.numpy(), lse.numpy())
+    batch, classes = logits.shape
+    logits, target, lam = logits.contiguous(), target.contiguous(), lam.contiguous()
+    perm = None if perm is None else perm.contiguous()
+    # Outputs come from torch's allocator, so torch's memory accounting sees them.
+    loss, lse = torch.empty(batch), torch.empty(batch)
+    refused = _ce_entries()[0][1](logits.data_ptr(), batch, classes, target.data_ptr(), lam.data_ptr(),
+                                  _address(perm), smoothing, loss.data_ptr(), lse.data_ptr())
+    if refused:  # the entry checked the values before writing; the checks module words the error
+        check_index_range(*_value_bounds(target), classes)
+        check_unit_range("lam", *_value_bounds(lam))
+        raise AssertionError("the loss rows refused values that pass the checks")  # pragma: no cover
     return loss, lse
 
 
@@ -880,12 +936,19 @@ def ce_rows_backward(grad, logits, lse, target, lam, perm, smoothing: float):
     """The gradient of :func:`ce_rows`' loss with respect to the logits: (B, K) float32, contiguous.
 
     softmax is recomputed as exp(z - lse) from the saved logsumexp, as the Triton kernels do: the absolute
-    error is bounded by lse's float32 rounding, about |lse| * 2**-24 (5e-6 for logits near +-90)."""
-    logits = logits.detach().contiguous()
-    dz = torch.empty_like(logits)
-    _ce_rows_backward(grad.detach().float().numpy(), logits.numpy(), lse.detach().numpy(), target.numpy(),
-                      lam.detach().numpy(), _empty(np.int64) if perm is None else perm.numpy(),
-                      np.float32(smoothing), dz.numpy())
+    error is bounded by lse's float32 rounding, about |lse| * 2**-24 (5e-6 for logits near +-90). ``grad``
+    may be the stride-0 expansion a mean's backward hands over (read as one value)."""
+    batch, classes = logits.shape
+    if grad.dtype != torch.float32:
+        grad = grad.float()
+    grad_step = 0 if grad.stride(0) == 0 else 1
+    if grad_step and not grad.is_contiguous():
+        grad = grad.contiguous()
+    logits, lse, target, lam = logits.contiguous(), lse.contiguous(), target.contiguous(), lam.contiguous()
+    perm = None if perm is None else perm.contiguous()
+    dz = torch.empty(batch, classes)
+    _ce_entries()[1][1](grad.data_ptr(), grad_step, logits.data_ptr(), batch, classes, lse.data_ptr(),
+                        target.data_ptr(), lam.data_ptr(), _address(perm), smoothing, dz.data_ptr())
     return dz
 
 
@@ -895,7 +958,7 @@ def cache_stats() -> tuple[int, int]:
     for kernel in (_mix_units, _team_work, _bounds_at, _ce_rows, _ce_rows_backward, _bounds):
         hits += sum(kernel.stats.cache_hits.values())
         misses += sum(kernel.stats.cache_misses.values())
-    for compiled, *_ in list(_ENTRIES.values()) + list(_BOUNDS.values()):  # loaded (a hit) or compiled
+    for compiled, *_ in list(_ENTRIES.values()) + list(_BOUNDS.values()) + _CE_ENTRIES:  # loaded or compiled
         hits += compiled.cache_hits
         misses += 1 - compiled.cache_hits
     return hits, misses

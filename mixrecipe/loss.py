@@ -205,7 +205,7 @@ def _check_logits(logits) -> None:
         raise ValueError(f"logits must have at least one row and one class, got shape {tuple(logits.shape)}")
 
 
-def _check_class_target(target, logits: torch.Tensor) -> torch.Tensor:
+def _check_class_target(target, logits: torch.Tensor, cpu_kernel_checks: bool) -> torch.Tensor:
     if isinstance(target, torch.Tensor) and target.is_floating_point():
         raise TypeError(
             "target must hold integer class indices (B,); for dense (B, K) soft targets use "
@@ -213,16 +213,19 @@ def _check_class_target(target, logits: torch.Tensor) -> torch.Tensor:
         )
     batch, classes = logits.shape
     # The CPU kernel range-checks the indices in its own pass (cheaper than a torch reduction per step).
-    return check_index_target(target, batch, classes, logits.device, values=not _use_cpu_kernel(logits))
+    return check_index_target(target, batch, classes, logits.device, values=not cpu_kernel_checks)
 
 
-def _lam_rows(lam, logits: torch.Tensor) -> torch.Tensor:
+def _lam_rows(lam, logits: torch.Tensor, cpu_kernel_checks: bool) -> torch.Tensor:
     """A checked lam as a (B,) tensor in the loss's compute dtype on the logits' device."""
     batch = logits.shape[0]
-    lam = check_lam("lam", lam, batch, logits.device, values=not _use_cpu_kernel(logits))
+    lam = check_lam("lam", lam, batch, logits.device, values=not cpu_kernel_checks)
     if not isinstance(lam, torch.Tensor):  # one op for a number
         return torch.full((batch,), lam, dtype=_compute_dtype(logits), device=logits.device)
-    lam_t = lam.detach().to(device=logits.device, dtype=_compute_dtype(logits))
+    lam_t = lam.detach() if lam.requires_grad else lam  # each skipped no-op is a dispatch
+    dtype = _compute_dtype(logits)
+    if lam_t.device != logits.device or lam_t.dtype != dtype:
+        lam_t = lam_t.to(device=logits.device, dtype=dtype)
     return lam_t.expand(batch) if lam_t.ndim == 0 else lam_t.contiguous()
 
 
@@ -266,8 +269,9 @@ def mixup_cross_entropy(
         The loss in float32 (float64 for float64 logits): a scalar, or (B,) for ``reduction="none"``.
     """
     _check_logits(logits)
-    target = _check_class_target(target, logits)
-    lam_t = _lam_rows(lam, logits)
+    on_cpu_kernel = _use_cpu_kernel(logits)  # it checks the values itself, in its own pass
+    target = _check_class_target(target, logits, on_cpu_kernel)
+    lam_t = _lam_rows(lam, logits, on_cpu_kernel)
     perm = check_perm(perm, logits.shape[0], logits.device)
     smoothing = check_unit_interval("label_smoothing", label_smoothing)
     reduction = check_reduction(reduction)

@@ -400,6 +400,24 @@ def test_cpu_kernel_rows_match_the_reference_and_the_eager_path(batch, classes, 
     torch.testing.assert_close(eager[1].double(), ref[1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("grad_kind", ["expanded", "strided", "contiguous"])
+def test_cpu_kernel_rows_take_upstream_gradients_and_weights_of_any_stride(grad_kind):
+    """The rows read tensors by address: a mean's stride-0 gradient is one value, a strided gradient or
+    lam is made contiguous first; all give the float64 reference's gradient."""
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(7, 13, generator=gen)
+    target = torch.randint(0, 13, (7,), generator=gen)
+    lam = torch.rand(14, generator=gen)[::2]
+    upstream = {"expanded": torch.tensor(0.7).expand(7), "strided": torch.rand(14, generator=gen)[::2],
+                "contiguous": torch.rand(7, generator=gen)}[grad_kind]
+    x = logits.clone().requires_grad_()
+    rows = mixup_cross_entropy(x, target, lam, None, label_smoothing=0.1, reduction="none")
+    rows.backward(upstream)
+    ref_loss, ref_grad = dense_reference(logits, target, lam, None, 0.1, "none", upstream)
+    torch.testing.assert_close(rows.detach().double(), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad.double(), ref_grad, rtol=1e-5, atol=1e-6)
+
+
 def test_cpu_kernel_rows_run_below_the_size_limit_only(monkeypatch):
     """The numba rows take float32 logits up to CPU_KERNEL_MAX_ELEMS under the "numba" backend; anything
     else runs the eager path (counted by patching both)."""
