@@ -517,12 +517,17 @@ if numba is not None:
         return types.voidptr(types.int64), codegen
 
     @_jit(inline="always")
+    def _at(address, shape, dtype):
+        """The array of ``shape`` at ``address`` (no reference count: the caller holds the tensor)."""
+        return numba.carray(_pointer(address), shape, dtype)
+
+    @_jit(inline="always")
     def _vector(slots, k, dtype):
-        return numba.carray(_pointer(slots[k]), slots[k + 1], dtype)
+        return _at(slots[k], slots[k + 1], dtype)
 
     @_jit(inline="always")
     def _matrix(slots, k, dtype):
-        return numba.carray(_pointer(slots[k]), (slots[k + 1], slots[k + 2]), dtype)
+        return _at(slots[k], (slots[k + 1], slots[k + 2]), dtype)
 
     @_jit()
     def _team_work(block, x_type, out_type):
@@ -576,10 +581,6 @@ if numba is not None:
 
         return numba.cfunc(types.void(types.int64, types.int64, types.int64), cache=True)(entry)
 
-    @_jit(inline="always")
-    def _at(address, shape, dtype):
-        return numba.carray(_pointer(address), shape, dtype)
-
     def _compile_ce_entries():
         """C entries for the loss rows and their gradient: addresses and sizes in (a perm address of 0 is
         the flip pairing), cached on disk."""
@@ -619,16 +620,6 @@ if numba is not None:
 # --------------------------------------------------------------------------------------------------
 # Launcher: torch tensors -> the argument block and line geometry the kernel walks, then a team runs it.
 # --------------------------------------------------------------------------------------------------
-_EMPTY: dict = {}
-
-
-def _empty(dtype, ndim: int = 1):
-    key = (dtype, ndim)
-    if key not in _EMPTY:
-        _EMPTY[key] = np.zeros((0,) * ndim, dtype=dtype)
-    return _EMPTY[key]
-
-
 _NO_MEAN, _NO_ISTD = torch.zeros(1), torch.ones(1)  # the identity normalization
 # The kernel's element types: fp16 and bf16 travel as their bits (int16, uint16), so each is its own type.
 _ELEMENT_TYPE = {torch.float32: np.float32, torch.float16: np.int16, torch.bfloat16: np.uint16,
