@@ -56,10 +56,12 @@ except ImportError:  # pragma: no cover - exercised only where numba is missing
     numba = None
 
 __all__ = ["available", "mix_cpu", "ce_rows", "ce_rows_backward", "cache_stats", "team_runtime",
-           "openmp_max_threads", "PARALLEL_MIN_BYTES", "CHUNK_ELEMS", "USE_OPENMP_TEAM"]
+           "openmp_max_threads", "PARALLEL_MIN_BYTES", "LOSS_PARALLEL_MIN_ELEMS", "CHUNK_ELEMS",
+           "USE_OPENMP_TEAM"]
 
 PARALLEL_MIN_BYTES = 2 << 20  # below this many bytes moved, one thread (a team costs ~5-10 µs to start)
 CHUNK_ELEMS = 8192  # elements of one row handled by a work unit (no CutMix box): a few pages per row
+LOSS_PARALLEL_MIN_ELEMS = 1 << 14  # loss rows: below this many logits, one thread
 PARALLEL_CHUNKS = 16  # chunks of work units per thread: small enough to rebalance, large enough to be cheap
 
 
@@ -96,6 +98,28 @@ class _Layout(NamedTuple):
 
 
 _BLOCK = _Layout()
+
+
+class _LossLayout(NamedTuple):
+    """Slots of a loss launch's argument block (int64; SMOOTHING holds float64 bits). OUT is the loss rows
+    (forward) or the logits' gradient (backward)."""
+    COUNTER: int = 0
+    CHUNK: int = 1
+    BATCH: int = 2
+    CLASSES: int = 3
+    Z: int = 4
+    TARGET: int = 5
+    LAM: int = 6
+    PERM: int = 7
+    LSE: int = 8
+    GRAD: int = 9
+    GRAD_STEP: int = 10
+    OUT: int = 11
+    SMOOTHING: int = 12
+    SLOTS: int = 13
+
+
+_LOSS_BLOCK = _LossLayout()
 _FIRST_REAL, _FIRST_ARRAY = _BLOCK.LAM_X_VALUE, _BLOCK.X
 
 
@@ -456,12 +480,12 @@ if numba is not None:
         return max(max(m0, m1), max(m2, m3))
 
     @_jit(fastmath={"reassoc", "nsz"})  # lets the row's sums vectorize (NaN and inf keep their meaning)
-    def _ce_rows(z, target, lam, perm, smoothing, loss, lse):
-        """Per row: lse = logsumexp(z), loss = -(1-s) lerp(lp[t_partner], lp[t], lam) - s/K sum(lp)."""
+    def _ce_rows(r0, r1, z, target, lam, perm, smoothing, loss, lse):
+        """Rows [r0, r1): lse = logsumexp(z), loss = -(1-s) lerp(lp[t_partner], lp[t], lam) - s/K sum(lp)."""
         z, target, lam, perm = _borrowed(z), _borrowed(target), _borrowed(lam), _borrowed(perm)
         loss, lse = _borrowed(loss), _borrowed(lse)
         batch, classes = z.shape
-        for i in range(batch):
+        for i in range(r0, r1):
             row = z[i]
             top = _row_max(row)
             total = np.float32(0.0)
@@ -479,16 +503,16 @@ if numba is not None:
             lse[i] = log_z
 
     @_jit()
-    def _ce_rows_backward(grad, grad_step, z, lse, target, lam, perm, smoothing, dz):
-        """dz = grad * (softmax(z) - s/K - (1-s) (lam onehot(t) + (1-lam) onehot(t_partner))); row i's
-        gradient is grad[i * grad_step] (0: the one value a mean's backward expands)."""
+    def _ce_rows_backward(r0, r1, grad, grad_step, z, lse, target, lam, perm, smoothing, dz):
+        """Rows [r0, r1) of dz = grad * (softmax(z) - s/K - (1-s) (lam onehot(t) + (1-lam) onehot(t_perm)));
+        row i's gradient is grad[i * grad_step] (0: the one value a mean's backward expands)."""
         grad, z, lse, target, lam, perm = _borrowed(grad), _borrowed(z), _borrowed(lse), _borrowed(target), \
             _borrowed(lam), _borrowed(perm)
         dz = _borrowed(dz)
         batch, classes = z.shape
         off = smoothing / classes
         keep = np.float32(1.0) - smoothing
-        for i in range(batch):
+        for i in range(r0, r1):
             g, log_z, row, out = grad[i * grad_step], lse[i], z[i], dz[i]
             for k in range(classes):
                 out[k] = g * (_exp(row[k] - log_z) - off)
@@ -581,33 +605,60 @@ if numba is not None:
 
         return numba.cfunc(types.void(types.int64, types.int64, types.int64), cache=True)(entry)
 
+    @_jit()
+    def _ce_check(target, lam, batch, classes):
+        """0, or 1 for a class index outside [0, K), 2 for a weight outside [0, 1] (or NaN)."""
+        indices, weights = _at(target, batch, np.int64), _at(lam, batch, np.float32)
+        for i in range(batch):
+            if not 0 <= indices[i] < classes:
+                return 1
+            if not np.float32(0.0) <= weights[i] <= np.float32(1.0):
+                return 2
+        return 0
+
+    @_jit()
+    def _ce_work(block, backward):
+        """One team member's share of a loss launch (``_LOSS_BLOCK``): chunks of rows until none are
+        left."""
+        slots = numba.carray(block, _LOSS_BLOCK.SLOTS, np.int64)
+        reals = numba.carray(block, _LOSS_BLOCK.SLOTS, np.float64)
+        counter = slots[_LOSS_BLOCK.COUNTER:_LOSS_BLOCK.COUNTER + 1]
+        chunk, batch, classes = slots[_LOSS_BLOCK.CHUNK], slots[_LOSS_BLOCK.BATCH], slots[_LOSS_BLOCK.CLASSES]
+        z = _at(slots[_LOSS_BLOCK.Z], (batch, classes), np.float32)
+        target = _at(slots[_LOSS_BLOCK.TARGET], batch, np.int64)
+        lam = _at(slots[_LOSS_BLOCK.LAM], batch, np.float32)
+        perm_address = slots[_LOSS_BLOCK.PERM]
+        perm = _at(perm_address, batch if perm_address else 0, np.int64)  # address 0: the flip pairing
+        lse = _at(slots[_LOSS_BLOCK.LSE], batch, np.float32)
+        smoothing = np.float32(reals[_LOSS_BLOCK.SMOOTHING])
+        grad_step = slots[_LOSS_BLOCK.GRAD_STEP]
+        grad = _at(slots[_LOSS_BLOCK.GRAD], (batch - 1) * grad_step + 1 if backward else 0, np.float32)
+        loss = _at(slots[_LOSS_BLOCK.OUT], 0 if backward else batch, np.float32)
+        dz = _at(slots[_LOSS_BLOCK.OUT], (batch if backward else 0, classes), np.float32)
+        start = _fetch_add(counter, chunk)
+        while start < batch:
+            stop = min(batch, start + chunk)
+            if backward:
+                _ce_rows_backward(start, stop, grad, grad_step, z, lse, target, lam, perm, smoothing, dz)
+            else:
+                _ce_rows(start, stop, z, target, lam, perm, smoothing, loss, lse)
+            start = _fetch_add(counter, chunk)
+
     def _compile_ce_entries():
-        """C entries for the loss rows and their gradient: addresses and sizes in (a perm address of 0 is
-        the flip pairing), cached on disk."""
-        def forward(z, batch, classes, target, lam, perm, smoothing, loss, lse):
-            """0, or before writing anything: 1 for a class index outside [0, K), 2 for a weight outside
-            [0, 1] (or NaN)."""
-            indices, weights = _at(target, batch, np.int64), _at(lam, batch, np.float32)
-            for i in range(batch):
-                if not 0 <= indices[i] < classes:
-                    return 1
-                if not np.float32(0.0) <= weights[i] <= np.float32(1.0):
-                    return 2
-            _ce_rows(_at(z, (batch, classes), np.float32), indices, weights,
-                     _at(perm, batch if perm else 0, np.int64), smoothing, _at(loss, batch, np.float32),
-                     _at(lse, batch, np.float32))
-            return 0
+        """C entries of the loss: the value check ``int(target, lam, B, K)`` and the forward and backward
+        team entries ``void(void *block)``, cached on disk."""
+        def check(target, lam, batch, classes):
+            return _ce_check(target, lam, batch, classes)
 
-        def backward(grad, grad_step, z, batch, classes, lse, target, lam, perm, smoothing, dz):
-            _ce_rows_backward(_at(grad, (batch - 1) * grad_step + 1, np.float32), grad_step,
-                              _at(z, (batch, classes), np.float32), _at(lse, batch, np.float32),
-                              _at(target, batch, np.int64), _at(lam, batch, np.float32),
-                              _at(perm, batch if perm else 0, np.int64), smoothing,
-                              _at(dz, (batch, classes), np.float32))
+        def forward(block):
+            _ce_work(block, False)
 
-        i64, f32 = types.int64, types.float32
-        return (numba.cfunc(types.int32(*[i64] * 6, f32, i64, i64), cache=True)(forward),
-                numba.cfunc(types.void(*[i64] * 9, f32, i64), cache=True)(backward))
+        def backward(block):
+            _ce_work(block, True)
+
+        entry = types.void(types.voidptr)
+        return (numba.cfunc(types.int32(*[types.int64] * 4), cache=True)(check),
+                numba.cfunc(entry, cache=True)(forward), numba.cfunc(entry, cache=True)(backward))
 
     def _compile_entry(x_type, out_type):
         """A C entry ``void(void *block)`` for one (input, output) element type, cached on disk."""
@@ -739,9 +790,8 @@ def _thread_block():
         return _THREAD.block
 
 
-def _run(x_dtype, out_dtype, address: int, workers: int) -> None:
-    """Run a packed launch on ``workers`` threads (PyTorch's OpenMP team where found)."""
-    compiled, call = _entry(x_dtype, out_dtype)
+def _run(compiled, call, address: int, workers: int) -> None:
+    """Run a C entry on a packed block with ``workers`` threads (PyTorch's OpenMP team where found)."""
     if workers <= 1:
         call(address)
         return
@@ -874,23 +924,24 @@ def mix_cpu(x, out, target, soft, *, perm, lam_x, lam_y, box, mean, inv_std, in_
                             *_array(inv_std), *_array(mean_tab), *_array(istd_tab), *_array(index),
                             *_array(dense), *_array(soft), *_array(lam_y))
     if has_x:
-        _run(x.dtype, out.dtype, address, workers)
+        _run(*_entry(x.dtype, out.dtype), address, workers)
     else:
-        _run(torch.float32, torch.float32, address, workers)
+        _run(*_entry(torch.float32, torch.float32), address, workers)
 
 
-_CE_ENTRIES: list = []  # [(forward C entry, its ctypes function), (backward ..., ...)], made on first use
+_CE_ENTRIES: list = []  # (compiled, ctypes function) for the check, the forward and the backward entry
+_LOSS_FORMAT = struct.Struct(f"<{_LOSS_BLOCK.SMOOTHING}qd")
 
 
 def _ce_entries():
     if not _CE_ENTRIES:
         with _ENTRY_LOCK:
             if not _CE_ENTRIES:
-                i64, f32 = ctypes.c_int64, ctypes.c_float
-                forward, backward = _compile_ce_entries()
-                forward_call = ctypes.CFUNCTYPE(ctypes.c_int32, *[i64] * 6, f32, i64, i64)(forward.address)
-                backward_call = ctypes.CFUNCTYPE(None, *[i64] * 9, f32, i64)(backward.address)
-                _CE_ENTRIES.extend([(forward, forward_call), (backward, backward_call)])
+                check, forward, backward = _compile_ce_entries()
+                team = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+                check_call = ctypes.CFUNCTYPE(ctypes.c_int32, *[ctypes.c_int64] * 4)(check.address)
+                _CE_ENTRIES.extend([(check, check_call), (forward, team(forward.address)),
+                                    (backward, team(backward.address))])
     return _CE_ENTRIES
 
 
@@ -898,12 +949,24 @@ def _address(t) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def _run_loss(backward: bool, batch: int, classes: int, z, target, lam, perm, lse, grad, grad_step, out,
+              smoothing: float) -> None:
+    """Pack a loss launch and run it: chunks of rows on a team from ``LOSS_PARALLEL_MIN_ELEMS`` logits."""
+    workers = 1 if batch * classes < LOSS_PARALLEL_MIN_ELEMS else min(torch.get_num_threads(), batch)
+    chunk = batch if workers <= 1 else max(1, batch // (workers * PARALLEL_CHUNKS))
+    block, address = _thread_block()
+    _LOSS_FORMAT.pack_into(block, 0, 0, chunk, batch, classes, z.data_ptr(), target.data_ptr(),
+                           lam.data_ptr(), _address(perm), lse.data_ptr(), _address(grad), grad_step,
+                           out.data_ptr(), smoothing)
+    _run(*_ce_entries()[2 if backward else 1], address, workers)
+
+
 def ce_rows(logits, target, lam, perm, smoothing: float):
     """The mixup cross-entropy rows on CPU: (loss (B,), logsumexp (B,)) in float32.
 
     Args:
         logits: (B, K) float32 (made contiguous here). target: (B,) int64 class indices and lam: (B,)
-            float32, any strides, both range-checked by the entry before it writes (the messages of
+            float32, any strides, both range-checked before anything is written (the messages of
             ``check_index_range`` and ``check_unit_range``). perm: (B,) int64 partners or None (flip).
         smoothing: timm's label smoothing.
 
@@ -912,14 +975,13 @@ def ce_rows(logits, target, lam, perm, smoothing: float):
     batch, classes = logits.shape
     logits, target, lam = logits.contiguous(), target.contiguous(), lam.contiguous()
     perm = None if perm is None else perm.contiguous()
-    # Outputs come from torch's allocator, so torch's memory accounting sees them.
-    loss, lse = torch.empty(batch), torch.empty(batch)
-    refused = _ce_entries()[0][1](logits.data_ptr(), batch, classes, target.data_ptr(), lam.data_ptr(),
-                                  _address(perm), smoothing, loss.data_ptr(), lse.data_ptr())
-    if refused:  # the entry checked the values before writing; the checks module words the error
-        check_index_range(*_value_bounds(target), classes)
+    if _ce_entries()[0][1](target.data_ptr(), lam.data_ptr(), batch, classes):
+        check_index_range(*_value_bounds(target), classes)  # the checks module words the error
         check_unit_range("lam", *_value_bounds(lam))
         raise AssertionError("the loss rows refused values that pass the checks")  # pragma: no cover
+    # Outputs come from torch's allocator, so torch's memory accounting sees them.
+    loss, lse = torch.empty(batch), torch.empty(batch)
+    _run_loss(False, batch, classes, logits, target, lam, perm, lse, None, 0, loss, smoothing)
     return loss, lse
 
 
@@ -938,15 +1000,15 @@ def ce_rows_backward(grad, logits, lse, target, lam, perm, smoothing: float):
     logits, lse, target, lam = logits.contiguous(), lse.contiguous(), target.contiguous(), lam.contiguous()
     perm = None if perm is None else perm.contiguous()
     dz = torch.empty(batch, classes)
-    _ce_entries()[1][1](grad.data_ptr(), grad_step, logits.data_ptr(), batch, classes, lse.data_ptr(),
-                        target.data_ptr(), lam.data_ptr(), _address(perm), smoothing, dz.data_ptr())
+    _run_loss(True, batch, classes, logits, target, lam, perm, lse, grad, grad_step, dz, smoothing)
     return dz
 
 
 def cache_stats() -> tuple[int, int]:
     """(signatures loaded from the disk cache, signatures compiled) by this process so far."""
     hits = misses = 0
-    for kernel in (_mix_units, _team_work, _bounds_at, _ce_rows, _ce_rows_backward, _bounds):
+    for kernel in (_mix_units, _team_work, _bounds_at, _ce_check, _ce_work, _ce_rows, _ce_rows_backward,
+                   _bounds):
         hits += sum(kernel.stats.cache_hits.values())
         misses += sum(kernel.stats.cache_misses.values())
     for compiled, *_ in list(_ENTRIES.values()) + list(_BOUNDS.values()) + _CE_ENTRIES:  # loaded or compiled

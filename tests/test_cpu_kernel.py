@@ -34,6 +34,7 @@ def threads(request, monkeypatch):
     """Run on 1 thread, on a 2-thread team of PyTorch's OpenMP runtime and on 2 Python threads (the team
     where no OpenMP runtime is found); with 2, even tiny batches take the team."""
     monkeypatch.setattr(cpu_kernel, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(cpu_kernel, "LOSS_PARALLEL_MIN_ELEMS", 0)
     if request.param == "2-python":
         monkeypatch.setattr(cpu_kernel, "USE_OPENMP_TEAM", False)
     elif request.param == "2-openmp" and cpu_kernel.team_runtime() != "openmp":
@@ -127,6 +128,26 @@ def test_lines_longer_than_a_chunk(threads, monkeypatch):
         out, _ = ops.mixup(y, None, 0.3, mean=(0.1, 0.2, 0.3), std=(0.5, 2.0, 1.0))
         ref, _ = R.mix_reference(y, None, 0.3, mean=(0.1, 0.2, 0.3), std=(0.5, 2.0, 1.0))
         assert_close_ulp(out, ref, 16.0, torch.float32)
+
+
+@pytest.mark.parametrize("perm_kind", ["flip", "random"])
+def test_loss_rows_on_threads(threads, perm_kind):
+    """The loss rows and their gradient, split into chunks of rows over the team, against float64."""
+    g = torch.Generator().manual_seed(9)
+    logits = torch.randn(37, 23, generator=g) * 4
+    target = torch.randint(0, 23, (37,), generator=g)
+    lam = torch.rand(37, generator=g)
+    perm = None if perm_kind == "flip" else torch.randperm(37, generator=g)
+    upstream = torch.rand(37, generator=g)
+    loss, lse = cpu_kernel.ce_rows(logits, target, lam, perm, 0.1)
+    dz = cpu_kernel.ce_rows_backward(upstream, logits, lse, target, lam, perm, 0.1)
+    z = logits.double().requires_grad_()
+    soft = R.mixup_target_reference(target, 23, lam.double(), perm, 0.1).double()
+    ref = -(soft * torch.log_softmax(z, dim=-1)).sum(-1)
+    ref.backward(upstream.double())
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(z.detach(), -1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dz.double(), z.grad, rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------

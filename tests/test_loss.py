@@ -427,7 +427,9 @@ def test_cpu_kernel_rows_run_below_the_size_limit_only(monkeypatch):
     calls = []
     real = cpu_kernel.ce_rows
     monkeypatch.setattr(cpu_kernel, "ce_rows", lambda *a: calls.append(a[0].shape) or real(*a))
-    limit = loss_module.CPU_KERNEL_MAX_ELEMS
+    assert loss_module.CPU_KERNEL_MAX_ELEMS >= 1 << 18  # (256, 1000) runs the rows
+    limit = 1 << 10
+    monkeypatch.setattr(loss_module, "CPU_KERNEL_MAX_ELEMS", limit)
     shapes = (((4, 8), torch.float32), ((limit // 8, 8), torch.float32), ((limit // 8 + 1, 8), torch.float32),
               ((4, 8), torch.bfloat16), ((4, 8), torch.float64))
     for shape, dtype in shapes:
