@@ -115,8 +115,9 @@ class _LossLayout(NamedTuple):
     GRAD: int = 9
     GRAD_STEP: int = 10
     OUT: int = 11
-    SMOOTHING: int = 12
-    SLOTS: int = 13
+    CHECK: int = 12  # 1: check the values first (a one-thread launch), the verdict written to CHECK
+    SMOOTHING: int = 13
+    SLOTS: int = 14
 
 
 _LOSS_BLOCK = _LossLayout()
@@ -635,6 +636,11 @@ if numba is not None:
         grad = _at(slots[_LOSS_BLOCK.GRAD], (batch - 1) * grad_step + 1 if backward else 0, np.float32)
         loss = _at(slots[_LOSS_BLOCK.OUT], 0 if backward else batch, np.float32)
         dz = _at(slots[_LOSS_BLOCK.OUT], (batch if backward else 0, classes), np.float32)
+        if slots[_LOSS_BLOCK.CHECK]:  # the verdict goes back in the same slot
+            verdict = _ce_check(slots[_LOSS_BLOCK.TARGET], slots[_LOSS_BLOCK.LAM], batch, classes)
+            slots[_LOSS_BLOCK.CHECK] = verdict
+            if verdict:
+                return
         start = _fetch_add(counter, chunk)
         while start < batch:
             stop = min(batch, start + chunk)
@@ -931,6 +937,7 @@ def mix_cpu(x, out, target, soft, *, perm, lam_x, lam_y, box, mean, inv_std, in_
 
 _CE_ENTRIES: list = []  # (compiled, ctypes function) for the check, the forward and the backward entry
 _LOSS_FORMAT = struct.Struct(f"<{_LOSS_BLOCK.SMOOTHING}qd")
+_CHECK_FORMAT = struct.Struct("<q")
 
 
 def _ce_entries():
@@ -951,14 +958,25 @@ def _address(t) -> int:
 
 def _run_loss(backward: bool, batch: int, classes: int, z, target, lam, perm, lse, grad, grad_step, out,
               smoothing: float) -> None:
-    """Pack a loss launch and run it: chunks of rows on a team from ``LOSS_PARALLEL_MIN_ELEMS`` logits."""
+    """Pack a loss launch and run it: chunks of rows on a team from ``LOSS_PARALLEL_MIN_ELEMS`` logits.
+    A forward launch refuses class indices outside [0, K) and weights outside [0, 1] before it writes."""
     workers = 1 if batch * classes < LOSS_PARALLEL_MIN_ELEMS else min(torch.get_num_threads(), batch)
     chunk = batch if workers <= 1 else max(1, batch // (workers * PARALLEL_CHUNKS))
-    block, address = _thread_block()
-    _LOSS_FORMAT.pack_into(block, 0, 0, chunk, batch, classes, z.data_ptr(), target.data_ptr(),
-                           lam.data_ptr(), _address(perm), lse.data_ptr(), _address(grad), grad_step,
-                           out.data_ptr(), smoothing)
-    _run(*_ce_entries()[2 if backward else 1], address, workers)
+    entries = _ce_entries()
+    check_inside = not backward and workers <= 1  # one call instead of two
+    refused = not backward and not check_inside and entries[0][1](target.data_ptr(), lam.data_ptr(), batch,
+                                                                   classes)
+    if not refused:
+        block, address = _thread_block()
+        _LOSS_FORMAT.pack_into(block, 0, 0, chunk, batch, classes, z.data_ptr(), target.data_ptr(),
+                               lam.data_ptr(), _address(perm), lse.data_ptr(), _address(grad), grad_step,
+                               out.data_ptr(), int(check_inside), smoothing)
+        _run(*entries[2 if backward else 1], address, workers)
+        refused = check_inside and _CHECK_FORMAT.unpack_from(block, 8 * _LOSS_BLOCK.CHECK)[0]
+    if refused:  # the checks module words the error
+        check_index_range(*_value_bounds(target), classes)
+        check_unit_range("lam", *_value_bounds(lam))
+        raise AssertionError("the loss rows refused values that pass the checks")  # pragma: no cover
 
 
 def ce_rows(logits, target, lam, perm, smoothing: float):
@@ -975,10 +993,6 @@ def ce_rows(logits, target, lam, perm, smoothing: float):
     batch, classes = logits.shape
     logits, target, lam = logits.contiguous(), target.contiguous(), lam.contiguous()
     perm = None if perm is None else perm.contiguous()
-    if _ce_entries()[0][1](target.data_ptr(), lam.data_ptr(), batch, classes):
-        check_index_range(*_value_bounds(target), classes)  # the checks module words the error
-        check_unit_range("lam", *_value_bounds(lam))
-        raise AssertionError("the loss rows refused values that pass the checks")  # pragma: no cover
     # Outputs come from torch's allocator, so torch's memory accounting sees them.
     loss, lse = torch.empty(batch), torch.empty(batch)
     _run_loss(False, batch, classes, logits, target, lam, perm, lse, None, 0, loss, smoothing)

@@ -150,6 +150,17 @@ def test_loss_rows_on_threads(threads, perm_kind):
     torch.testing.assert_close(dz.double(), z.grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("bad", ["index", "weight"])
+def test_loss_rows_refuse_bad_values_on_threads(threads, bad):
+    """One thread checks inside the launch, a team before it: either way the checks module's message."""
+    logits = torch.randn(6, 5)
+    target = torch.tensor([0, 1, 7 if bad == "index" else 2, 3, 4, 0])
+    lam = torch.tensor([0.1, 0.2, 0.3, float("nan") if bad == "weight" else 0.4, 0.5, 0.6])
+    match = r"class indices from .* outside \[0, num_classes=5\)" if bad == "index" else r"lam must lie in"
+    with pytest.raises(ValueError, match=match):
+        cpu_kernel.ce_rows(logits, target, lam, None, 0.1)
+
+
 # --------------------------------------------------------------------------------------------------
 # Poison, bad indices, determinism
 # --------------------------------------------------------------------------------------------------
