@@ -653,21 +653,19 @@ if numba is not None:
                 _ce_rows(start, stop, z, target, lam, perm, smoothing, loss, lse)
             start = _fetch_add(counter, chunk)
 
-    def _compile_ce_entries():
-        """C entries of the loss: the value check ``int(target, lam, B, K)`` and the forward and backward
-        team entries ``void(void *block)``, cached on disk."""
+    def _compile_ce_check():
+        """A C entry ``int(target, lam, B, K)``: :func:`_ce_check`, cached on disk."""
         def check(target, lam, batch, classes):
             return _ce_check(target, lam, batch, classes)
 
-        def forward(block):
-            _ce_work(block, False)
+        return numba.cfunc(types.int32(*[types.int64] * 4), cache=True)(check)
 
-        def backward(block):
-            _ce_work(block, True)
+    def _compile_ce_team(backward):
+        """A C entry ``void(void *block)`` for the loss rows (forward) or their gradient, cached on disk."""
+        def entry(block):
+            _ce_work(block, backward)
 
-        entry = types.void(types.voidptr)
-        return (numba.cfunc(types.int32(*[types.int64] * 4), cache=True)(check),
-                numba.cfunc(entry, cache=True)(forward), numba.cfunc(entry, cache=True)(backward))
+        return numba.cfunc(types.void(types.voidptr), cache=True)(entry)
 
     def _compile_entry(x_type, out_type):
         """A C entry ``void(void *block)`` for one (input, output) element type, cached on disk."""
@@ -684,39 +682,39 @@ _NO_MEAN, _NO_ISTD = torch.zeros(1), torch.ones(1)  # the identity normalization
 # The kernel's element types: fp16 and bf16 travel as their bits (int16, uint16), so each is its own type.
 _ELEMENT_TYPE = {torch.float32: np.float32, torch.float16: np.int16, torch.bfloat16: np.uint16,
                  torch.uint8: np.uint8}
-_ENTRIES: dict = {}  # (input dtype, output dtype) -> (compiled C entry, its ctypes function)
+_C_ENTRIES: dict = {}  # key -> (compiled C entry, its ctypes function), made on first use
 _ENTRY_LOCK = threading.Lock()
+_TEAM_CALL = ctypes.CFUNCTYPE(None, ctypes.c_void_p)  # void(void *block)
 
 
-def _entry(x_dtype: torch.dtype, out_dtype: torch.dtype):
-    key = (x_dtype, out_dtype)
-    found = _ENTRIES.get(key)
+def _c_entry(key, compile_entry, c_type):
+    """The C entry under ``key``: compiled (or loaded from the disk cache) by ``compile_entry()`` once."""
+    found = _C_ENTRIES.get(key)
     if found is None:
         with _ENTRY_LOCK:
-            found = _ENTRIES.get(key)
+            found = _C_ENTRIES.get(key)
             if found is None:
-                compiled = _compile_entry(_ELEMENT_TYPE[x_dtype], _ELEMENT_TYPE[out_dtype])
-                found = _ENTRIES[key] = (compiled, ctypes.CFUNCTYPE(None, ctypes.c_void_p)(compiled.address))
+                compiled = compile_entry()
+                found = _C_ENTRIES[key] = (compiled, c_type(compiled.address))
     return found
 
 
+def _entry(x_dtype: torch.dtype, out_dtype: torch.dtype):
+    return _c_entry(("mix", x_dtype, out_dtype),
+                    lambda: _compile_entry(_ELEMENT_TYPE[x_dtype], _ELEMENT_TYPE[out_dtype]), _TEAM_CALL)
+
+
 USE_OPENMP_TEAM = True  # False: parallel launches run on Python threads even where PyTorch's OpenMP is found
-_BOUNDS: dict = {}  # dtype -> (compiled C entry, its ctypes function, ctypes type of the result pair)
 _BOUNDS_TYPES = {torch.int64: (np.int64, ctypes.c_int64), torch.float32: (np.float32, ctypes.c_float)}
+_BOUNDS_CALL = ctypes.CFUNCTYPE(None, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)
 
 
 def _value_bounds(values: torch.Tensor) -> tuple:
     """(smallest, largest) of a non-empty contiguous (B,) int64 or float32 tensor in one compiled pass,
     (NaN, NaN) where a NaN shows up: no torch op (each costs tens of µs with cold caches)."""
-    found = _BOUNDS.get(values.dtype)
-    if found is None:
-        value_type, c_type = _BOUNDS_TYPES[values.dtype]
-        with _ENTRY_LOCK:
-            compiled = _compile_bounds(value_type)
-            call = ctypes.CFUNCTYPE(None, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)(compiled.address)
-            found = _BOUNDS[values.dtype] = (compiled, call, c_type * 2)
-    _, call, pair = found
-    out = pair()
+    value_type, c_type = _BOUNDS_TYPES[values.dtype]
+    _, call = _c_entry(("bounds", values.dtype), lambda: _compile_bounds(value_type), _BOUNDS_CALL)
+    out = (c_type * 2)()
     call(values.data_ptr(), values.shape[0], ctypes.addressof(out))
     return out[0], out[1]
 
@@ -939,21 +937,9 @@ def mix_cpu(x, out, target, soft, *, perm, lam_x, lam_y, box, mean, inv_std, in_
         _run(*_entry(torch.float32, torch.float32), address, workers)
 
 
-_CE_ENTRIES: list = []  # (compiled, ctypes function) for the check, the forward and the backward entry
 _LOSS_FORMAT = struct.Struct(f"<{_LOSS_BLOCK.SMOOTHING}qd")
 _CHECK_FORMAT = struct.Struct("<q")
-
-
-def _ce_entries():
-    if not _CE_ENTRIES:
-        with _ENTRY_LOCK:
-            if not _CE_ENTRIES:
-                check, forward, backward = _compile_ce_entries()
-                team = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
-                check_call = ctypes.CFUNCTYPE(ctypes.c_int32, *[ctypes.c_int64] * 4)(check.address)
-                _CE_ENTRIES.extend([(check, check_call), (forward, team(forward.address)),
-                                    (backward, team(backward.address))])
-    return _CE_ENTRIES
+_CE_CHECK_CALL = ctypes.CFUNCTYPE(ctypes.c_int32, *[ctypes.c_int64] * 4)
 
 
 def _address(t) -> int:
@@ -966,16 +952,18 @@ def _run_loss(backward: bool, batch: int, classes: int, z, target, lam, perm, ls
     A forward launch refuses class indices outside [0, K) and weights outside [0, 1] before it writes."""
     workers = 1 if batch * classes < LOSS_PARALLEL_MIN_ELEMS else min(torch.get_num_threads(), batch)
     chunk = batch if workers <= 1 else max(1, batch // (workers * PARALLEL_CHUNKS))
-    entries = _ce_entries()
     check_inside = not backward and workers <= 1  # one call instead of two
-    refused = not backward and not check_inside and entries[0][1](target.data_ptr(), lam.data_ptr(), batch,
-                                                                   classes)
+    refused = False
+    if not backward and not check_inside:
+        check = _c_entry("ce-check", _compile_ce_check, _CE_CHECK_CALL)[1]
+        refused = check(target.data_ptr(), lam.data_ptr(), batch, classes)
     if not refused:
         block, address = _thread_block()
         _LOSS_FORMAT.pack_into(block, 0, 0, chunk, batch, classes, z.data_ptr(), target.data_ptr(),
                                lam.data_ptr(), _address(perm), lse.data_ptr(), _address(grad), grad_step,
                                out.data_ptr(), int(check_inside), smoothing)
-        _run(*entries[2 if backward else 1], address, workers)
+        _run(*_c_entry(("ce", backward), lambda: _compile_ce_team(backward), _TEAM_CALL), address,
+             workers)
         refused = check_inside and _CHECK_FORMAT.unpack_from(block, 8 * _LOSS_BLOCK.CHECK)[0]
     if refused:  # the checks module words the error
         check_index_range(*_value_bounds(target), classes)
@@ -1029,7 +1017,7 @@ def cache_stats() -> tuple[int, int]:
                    _bounds):
         hits += sum(kernel.stats.cache_hits.values())
         misses += sum(kernel.stats.cache_misses.values())
-    for compiled, *_ in list(_ENTRIES.values()) + list(_BOUNDS.values()) + _CE_ENTRIES:  # loaded or compiled
+    for compiled, _ in list(_C_ENTRIES.values()):  # a C entry is loaded (a hit) or compiled (a miss)
         hits += compiled.cache_hits
         misses += 1 - compiled.cache_hits
     return hits, misses
