@@ -598,8 +598,8 @@ if numba is not None:
 
     @_jit()
     def _bounds_at(address, n, value_type, out_address):
-        lo, hi = _bounds(numba.carray(_pointer(address), n, value_type))
-        out = numba.carray(_pointer(out_address), 2, value_type)
+        lo, hi = _bounds(_at(address, n, value_type))
+        out = _at(out_address, 2, value_type)
         out[0], out[1] = lo, hi
 
     def _compile_bounds(value_type):
