@@ -206,12 +206,14 @@ def providers(case: Case, x0: torch.Tensor, target: torch.Tensor, perm: torch.Te
 
     if device.type == "cpu" and not case.loader and cpu_kernel.available():
         x_kernel, soft_buf = own(), torch.empty(batch, k)
-        out.append(Provider(
-            "ours-kernel",
-            lambda: cpu_kernel.mix_cpu(
-                x_kernel, x_kernel, target, soft_buf, perm=None, lam_x=LAM, lam_y=LAM, box=None, mean=None,
-                inv_std=None, in_scale=1.0, label_off=off, label_keep=on - off) or (x_kernel, soft_buf),
-            False, True, x_kernel))
+
+        def kernel():
+            cpu_kernel.mix_cpu(x_kernel, x_kernel, target, soft_buf, perm=None, lam_x=LAM, lam_y=LAM,
+                               box=None, mean=None, inv_std=None, in_scale=1.0, label_off=off,
+                               label_keep=on - off)
+            return x_kernel, soft_buf
+
+        out.append(Provider("ours-kernel", kernel, False, True, x_kernel))
 
     x_flip = x0 if case.loader else own()
     out.append(Provider(

@@ -56,9 +56,9 @@ try:
 except ImportError:  # pragma: no cover - exercised only where numba is missing
     numba = None
 
-__all__ = ["available", "mix_cpu", "ce_rows", "ce_rows_backward", "cache_stats", "team_runtime",
-           "openmp_max_threads", "PARALLEL_MIN_BYTES", "LOSS_PARALLEL_MIN_ELEMS", "CHUNK_ELEMS",
-           "USE_OPENMP_TEAM"]
+__all__ = ["available", "mix_cpu", "plan_mix", "MixPlan", "ce_rows", "ce_rows_backward", "cache_stats",
+           "team_runtime", "openmp_max_threads", "PARALLEL_MIN_BYTES", "LOSS_PARALLEL_MIN_ELEMS",
+           "CHUNK_ELEMS", "USE_OPENMP_TEAM"]
 
 PARALLEL_MIN_BYTES = 2 << 20  # below this many bytes moved, one thread: a team saves nothing at 1.5 MB
 CHUNK_ELEMS = 8192  # elements of one row handled by a work unit (no CutMix box): a few pages per row
@@ -97,7 +97,8 @@ class _Layout(NamedTuple):
     DENSE: int = 43
     SOFT: int = 46
     LAM_Y: int = 49
-    SLOTS: int = 52
+    REFUSED: int = 52  # set to 1 by the team when a class index lies outside [0, K): nothing was written
+    SLOTS: int = 53
 
 
 _BLOCK = _Layout()
@@ -557,6 +558,13 @@ if numba is not None:
     def _matrix(slots, k, dtype):
         return _at(slots[k], (slots[k + 1], slots[k + 2]), dtype)
 
+    @_jit(inline="always")
+    def _indices_inside(target, classes):
+        inside = True
+        for i in range(target.shape[0]):
+            inside &= 0 <= target[i] < classes
+        return inside
+
     @_jit()
     def _team_work(block, x_type, out_type):
         """One team member's share of a launch: take the next ``chunk`` work units until none are left.
@@ -582,6 +590,10 @@ if numba is not None:
         soft = _matrix(slots, _BLOCK.SOFT, np.float32)
         lam_y = _vector(slots, _BLOCK.LAM_Y, np.float32)
         n_units, chunk = slots[_BLOCK.N_UNITS], slots[_BLOCK.CHUNK]
+        if target.shape[0] and not _indices_inside(target, soft.shape[1]):
+            # Every member checks the same indices before it writes, so all refuse or none: no barrier.
+            slots[_BLOCK.REFUSED] = 1
+            return
         inplace = slots[_BLOCK.INPLACE] != 0
         plane, lines_per_plane = slots[_BLOCK.PLANE], slots[_BLOCK.LINES_PER_PLANE]
         line, col_mult = slots[_BLOCK.LINE], slots[_BLOCK.COL_MULT]
@@ -682,9 +694,15 @@ _NO_MEAN, _NO_ISTD = torch.zeros(1), torch.ones(1)  # the identity normalization
 # The kernel's element types: fp16 and bf16 travel as their bits (int16, uint16), so each is its own type.
 _ELEMENT_TYPE = {torch.float32: np.float32, torch.float16: np.int16, torch.bfloat16: np.uint16,
                  torch.uint8: np.uint8}
-_C_ENTRIES: dict = {}  # key -> (compiled C entry, its ctypes function), made on first use
+_C_ENTRIES: dict = {}  # key -> _CEntry, made on first use
 _ENTRY_LOCK = threading.Lock()
 _TEAM_CALL = ctypes.CFUNCTYPE(None, ctypes.c_void_p)  # void(void *block)
+
+
+class _CEntry(NamedTuple):
+    compiled: object  # numba's compiled C callback (kept alive: it owns the machine code)
+    call: object  # its ctypes function
+    address: int  # its address, for an OpenMP team
 
 
 def _c_entry(key, compile_entry, c_type):
@@ -695,7 +713,7 @@ def _c_entry(key, compile_entry, c_type):
             found = _C_ENTRIES.get(key)
             if found is None:
                 compiled = compile_entry()
-                found = _C_ENTRIES[key] = (compiled, c_type(compiled.address))
+                found = _C_ENTRIES[key] = _CEntry(compiled, c_type(compiled.address), compiled.address)
     return found
 
 
@@ -713,7 +731,7 @@ def _value_bounds(values: torch.Tensor) -> tuple:
     """(smallest, largest) of a non-empty contiguous (B,) int64 or float32 tensor in one compiled pass,
     (NaN, NaN) where a NaN shows up: no torch op (each costs tens of µs with cold caches)."""
     value_type, c_type = _BOUNDS_TYPES[values.dtype]
-    _, call = _c_entry(("bounds", values.dtype), lambda: _compile_bounds(value_type), _BOUNDS_CALL)
+    call = _c_entry(("bounds", values.dtype), lambda: _compile_bounds(value_type), _BOUNDS_CALL).call
     out = (c_type * 2)()
     call(values.data_ptr(), values.shape[0], ctypes.addressof(out))
     return out[0], out[1]
@@ -784,6 +802,7 @@ def _run_on_python_threads(call, address: int, workers: int) -> None:
 
 
 _BLOCK_FORMAT = struct.Struct(f"<{_FIRST_REAL}q{_FIRST_ARRAY - _FIRST_REAL}d{_BLOCK.SLOTS - _FIRST_ARRAY}q")
+_REFUSED_FORMAT = struct.Struct("<q")
 _THREAD = threading.local()
 
 
@@ -797,15 +816,15 @@ def _thread_block():
         return _THREAD.block
 
 
-def _run(compiled, call, address: int, workers: int) -> None:
+def _run(entry: _CEntry, address: int, workers: int) -> None:
     """Run a C entry on a packed block with ``workers`` threads (PyTorch's OpenMP team where found)."""
     if workers <= 1:
-        call(address)
+        entry.call(address)
         return
     if team_runtime() == "openmp":
-        _torch_openmp()[0](compiled.address, address, workers, 0)
+        _torch_openmp()[0](entry.address, address, workers, 0)
     else:
-        _run_on_python_threads(call, address, workers)
+        _run_on_python_threads(entry.call, address, workers)
 
 
 def _array(t) -> tuple:
@@ -870,22 +889,57 @@ def _geometry(x: torch.Tensor, planar: bool, has_norm: bool, has_box: bool):
     return n, -(-n // line), line, channels
 
 
-def mix_cpu(x, out, target, soft, *, perm, lam_x, lam_y, box, mean, inv_std, in_scale, label_off, label_keep):
-    """Run the kernel on validated CPU tensors (the ``mix_launch`` contract of ``kernels/mixup.py``).
+class MixPlan:
+    """One launch's packed arguments, which later calls of the same signature re-point (:meth:`launch`).
 
-    Args:
-        x: (B, ...) batch, contiguous or channels_last, or None. out: x's layout and shape (may be x).
-        target: (B,) int64 or (B, K) float targets, or None; class indices are range-checked here
-            (``check_index_range``) before anything is written. soft: (B, K) float32 contiguous, or None.
-        perm: (B,) int64 partners, or None for the flip pairing.
-        lam_x, lam_y: floats or (B,) float32 tensors; tensors are range-checked here (``check_unit_range``)
-            before anything is written.
-        box: (B, 4) int32 CutMix boxes or None. mean, inv_std: (C,) float32 or None.
-        in_scale: multiplies raw inputs before normalization. label_off, label_keep: timm smoothing.
+    A plan holds every slot of the argument block and the tensors it made for them (contiguous copies, the
+    channels_last normalization tables); the caller holds the tensors it passed while a launch runs.
     """
+
+    __slots__ = ("_values", "_entry", "_n_units", "_moved", "_classes", "_made")
+
+    def __init__(self, values: list, dtypes: tuple, n_units: int, moved: int, classes: int, made: tuple):
+        self._values, self._entry, self._n_units, self._moved = values, _entry(*dtypes), n_units, moved
+        self._classes, self._made = classes, made
+
+    def launch(self, x=None, out=None, index=None, soft=None, lam: float | None = None) -> None:
+        """Run the plan, re-pointed at ``x``, ``out``, the class indices ``index`` and ``soft`` (each None:
+        as planned) with the float weight ``lam`` for pixels and labels (None: as planned).
+
+        The new tensors must have the planned tensors' dtypes, shapes and strides, and ``lam`` needs a plan
+        made with a float weight. The kernel checks the class indices before it writes anything; a refusal
+        raises ``check_index_range``'s error.
+        """
+        values = list(self._values)  # a copy: threads may launch one plan at once
+        if x is not None:
+            values[_BLOCK.X] = x.data_ptr()
+        if out is not None:
+            values[_BLOCK.OUT] = out.data_ptr()
+        if soft is not None:
+            values[_BLOCK.SOFT] = soft.data_ptr()
+        if index is not None:
+            values[_BLOCK.TARGET] = index.data_ptr()
+        if lam is not None:
+            values[_BLOCK.LAM_X_VALUE] = values[_BLOCK.LAM_Y_VALUE] = lam
+        n_units, moved = self._n_units, self._moved
+        workers = 1 if moved < PARALLEL_MIN_BYTES else min(torch.get_num_threads(), n_units)
+        chunks = max(workers * PARALLEL_CHUNKS, moved // CHUNK_BYTES)
+        values[_BLOCK.CHUNK] = n_units if workers <= 1 else max(1, n_units // chunks)
+        block, address = _thread_block()
+        _BLOCK_FORMAT.pack_into(block, 0, *values)
+        _run(self._entry, address, workers)
+        if values[_BLOCK.TARGET] and _REFUSED_FORMAT.unpack_from(block, 8 * _BLOCK.REFUSED)[0]:
+            check_index_range(*_value_bounds(index if index is not None else self._made[0]), self._classes)
+            raise AssertionError("the kernel refused class indices that pass the checks")  # pragma: no cover
+
+
+def plan_mix(x, out, target, soft, *, perm, lam_x, lam_y, box, mean, inv_std, in_scale, label_off,
+             label_keep) -> MixPlan | None:
+    """The launch of :func:`mix_cpu` on these tensors, not run (None for an empty batch); the (B,)
+    weights are range-checked here (``check_unit_range``)."""
     batch = (x if x is not None else target).shape[0]
     if batch == 0:
-        return
+        return None
     sample = math.prod(x.shape[1:]) if x is not None else 0
     has_x = sample > 0
     inplace = has_x and out.data_ptr() == x.data_ptr()
@@ -902,39 +956,59 @@ def mix_cpu(x, out, target, soft, *, perm, lam_x, lam_y, box, mean, inv_std, in_
         n_units = ((batch + 1) // 2 if perm is None else batch) * (sample // plane) * units_per_plane
         moved = x.numel() * (x.element_size() + out.element_size())
         x_slots, out_slots = (x.data_ptr(), batch, sample), (out.data_ptr(), batch, sample)
+        dtypes = x.dtype, out.dtype
     else:
         plane = lines_per_plane = line = col_mult = 1
         n_units = moved = 0
         x_slots = out_slots = (0, 0, 0)
+        dtypes = torch.float32, torch.float32
     index = dense = None
+    classes = 0
     if target is not None:
         n_units += (batch + 1) // 2 if perm is None else batch
         moved += soft.numel() * 4
-        if target.ndim == 1:  # before anything is written; cheaper than a torch reduction per call
+        classes = soft.shape[1]
+        if target.ndim == 1:
             index = target.contiguous()
-            check_index_range(*_value_bounds(index), soft.shape[1])
         else:
             dense = target.float().contiguous()
     lam_x, lam_x_value = _lam_slots("lam_x", lam_x)
     lam_y, lam_y_value = (lam_x, lam_x_value) if lam_y is lam_x else _lam_slots("lam_y", lam_y)
     if has_x and not inplace and out.numel() * out.element_size() >= PARALLEL_MIN_BYTES:
         _advise_huge_pages(out)
-    workers = 1 if moved < PARALLEL_MIN_BYTES else min(torch.get_num_threads(), n_units)
-    chunks = max(workers * PARALLEL_CHUNKS, moved // CHUNK_BYTES)
-    chunk = n_units if workers <= 1 else max(1, n_units // chunks)
-    # Every tensor the block points at is held by a local name until the launch returns.
     perm = None if perm is None else perm.contiguous()
     box = None if box is None else box.contiguous()
-    block, address = _thread_block()
-    _BLOCK_FORMAT.pack_into(block, 0, 0, n_units, chunk, inplace, plane, lines_per_plane, line, col_mult,
-                            lam_x_value, lam_y_value, in_scale, label_off, label_keep,
-                            *x_slots, *out_slots, *_array(perm), *_array(lam_x), *_array(box), *_array(mean),
-                            *_array(inv_std), *_array(mean_tab), *_array(istd_tab), *_array(index),
-                            *_array(dense), *_array(soft), *_array(lam_y))
-    if has_x:
-        _run(*_entry(x.dtype, out.dtype), address, workers)
-    else:
-        _run(*_entry(torch.float32, torch.float32), address, workers)
+    values = [0, n_units, 0, inplace, plane, lines_per_plane, line, col_mult, lam_x_value, lam_y_value,
+              in_scale, label_off, label_keep, *x_slots, *out_slots, *_array(perm), *_array(lam_x),
+              *_array(box), *_array(mean), *_array(inv_std), *_array(mean_tab), *_array(istd_tab),
+              *_array(index), *_array(dense), *_array(soft), *_array(lam_y), 0]
+    return MixPlan(values, dtypes, n_units, moved, classes,
+                   (index, dense, perm, box, lam_x, lam_y, mean, inv_std, mean_tab, istd_tab))
+
+
+def mix_cpu(x, out, target, soft, *, perm, lam_x, lam_y, box, mean, inv_std, in_scale, label_off,
+            label_keep) -> MixPlan | None:
+    """Run the kernel on validated CPU tensors (the ``mix_launch`` contract of ``kernels/mixup.py``).
+
+    Args:
+        x: (B, ...) batch, contiguous or channels_last, or None. out: x's layout and shape (may be x).
+        target: (B,) int64 or (B, K) float targets, or None; class indices are range-checked here
+            (``check_index_range``) before anything is written. soft: (B, K) float32 contiguous, or None.
+        perm: (B,) int64 partners, or None for the flip pairing.
+        lam_x, lam_y: floats or (B,) float32 tensors; tensors are range-checked here (``check_unit_range``)
+            before anything is written.
+        box: (B, 4) int32 CutMix boxes or None. mean, inv_std: (C,) float32 or None.
+        in_scale: multiplies raw inputs before normalization. label_off, label_keep: timm smoothing.
+
+    Returns:
+        The :class:`MixPlan` it ran (None for an empty batch): a later call on tensors of the same dtypes,
+        shapes and strides, with a float weight, may re-point and launch it instead of planning again.
+    """
+    plan = plan_mix(x, out, target, soft, perm=perm, lam_x=lam_x, lam_y=lam_y, box=box, mean=mean,
+                    inv_std=inv_std, in_scale=in_scale, label_off=label_off, label_keep=label_keep)
+    if plan is not None:
+        plan.launch()
+    return plan
 
 
 _LOSS_FORMAT = struct.Struct(f"<{_LOSS_BLOCK.SMOOTHING}qd")
@@ -955,15 +1029,14 @@ def _run_loss(backward: bool, batch: int, classes: int, z, target, lam, perm, ls
     check_inside = not backward and workers <= 1  # one call instead of two
     refused = False
     if not backward and not check_inside:
-        check = _c_entry("ce-check", _compile_ce_check, _CE_CHECK_CALL)[1]
+        check = _c_entry("ce-check", _compile_ce_check, _CE_CHECK_CALL).call
         refused = check(target.data_ptr(), lam.data_ptr(), batch, classes)
     if not refused:
         block, address = _thread_block()
         _LOSS_FORMAT.pack_into(block, 0, 0, chunk, batch, classes, z.data_ptr(), target.data_ptr(),
                                lam.data_ptr(), _address(perm), lse.data_ptr(), _address(grad), grad_step,
                                out.data_ptr(), int(check_inside), smoothing)
-        _run(*_c_entry(("ce", backward), lambda: _compile_ce_team(backward), _TEAM_CALL), address,
-             workers)
+        _run(_c_entry(("ce", backward), lambda: _compile_ce_team(backward), _TEAM_CALL), address, workers)
         refused = check_inside and _CHECK_FORMAT.unpack_from(block, 8 * _LOSS_BLOCK.CHECK)[0]
     if refused:  # the checks module words the error
         check_index_range(*_value_bounds(target), classes)
@@ -1017,9 +1090,9 @@ def cache_stats() -> tuple[int, int]:
                    _bounds):
         hits += sum(kernel.stats.cache_hits.values())
         misses += sum(kernel.stats.cache_misses.values())
-    for compiled, _ in list(_C_ENTRIES.values()):  # a C entry is loaded (a hit) or compiled (a miss)
-        hits += compiled.cache_hits
-        misses += 1 - compiled.cache_hits
+    for entry in list(_C_ENTRIES.values()):  # a C entry is loaded (a hit) or compiled (a miss)
+        hits += entry.compiled.cache_hits
+        misses += 1 - entry.compiled.cache_hits
     return hits, misses
 
 

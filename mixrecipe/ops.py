@@ -8,13 +8,15 @@ work is registered with
 ``torch.library.custom_op`` so that ``torch.compile(fullgraph=True)``, ``torch.export`` and FakeTensor see
 one opaque op. A plain eager call skips torch's dispatcher (tens of µs, as long as the whole pass on a
 CIFAR-sized batch) and runs the op's body directly when nothing could tell the difference
-(:func:`_direct_call`).
+(:func:`_direct_call`). An in-place flip call with a float lam on the CPU kernel goes further: once its
+signature (dtypes, shapes, strides, settings) passed the checks, later calls skip them and re-point the
+kernel's plan at their tensors (:func:`_inplace_signature`).
 
 No host-device synchronization happens here: checks that need tensor values (lam in [0, 1], perm is a
 permutation, class indices in range) run only on CPU tensors and outside torch.compile, except that the
-CPU kernel's launcher range-checks class indices and (B,) weights itself on every call (its own pass over
-B values is cheaper than torch reductions, and it works inside torch.compile too). On CUDA the kernel
-writes NaN rows for out-of-range partners or class indices instead of reading out of bounds.
+CPU kernel range-checks class indices and (B,) weights itself on every call, before it writes (its own
+pass over B values is cheaper than torch reductions, and it works inside torch.compile too). On CUDA the
+kernel writes NaN rows for out-of-range partners or class indices instead of reading out of bounds.
 """
 
 from __future__ import annotations
@@ -148,6 +150,7 @@ def _mix_labels_eager(target, soft, perm, lam_y, label_smoothing):
 
 
 def _run(x, out, target, soft, perm, lam_x, lam_y, box, mean, std, num_classes, label_smoothing):
+    """The work on checked arguments; returns the CPU kernel's plan when it ran (else None)."""
     ref = x if x is not None else target
     off = label_smoothing / num_classes if target is not None else 0.0
     keep = 1.0 - label_smoothing
@@ -159,13 +162,14 @@ def _run(x, out, target, soft, perm, lam_x, lam_y, box, mean, std, num_classes, 
         )
         return
     if _use_cpu_kernel(ref):
-        cpu_kernel.mix_cpu(x, out, target, soft, perm=perm, lam_x=lam_x, lam_y=lam_y, box=box, mean=norm[0],
-                           inv_std=norm[1], in_scale=norm[2], label_off=off, label_keep=keep)
-        return
+        return cpu_kernel.mix_cpu(x, out, target, soft, perm=perm, lam_x=lam_x, lam_y=lam_y, box=box,
+                                  mean=norm[0], inv_std=norm[1], in_scale=norm[2], label_off=off,
+                                  label_keep=keep)
     if x is not None:
         _mix_images_eager(x, out, perm, lam_x, box, *norm)
     if target is not None:
         _mix_labels_eager(target, soft, perm, lam_y, label_smoothing)
+    return None
 
 
 def _lam_arg(tensor: Tensor | None, value: float):
@@ -217,15 +221,22 @@ def _(x, target, lam_x, lam_x_value, lam_y, lam_y_value, perm, box, mean, std, n
     return torch.empty_like(x, dtype=out_dtype), _new_soft(x, target, num_classes)
 
 
+def _mix_out_planned(x, out, target, lam_x, lam_x_value, lam_y, lam_y_value, perm, box, mean, std,
+                     num_classes, label_smoothing):
+    """The body of ``mix_out``: -> (soft, the CPU kernel's plan or None)."""
+    soft = _new_soft(x, target, num_classes)
+    plan = _run(x, out, target, soft if target is not None else None, perm, _lam_arg(lam_x, lam_x_value),
+                _lam_arg(lam_y, lam_y_value), box, mean, std, num_classes, label_smoothing)
+    return soft, plan
+
+
 def _mix_out_body(
     x: Tensor, out: Tensor, target: Tensor | None, lam_x: Tensor | None, lam_x_value: float,
     lam_y: Tensor | None, lam_y_value: float, perm: Tensor | None, box: Tensor | None, mean: Tensor | None,
     std: Tensor | None, num_classes: int, label_smoothing: float,
 ) -> Tensor:
-    soft = _new_soft(x, target, num_classes)
-    _run(x, out, target, soft if target is not None else None, perm, _lam_arg(lam_x, lam_x_value),
-         _lam_arg(lam_y, lam_y_value), box, mean, std, num_classes, label_smoothing)
-    return soft
+    return _mix_out_planned(x, out, target, lam_x, lam_x_value, lam_y, lam_y_value, perm, box, mean, std,
+                            num_classes, label_smoothing)[0]
 
 
 _mix_out_op = torch.library.custom_op("mixrecipe::mix_out", _mix_out_body, mutates_args=("out",))
@@ -277,6 +288,34 @@ def _new_soft(ref: Tensor, target: Tensor | None, num_classes: int) -> Tensor:
     rows = ref.shape[0] if target is not None else 0
     return torch.empty((rows, num_classes if target is not None else 0), dtype=torch.float32,
                        device=ref.device)
+
+
+# In-place flip calls on the CPU kernel with a float lam, by signature: the kernel's plan of a call whose
+# checks passed. Every check of such a call depends on the signature alone, except the class indices'
+# range, which the plan's launch checks every time: a call with a known signature re-points the plan at its
+# tensors and launches it. A dict lookup instead of a dozen checks and the planning (with cold caches, as
+# in a training step, they took more than half of a CIFAR-sized call).
+_CHECKED_INPLACE: dict = {}
+_CHECKED_MAX = 64
+
+
+def _inplace_signature(x, target, lam_x, lam_y, perm, box, num_classes, label_smoothing, mean, std, out_dtype,
+                       inplace, out):
+    """What the checks of a call depend on, when it may skip them once they passed (else None)."""
+    if not (inplace and perm is None and box is None and mean is None and std is None and lam_y is None
+            and out is None and type(lam_x) is float and 0.0 <= lam_x <= 1.0 and type(x) is Tensor):
+        return None
+    if target is None:
+        labels = None
+    elif type(target) is Tensor and type(num_classes) is int:
+        labels = (target.dtype, target.shape, target.stride(), target.requires_grad, target.is_cpu,
+                  num_classes)
+    else:
+        return None
+    if tracing():
+        return None
+    return (x.dtype, x.shape, x.stride(), x.requires_grad, x.is_cpu, labels, type(label_smoothing),
+            label_smoothing, out_dtype, current_cpu_backend())
 
 
 def _lam_parts(name: str, lam, batch: int, device, values: bool = True) -> tuple[Tensor | None, float]:
@@ -334,6 +373,15 @@ def mix(
         (x_mixed, soft_target): x_mixed is ``out`` when given; soft_target is (B, K) float32, or None when
         target is None.
     """
+    signature = _inplace_signature(x, target, lam_x, lam_y, perm, box, num_classes, label_smoothing, mean,
+                                   std, out_dtype, inplace, out)
+    plan = _CHECKED_INPLACE.get(signature)
+    if plan is not None:  # checked before: re-point the plan at these tensors and launch
+        torch.autograd.graph.increment_version(x)  # as _call does for the direct call this stands for
+        soft = None if target is None else _new_soft(x, target, num_classes)
+        plan.launch(x, x, target, soft, lam_x)
+        return x, soft
+    given = x, target
     x, mean, std, out_dtype = check_images(x, mean, std, out_dtype, inplace)
     batch, device = x.shape[0], x.device
     label_smoothing = check_unit_interval("label_smoothing", label_smoothing)
@@ -356,6 +404,15 @@ def mix(
         if perm is not None:
             raise ValueError("inplace=True needs the flip pairing (perm=None): with an explicit permutation "
                              "a row may be read after its partner overwrote it")
+        if signature is not None and x is given[0] and target is given[1] and _direct_call(x, target):
+            torch.autograd.graph.increment_version(x)  # _call's direct call, keeping the kernel's plan
+            soft, plan = _mix_out_planned(x, x, target, None, lam_x_v, None, lam_x_v, None, None, None, None,
+                                          num_classes, label_smoothing)
+            if plan is not None:  # the CPU kernel ran
+                if len(_CHECKED_INPLACE) >= _CHECKED_MAX:
+                    _CHECKED_INPLACE.clear()
+                _CHECKED_INPLACE[signature] = plan
+            return x, (soft if target is not None else None)
         soft = _call(_mix_inplace_op, _mix_inplace_body, x, target, lam_x_t, lam_x_v, lam_y_t, lam_y_v, box,
                      mean, std, num_classes, label_smoothing, mutated=x)
         return x, (soft if target is not None else None)

@@ -112,9 +112,10 @@ def sample_beta(alpha: float, size=(), *, generator=None, device=None, dtype=tor
     """Draw λ ~ Beta(alpha, alpha) as a tensor, with no host-device synchronization.
 
     Uses Beta(a, a) = G1 / (G1 + G2) with G1, G2 ~ Gamma(a), computed in log space as
-    ``sigmoid(log G1 - log G2)`` with ``log G(a) = log G(a + 1) + log(U) / a`` (U uniform in (0, 1]).
-    The log form never underflows to 0/0, which the plain ratio does in float32 for small alpha
-    (e.g. the ImageNet default alpha = 0.2) and in float64 for tiny alpha.
+    ``sigmoid(log G1 - log G2)`` with ``log G(a) = log G(a + 1) - E / a`` (E ~ Exp(1) = Gamma(1), i.e.
+    -log U for U uniform), so one Gamma draw of four values makes one λ. The log form never underflows to
+    0/0, which the plain ratio does in float32 for small alpha (e.g. the ImageNet default alpha = 0.2) and
+    in float64 for tiny alpha.
 
     Args:
         alpha: concentration, > 0.
@@ -132,10 +133,10 @@ def sample_beta(alpha: float, size=(), *, generator=None, device=None, dtype=tor
     draw_device = _gen_device(generator, device)
     if size == () and draw_device.type == "cpu" and not tracing():
         return _to(torch.tensor(_beta_value(alpha, generator), dtype=dtype), device or draw_device)
-    conc = torch.full((2,) + size, alpha + 1.0, dtype=torch.float64, device=draw_device)
+    conc = torch.full((4,) + size, alpha + 1.0, dtype=torch.float64, device=draw_device)
+    conc[2:] = 1.0  # rows 0, 1: Gamma(a + 1); rows 2, 3: Exp(1)
     gamma = torch._standard_gamma(conc, generator=generator)
-    u = 1.0 - torch.rand((2,) + size, generator=generator, device=draw_device, dtype=torch.float64)
-    log_g = gamma.log() + u.log() / alpha
+    log_g = gamma[:2].log() - gamma[2:] / alpha
     lam = torch.sigmoid(torch.sub(*log_g.unbind(0)))  # one op for both rows, not two selects
     if dtype != torch.float64:  # each skipped no-op is a dispatch (a launch on a GPU)
         lam = lam.to(dtype)
@@ -155,10 +156,10 @@ def _beta_value(alpha: float, generator) -> float:
     formula, with the arithmetic on floats (a dozen tiny tensor ops cost more than a CIFAR batch's mixing)."""
     conc = _CONCENTRATIONS.get(alpha)
     if conc is None:
-        conc = _CONCENTRATIONS[alpha] = torch.full((2,), alpha + 1.0, dtype=torch.float64)
-    g1, g2 = torch._standard_gamma(conc, generator=generator).tolist()
-    u1, u2 = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
-    d = (math.log(g1) + math.log(1.0 - u1) / alpha) - (math.log(g2) + math.log(1.0 - u2) / alpha)
+        conc = torch.tensor([alpha + 1.0, alpha + 1.0, 1.0, 1.0], dtype=torch.float64)
+        _CONCENTRATIONS[alpha] = conc
+    g1, g2, e1, e2 = torch._standard_gamma(conc, generator=generator).tolist()  # one op per λ
+    d = (math.log(g1) - e1 / alpha) - (math.log(g2) - e2 / alpha)
     if d >= 0.0:  # the logistic function without overflow
         return 1.0 / (1.0 + math.exp(-d))
     e = math.exp(d)

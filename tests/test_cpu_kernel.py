@@ -162,6 +162,75 @@ def test_loss_rows_refuse_bad_values_on_threads(threads, bad):
 
 
 # --------------------------------------------------------------------------------------------------
+# In-place flip calls with a float lam: checked once per signature, then the kernel's plan is re-pointed
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture
+def planning(monkeypatch):
+    """A fresh table of checked signatures, and a count of the launches planned from scratch."""
+    monkeypatch.setattr(ops, "_CHECKED_INPLACE", {})
+    planned = []
+    real = cpu_kernel.plan_mix
+
+    def counting(*args, **kwargs):
+        planned.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_kernel, "plan_mix", counting)
+    return planned
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("with_target", [True, False])
+def test_a_checked_signature_is_planned_once_then_relaunched(threads, planning, dtype, layout, with_target):
+    """Batches of one signature: the first call plans; later ones re-point the plan at their own tensors
+    (NaN-poisoned labels all written, earlier batches untouched) and bump the version counter."""
+    g = torch.Generator().manual_seed(11)
+    results = []
+    for _ in range(4):
+        x = torch.randn(5, 3, 6, 7, generator=g).to(dtype).contiguous(memory_format=layout)
+        target = torch.randint(0, 9, (5,), generator=g) if with_target else None
+        lam = float(torch.rand((), generator=g))
+        ref, ref_soft = R.mix_reference(x, target, lam, num_classes=9, label_smoothing=0.2)
+        version, before = x._version, x.clone()
+        out, soft = ops.mixup(x, target, lam, num_classes=9, label_smoothing=0.2, inplace=True)
+        assert out is x and x._version > version
+        assert_close_ulp(x, ref, before.double().abs().max(), dtype)
+        assert x.is_contiguous(memory_format=layout)
+        if with_target:
+            torch.testing.assert_close(soft, ref_soft, rtol=1e-6, atol=1e-7)
+        else:
+            assert soft is None
+        results.append((x, x.clone()))
+    assert len(planning) == 1
+    assert all(torch.equal(x, kept) for x, kept in results)  # each call wrote its own batch only
+
+
+def test_a_checked_signature_still_refuses_bad_values(planning):
+    """After a signature passed the checks, class indices out of range, NaN or out-of-range weights and a
+    changed signature (non-dense x, a float64 x, a bool smoothing) are still refused before anything is
+    written."""
+    x = torch.randn(5, 2, 3, 3)
+    ops.mixup(x, torch.arange(5), 0.3, num_classes=5, inplace=True)
+    before = x.clone()
+    with pytest.raises(ValueError, match=r"class indices from .* outside \[0, num_classes=5\)"):
+        ops.mixup(x, torch.tensor([0, 1, 9, 3, 4]), 0.3, num_classes=5, inplace=True)
+    for bad in (float("nan"), 1.5, -0.25):
+        with pytest.raises(ValueError, match="lam_x must lie in"):
+            ops.mixup(x, torch.arange(5), bad, num_classes=5, inplace=True)
+    with pytest.raises(TypeError, match="label_smoothing"):
+        ops.mixup(x, torch.arange(5), 0.3, num_classes=5, label_smoothing=True, inplace=True)
+    with pytest.raises(ValueError, match="contiguous or channels_last"):
+        ops.mixup(torch.randn(5, 2, 3, 6)[..., ::2], torch.arange(5), 0.3, num_classes=5, inplace=True)
+    with pytest.raises(TypeError, match="float32, float16, bfloat16 or uint8"):
+        ops.mixup(x.double(), torch.arange(5), 0.3, num_classes=5, inplace=True)
+    with cpu_backend("eager"), pytest.raises(ValueError, match="outside"):  # the eager path checks values
+        ops.mixup(x, torch.tensor([0, 1, 9, 3, 4]), 0.3, num_classes=5, inplace=True)
+    assert torch.equal(x, before)
+    assert len(planning) == 1
+
+
+# --------------------------------------------------------------------------------------------------
 # Poison, bad indices, determinism
 # --------------------------------------------------------------------------------------------------
 def _launch(x, out, target, soft, perm, lam=0.5, box=None):
@@ -231,8 +300,10 @@ def test_the_team_is_pytorchs_own_openmp_runtime():
         torch.set_num_threads(before)
 
 
-def test_launches_from_several_python_threads_at_once(monkeypatch):
-    """Each Python thread packs its own argument block and may start its own team."""
+@pytest.mark.parametrize("inplace", [False, True])
+def test_launches_from_several_python_threads_at_once(monkeypatch, inplace):
+    """Each Python thread packs its own argument block and may start its own team; in place, the threads
+    re-point one checked signature's plan at once."""
     monkeypatch.setattr(cpu_kernel, "PARALLEL_MIN_BYTES", 0)
     g = torch.Generator().manual_seed(8)
     batches = [torch.randn(6, 3, 9, 9, generator=g) for _ in range(4)]
@@ -241,7 +312,8 @@ def test_launches_from_several_python_threads_at_once(monkeypatch):
 
     def work(k):
         for _ in range(25):
-            results[k] = ops.mixup(batches[k], targets[k], 0.3, num_classes=7)
+            x = batches[k].clone() if inplace else batches[k]
+            results[k] = ops.mixup(x, targets[k], 0.3, num_classes=7, inplace=inplace)
 
     with cpu_backend("numba"):
         workers = [threading.Thread(target=work, args=(k,)) for k in range(4)]
