@@ -821,8 +821,9 @@ def _run(entry: _CEntry, address: int, workers: int) -> None:
     if workers <= 1:
         entry.call(address)
         return
-    if team_runtime() == "openmp":
-        _torch_openmp()[0](entry.address, address, workers, 0)
+    openmp = _torch_openmp() if USE_OPENMP_TEAM else None  # as team_runtime() says
+    if openmp is not None:
+        openmp[0](entry.address, address, workers, 0)
     else:
         _run_on_python_threads(entry.call, address, workers)
 

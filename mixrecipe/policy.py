@@ -579,14 +579,14 @@ class Mixup:
             :class:`MixParams` on ``device``.
         """
         device = torch.device(device) if device is not None else torch.device("cpu")
-        p = self._sample(x_shape, device)
-        if isinstance(p.lam_x, float):
-            lam = torch.tensor(p.lam_x, dtype=torch.float32, device=device)
-            return MixParams(lam, lam, p.perm, p.box)
-        return p
+        lam_x, lam_y, perm, box = self._sample(x_shape, device)
+        if isinstance(lam_x, float):
+            lam_x = lam_y = torch.tensor(lam_x, dtype=torch.float32, device=device)
+        return MixParams(lam_x, lam_y, perm, box)
 
-    def _sample(self, x_shape, device: torch.device) -> MixParams:
-        """:meth:`sample`, except that one λ drawn on the CPU stays a Python float (see :meth:`_draw`)."""
+    def _sample(self, x_shape, device: torch.device) -> tuple:
+        """:meth:`sample` as a plain tuple (lam_x, lam_y, perm, box), except that one λ drawn on the CPU
+        stays a Python float (see :meth:`_draw`)."""
         batch = int(x_shape[0])
         if batch < 1:
             raise ValueError("the batch must hold at least one sample")
@@ -622,21 +622,19 @@ class Mixup:
             if box is not None:
                 box = box[pair]
         if isinstance(lam_x, float):
-            return MixParams(lam_x, lam_x, None if perm is None else _to(perm, device), None)
+            return lam_x, lam_x, None if perm is None else _to(perm, device), None
         same = lam_y is lam_x
         lam_x = _to(lam_x.float(), device)
         lam_y = lam_x if same else _to(lam_y.float(), device)
         perm = None if perm is None else _to(perm, device)
         box = None if box is None else _to(box, device)
-        return MixParams(lam_x, lam_y, perm, box)
+        return lam_x, lam_y, perm, box
 
     # ----------------------------------------------------------------------------------------------
     # Applying.
     # ----------------------------------------------------------------------------------------------
-    def _prepare_target(self, target, batch):
-        """-> (target for the op, label smoothing for the op)."""
-        if target is None or not self.multi_label:
-            return target, self.label_smoothing
+    def _multi_label_target(self, target, batch):
+        """Dense multi-label targets, smoothed towards 0.5 -> (target for the op, label smoothing 0)."""
         if not isinstance(target, Tensor) or target.ndim != 2 or target.shape != (batch, self.num_classes):
             got = tuple(target.shape) if isinstance(target, Tensor) else target
             raise ValueError(f"multi_label mixup expects dense targets of shape ({batch}, "
@@ -644,19 +642,19 @@ class Mixup:
         s = self.label_smoothing
         return target.float() * (1.0 - s) + 0.5 * s, 0.0
 
-    def _out_dtype(self, x: Tensor):
-        if self.out_dtype is None and x.dtype == torch.uint8:
-            return torch.float32
-        return self.out_dtype
-
     def _apply(self, x: Tensor, target, with_soft: bool, out: Tensor | None = None):
         """-> (x_out, soft or None, op target, label smoothing, lam_y (float, () or (B,) tensor), perm)."""
         if not isinstance(x, Tensor) or x.ndim < 1:
             raise ValueError(f"x must be a tensor of shape (B, ...), got "
                              f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
         batch = x.shape[0]
-        target, smoothing = self._prepare_target(target, batch)
-        out_dtype = self._out_dtype(x)
+        if self.multi_label and target is not None:
+            target, smoothing = self._multi_label_target(target, batch)
+        else:
+            smoothing = self.label_smoothing
+        out_dtype = self.out_dtype
+        if out_dtype is None and x.dtype == torch.uint8:
+            out_dtype = torch.float32
         same_dtype = out_dtype is None or out_dtype == x.dtype
         dense = x.is_contiguous() or (x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last))
         op_target = target if with_soft else None
@@ -670,14 +668,14 @@ class Mixup:
                                   mean=self.mean, std=self.std, out_dtype=out_dtype,
                                   inplace=self.inplace and same_dtype and dense and out is None, out=out)
             return x_out, soft, target, smoothing, 1.0, None
-        p = self._sample(x.shape, x.device)
-        inplace = self.inplace and p.perm is None and same_dtype and dense and out is None
+        lam_x, lam_y, perm, box = self._sample(x.shape, x.device)
+        inplace = self.inplace and perm is None and same_dtype and dense and out is None
         x_out, soft = ops.mix(
-            x, op_target, p.lam_x, None if p.lam_y is p.lam_x else p.lam_y, p.perm, p.box,
+            x, op_target, lam_x, None if lam_y is lam_x else lam_y, perm, box,
             num_classes=self.num_classes, label_smoothing=smoothing, mean=self.mean, std=self.std,
             out_dtype=out_dtype, inplace=inplace, out=out,
         )
-        return x_out, soft, target, smoothing, p.lam_y, p.perm
+        return x_out, soft, target, smoothing, lam_y, perm
 
     def __call__(self, x: Tensor, target: Tensor | None, *, out: Tensor | None = None):
         """Mix a batch: ``(x, target) -> (x_mixed, soft_target)`` like timm's ``Mixup``.
