@@ -36,7 +36,6 @@ import ctypes
 import math
 import os
 import struct
-import sys
 import tempfile
 import threading
 import warnings
@@ -45,6 +44,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from . import cpu_memory
 from .checks import check_index_range, check_unit_range
 
 try:
@@ -835,30 +835,6 @@ def _array(t) -> tuple:
     return (t.data_ptr(), t.shape[0], t.shape[1]) if t.ndim == 2 else (t.data_ptr(), t.shape[0], 0)
 
 
-_HUGE_PAGE = 2 << 20
-_MADV_HUGEPAGE = 14
-_LIBC = None
-
-
-def _advise_huge_pages(t: torch.Tensor) -> None:
-    """Ask Linux for 2 MiB pages behind a fresh output before its first write.
-
-    A new 77 MB output costs ~19k page faults at 4 KiB, more than the mixing pass itself; with
-    transparent huge pages on "madvise" (a common default) this one call cuts them to ~40.
-    """
-    global _LIBC
-    if not sys.platform.startswith("linux"):
-        return
-    if _LIBC is None:
-        _LIBC = ctypes.CDLL(None, use_errno=True)
-        _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    start = t.data_ptr()
-    lo = -(-start // _HUGE_PAGE) * _HUGE_PAGE
-    hi = (start + t.numel() * t.element_size()) // _HUGE_PAGE * _HUGE_PAGE
-    if hi > lo:
-        _LIBC.madvise(lo, hi - lo, _MADV_HUGEPAGE)  # advice only: a refusal changes nothing
-
-
 def _lam_slots(name: str, lam):
     """(tensor or None, value) for the block; a (B,) weight is range-checked here (``check_unit_range``)."""
     if not isinstance(lam, torch.Tensor):
@@ -976,7 +952,7 @@ def plan_mix(x, out, target, soft, *, perm, lam_x, lam_y, box, mean, inv_std, in
     lam_x, lam_x_value = _lam_slots("lam_x", lam_x)
     lam_y, lam_y_value = (lam_x, lam_x_value) if lam_y is lam_x else _lam_slots("lam_y", lam_y)
     if has_x and not inplace and out.numel() * out.element_size() >= PARALLEL_MIN_BYTES:
-        _advise_huge_pages(out)
+        cpu_memory.advise_huge_pages(out.data_ptr(), out.numel() * out.element_size())
     perm = None if perm is None else perm.contiguous()
     box = None if box is None else box.contiguous()
     values = [0, n_units, 0, inplace, plane, lines_per_plane, line, col_mult, lam_x_value, lam_y_value,

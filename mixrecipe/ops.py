@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import cpu_kernel
+from . import cpu_kernel, cpu_memory
 from .backend import current_cpu_backend, runs_kernel
 from .checks import (
     check_box,
@@ -205,7 +205,7 @@ def _mix_body(
     lam_y_value: float, perm: Tensor | None, box: Tensor | None, mean: Tensor | None, std: Tensor | None,
     num_classes: int, label_smoothing: float, out_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor]:
-    out = torch.empty_like(x, dtype=out_dtype)  # preserve_format: channels_last stays channels_last
+    out = cpu_memory.empty_like(x, out_dtype)  # x's layout; large CPU outputs on reused pages
     soft = _new_soft(x, target, num_classes)
     _run(x, out, target, soft if target is not None else None, perm, _lam_arg(lam_x, lam_x_value),
          _lam_arg(lam_y, lam_y_value), box, mean, std, num_classes, label_smoothing)
@@ -366,8 +366,10 @@ def mix(
         out_dtype: dtype of the mixed images; defaults to x's dtype.
         inplace: write the result into x (flip pairing and an unchanged dtype only).
         out: write the mixed images into this buffer instead of a new tensor (x's shape and strides,
-            ``out_dtype``, not sharing memory with x). A data loader that reuses its buffers skips the
-            allocation, which on CPU costs more than the pass (the kernel must fault in and zero new pages).
+            ``out_dtype``, not sharing memory with x), as a data loader that reuses its buffers does.
+            Without it, a CPU output of 16 MB or more comes from pages the process keeps
+            (``mixrecipe.cpu_memory``: a new tensor from fresh pages costs as much again as the pass, for
+            the OS to fault them in and zero them); such a tensor cannot be resized.
 
     Returns:
         (x_mixed, soft_target): x_mixed is ``out`` when given; soft_target is (B, K) float32, or None when

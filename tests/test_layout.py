@@ -19,6 +19,7 @@ LAYERS = {
     "mixrecipe.kernels._common": 0,
     "mixrecipe.kernels.mixup": 1, "mixrecipe.kernels.cross_entropy": 1, "mixrecipe.kernels.aot": 1,
     "mixrecipe.kernels": 2,
+    "mixrecipe.cpu_memory": 2,  # reused pages for large CPU outputs (mmap, madvise)
     "mixrecipe.checks": 2,  # argument rules, also applied by the CPU kernel's launcher (class-index range)
     # Pure helpers: settings, float64 semantics, the CPU switch, the CPU kernel, metric math.
     "mixrecipe.config": 3, "mixrecipe.reference": 3, "mixrecipe.backend": 3,
