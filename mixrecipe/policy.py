@@ -146,9 +146,12 @@ def sample_beta(alpha: float, size=(), *, generator=None, device=None, dtype=tor
 _CONCENTRATIONS: dict[float, Tensor] = {}
 
 
+_FLOAT32 = struct.Struct("f")
+
+
 def _round_to_float32(value: float) -> float:
     """The float32 nearest to ``value`` (ties to even), as ``torch.tensor(value).float()`` rounds."""
-    return struct.unpack("f", struct.pack("f", value))[0]
+    return _FLOAT32.unpack(_FLOAT32.pack(value))[0]
 
 
 def _beta_value(alpha: float, generator) -> float:
