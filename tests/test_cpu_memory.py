@@ -110,3 +110,18 @@ def test_the_op_with_reused_outputs_keeps_earlier_results_intact(pool, layout):
             kept.append((out, out.clone()))  # held: its buffer must not be handed out again
     assert all(torch.equal(held, copy) for held, copy in kept)
     assert cpu_memory.pooled_bytes() <= 3 * 4 * 3 * 9 * 10 * 2
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork for DataLoader workers")
+def test_outputs_made_in_loader_workers_reach_the_main_process(pool):
+    """A DataLoader worker that mixes in its collate hands pooled outputs to the main process (moved into
+    shared memory on the way), values intact."""
+
+    def collate(indices):
+        x = torch.full((4, 3, 8, 8), indices[0], dtype=torch.uint8)
+        return ops.mixup(x, torch.arange(4), 0.3, num_classes=4, out_dtype=torch.float32)[0]
+
+    loader = torch.utils.data.DataLoader(list(range(16)), batch_size=4, num_workers=2, collate_fn=collate,
+                                         multiprocessing_context="fork")
+    got = list(loader)
+    assert [float(t.mean()) * 255 for t in got] == pytest.approx([0, 4, 8, 12], abs=1e-4)
