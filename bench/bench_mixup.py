@@ -22,10 +22,11 @@ Providers (every one gets its own tensor of the same shape, dtype and layout, ma
   timm's flip pairing, one λ, in place (loader cases: uint8 -> normalized bf16, out of place).
 - ``ours-op-out`` (loader cases): ``ours-op-flip`` writing into a warm preallocated buffer (``out=``), as
   a loader that reuses its batch buffers calls it; the same conditions as the ``copy`` floor.
-- ``ours-kernel`` (CPU float cases): ``mixrecipe.cpu_kernel.mix_cpu``, the numba kernel and its launcher
-  alone on already-checked tensors, into a warm soft-target buffer: ``ours-op-flip`` without its argument
-  checks, allocation and dispatch, so the table splits a call's time into the pass, the op around it and
-  the policy's draw around that.
+- ``ours-kernel`` (CPU float cases): a ``mixrecipe.cpu_kernel.MixPlan`` made once and launched every call,
+  the numba kernel and its launcher alone on already-checked tensors, into a warm soft-target buffer:
+  what ``ours-op-flip`` runs once its call signature passed the checks, without the op around it (the
+  signature lookup, the soft-target allocation), so the table splits a call's time into the pass, the op
+  around it and the policy's draw around that.
 - ``ours-op-perm``: ``mixrecipe.mixup(x, t, lam, perm, ...)`` with a random permutation and per-sample
   λ, out of place: the same work as ``eager-lerp``.
 - ``ours-Mixup-batch`` / ``-pair`` / ``-elem``: the policy ``mixrecipe.Mixup`` with timm's arguments
@@ -205,11 +206,12 @@ def providers(case: Case, x0: torch.Tensor, target: torch.Tensor, perm: torch.Te
 
     if device.type == "cpu" and not case.loader and cpu_kernel.available():
         x_kernel, soft_buf = own(), torch.empty(batch, k)
+        plan = cpu_kernel.plan_mix(x_kernel, x_kernel, target, soft_buf, perm=None, lam_x=LAM, lam_y=LAM,
+                                   box=None, mean=None, inv_std=None, in_scale=1.0, label_off=off,
+                                   label_keep=on - off)
 
-        def kernel():
-            cpu_kernel.mix_cpu(x_kernel, x_kernel, target, soft_buf, perm=None, lam_x=LAM, lam_y=LAM,
-                               box=None, mean=None, inv_std=None, in_scale=1.0, label_off=off,
-                               label_keep=on - off)
+        def kernel():  # what ours-op-flip launches once its call signature passed the checks
+            plan.launch(x_kernel, x_kernel, target, soft_buf, LAM)
             return x_kernel, soft_buf
 
         out.append(Provider("ours-kernel", kernel, False, True, x_kernel))
@@ -490,8 +492,9 @@ def target_checks(rows: list[dict], device: torch.device) -> list[str]:
         if all(r is not None for r in split):
             kernel, op, policy, timm_ = (1e3 * r["median_ms"] for r in split)
             lines.append(f"- {case} (information): a call's median split into the kernel with its "
-                         f"launcher {kernel:.0f} µs, the op's checks and allocation {op - kernel:.0f} µs, "
-                         f"the policy's draw and glue {policy - op:.0f} µs; timm-batch {timm_:.0f} µs")
+                         f"launcher {kernel:.0f} µs, the op's signature lookup and allocation "
+                         f"{op - kernel:.0f} µs, the policy's draw and glue {policy - op:.0f} µs; "
+                         f"timm-batch {timm_:.0f} µs")
     else:
         for layout in ("NCHW", "CL"):
             case = f"imagenet-256 bf16 {layout}"
