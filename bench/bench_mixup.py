@@ -27,6 +27,11 @@ Providers (every one gets its own tensor of the same shape, dtype and layout, ma
   what ``ours-op-flip`` runs once its call signature passed the checks, without the op around it (the
   signature lookup, the soft-target allocation), so the table splits a call's time into the pass, the op
   around it and the policy's draw around that.
+- ``ours-bound`` (CPU float cases): the least a ``Mixup`` call can cost under the policy's semantics, with
+  nothing around it: one Beta(α, α) draw from torch's generator (the one ``_standard_gamma`` op the policy
+  dispatches, its formula in floats), a fresh soft-target tensor, and ``ours-kernel``'s plan launched on
+  them. No argument checks and no signature lookup: the op cannot skip those (a tensor of another shape,
+  dtype or layout would run a stale plan), so the policy's rows cannot reach this one.
 - ``ours-op-perm``: ``mixrecipe.mixup(x, t, lam, perm, ...)`` with a random permutation and per-sample
   λ, out of place: the same work as ``eager-lerp``.
 - ``ours-Mixup-batch`` / ``-pair`` / ``-elem``: the policy ``mixrecipe.Mixup`` with timm's arguments
@@ -67,6 +72,7 @@ ATen operators it dispatches on CPU (each a dispatch and, for big tensors, an Op
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -83,7 +89,7 @@ STD = (0.229, 0.224, 0.225)
 SMOOTHING = 0.1
 LAM = 0.7
 PEERS = ("eager-lerp", "timm-batch", "timm-elem", "compile-lerp")
-ORDER = ("copy", "convert-alloc", "scale-inplace", "ours-kernel", "ours-op-flip", "ours-op-out",
+ORDER = ("copy", "convert-alloc", "scale-inplace", "ours-kernel", "ours-bound", "ours-op-flip", "ours-op-out",
          "ours-Mixup-batch", "ours-Mixup-pair", "ours-Mixup-elem", "ours-op-perm", "eager-lerp",
          "compile-lerp", "timm-batch", "timm-elem", "ours-tv-MixUp", "tv-MixUp", "ours-tv-CutMix",
          "tv-CutMix")
@@ -184,6 +190,14 @@ def draws(case: Case, batch: int, device: torch.device, gen: torch.Generator):
     return perm, lam_vec
 
 
+def _logistic(d: float) -> float:
+    """1 / (1 + exp(-d)) without overflow: a Beta(α, α) draw from log Gamma(α) differences."""
+    if d >= 0.0:
+        return 1.0 / (1.0 + math.exp(-d))
+    e = math.exp(d)
+    return e / (1.0 + e)
+
+
 def providers(case: Case, x0: torch.Tensor, target: torch.Tensor, perm: torch.Tensor, lam_vec: torch.Tensor,
               device: torch.device, *, with_compile: bool) -> list[Provider]:
     """The providers of one case. Each in-place one gets its own clone of ``x0`` (same values)."""
@@ -215,6 +229,16 @@ def providers(case: Case, x0: torch.Tensor, target: torch.Tensor, perm: torch.Te
             return x_kernel, soft_buf
 
         out.append(Provider("ours-kernel", kernel, False, True, x_kernel))
+        x_bound, conc = own(), torch.tensor([case.alpha + 1.0] * 2 + [1.0] * 2, dtype=torch.float64)
+
+        def bound():  # the least a Mixup call costs under its semantics: see ours-bound in the docstring
+            g1, g2, e1, e2 = torch._standard_gamma(conc).tolist()
+            lam = _logistic((math.log(g1) - e1 / case.alpha) - (math.log(g2) - e2 / case.alpha))
+            soft = torch.empty(batch, k)
+            plan.launch(x_bound, x_bound, target, soft, lam)
+            return x_bound, soft
+
+        out.append(Provider("ours-bound", bound, False, False, x_bound))
 
     x_flip = x0 if case.loader else own()
     out.append(Provider(
@@ -334,7 +358,8 @@ def verify(case: Case, device: torch.device, with_compile: bool) -> None:
         got = ps[ours].fn()
         torch.testing.assert_close(got[0].float(), want[0].float(), **tol, msg=lambda m, n=ours: f"{n}: {m}")
         torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
-    for name in ("ours-Mixup-batch", "ours-Mixup-pair", "ours-Mixup-elem", "timm-batch", "timm-elem"):
+    for name in ("ours-bound", "ours-Mixup-batch", "ours-Mixup-pair", "ours-Mixup-elem", "timm-batch",
+                 "timm-elem"):
         if name in ps:
             got_x, got_soft = ps[name].fn()
             assert torch.isfinite(got_x.float()).all(), f"{name}: non-finite output"
@@ -495,6 +520,12 @@ def target_checks(rows: list[dict], device: torch.device) -> list[str]:
                          f"launcher {kernel:.0f} µs, the op's signature lookup and allocation "
                          f"{op - kernel:.0f} µs, the policy's draw and glue {policy - op:.0f} µs; "
                          f"timm-batch {timm_:.0f} µs")
+        bound, timm_row = _find(rows, case, "ours-bound"), _find(rows, case, "timm-batch")
+        if bound is not None and timm_row is not None:
+            lines.append(f"- {case} (information): the least a call can take under the policy's semantics "
+                         f"(ours-bound: a draw from torch's generator, a soft-target allocation, the kernel; "
+                         f"no checks) {1e3 * bound['median_ms']:.0f} µs, "
+                         f"{timm_row['median_ms'] / bound['median_ms']:.2f}x faster than timm-batch")
     else:
         for layout in ("NCHW", "CL"):
             case = f"imagenet-256 bf16 {layout}"

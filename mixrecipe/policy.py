@@ -90,6 +90,11 @@ def _randint_below(high: Tensor, generator) -> Tensor:
     return torch.minimum((u * high).floor(), high - 1)
 
 
+def _dense(x: Tensor) -> bool:
+    """Whether x is one dense block the op can mix in place: contiguous or channels_last."""
+    return x.is_contiguous() or (x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last))
+
+
 def _size(size) -> tuple[int, ...]:
     if isinstance(size, int):
         return (size,)
@@ -541,9 +546,7 @@ class Mixup:
         mixup_on, cutmix_on = self.mixup_alpha > 0.0, self.cutmix_alpha > 0.0
         always = self.mix_prob >= 1.0  # every sample is mixed: no coin is drawn
         if size == () and device.type == "cpu" and not cutmix_on and not tracing():  # same draws, floats
-            apply = always or torch.rand((), generator=g, dtype=torch.float64).item() < self.mix_prob
-            lam = _beta_value(self.mixup_alpha, g)
-            lam = _round_to_float32(lam) if apply else 1.0
+            lam = self._float_lam()
             return lam, lam, None
         apply = None if always else _uniform(size, g, device) < self.mix_prob
         if mixup_on and cutmix_on:
@@ -570,6 +573,15 @@ class Mixup:
         lam_y = torch.where(cut, lam_cut.double(), lam)
         lam_x = torch.where(cut, 1.0, lam)
         return lam_x, lam_y, box
+
+    def _float_lam(self) -> float:
+        """:meth:`_draw`'s one CPU λ without CutMix: the coin (prob < 1), then the Beta draw (both always
+        drawn, in the tensor path's order); λ rounded to float32, or 1.0 when the coin says no mixing."""
+        g = self.generator
+        prob = self.mix_prob
+        apply = prob >= 1.0 or torch.rand((), generator=g, dtype=torch.float64).item() < prob
+        lam = _beta_value(self.mixup_alpha, g)
+        return _round_to_float32(lam) if apply else 1.0
 
     def sample(self, x_shape, device=None) -> MixParams:
         """Draw one call's parameters for a batch of shape ``x_shape`` (ignores ``mixup_enabled``).
@@ -647,6 +659,17 @@ class Mixup:
 
     def _apply(self, x: Tensor, target, with_soft: bool, out: Tensor | None = None):
         """-> (x_out, soft or None, op target, label smoothing, lam_y (float, () or (B,) tensor), perm)."""
+        g = self.generator
+        if (out is None and self.mixup_enabled and self.mode == "batch" and self.cutmix_alpha == 0.0
+                and self.pairing == "flip" and not self.multi_label and self.mean is None
+                and self.out_dtype is None and type(x) is Tensor and x.is_cpu and x.ndim and x.shape[0]
+                and x.is_floating_point() and (g is None or g.device.type == "cpu") and not tracing()):
+            # The common call (one λ on the CPU), flattened: the same draws and op call as the path below,
+            # without its layers, which with cold caches cost about a tenth of a CIFAR-sized call.
+            lam = self._float_lam()
+            x_out, soft = ops.mix(x, target if with_soft else None, lam, num_classes=self.num_classes,
+                                  label_smoothing=self.label_smoothing, inplace=self.inplace and _dense(x))
+            return x_out, soft, target, self.label_smoothing, lam, None
         if not isinstance(x, Tensor) or x.ndim < 1:
             raise ValueError(f"x must be a tensor of shape (B, ...), got "
                              f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
@@ -659,7 +682,7 @@ class Mixup:
         if out_dtype is None and x.dtype == torch.uint8:
             out_dtype = torch.float32
         same_dtype = out_dtype is None or out_dtype == x.dtype
-        dense = x.is_contiguous() or (x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last))
+        dense = _dense(x)
         op_target = target if with_soft else None
         if not self.mixup_enabled:
             if same_dtype and self.mean is None and x.dtype != torch.uint8 and out is None:

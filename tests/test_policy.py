@@ -188,6 +188,40 @@ def test_batch_draw_on_floats_is_the_tensor_draw(prob):
     assert torch.equal(again.lam_x, p.lam_x) and again.lam_y is again.lam_x
 
 
+@pytest.mark.parametrize("prob", [1.0, 0.6])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("inplace", [True, False])
+def test_common_call_is_flat_and_equals_the_general_path(prob, layout, inplace):
+    """A batch-mode Mixup call on a CPU float batch skips the sampling layers (:meth:`Mixup._sample` is
+    never entered) and gives what the general path gives: the same mixed batch, soft targets, mix_batch
+    weights and draws consumed. The general path is forced by hiding the tracer check from the policy,
+    which then draws λ as a tensor."""
+    base = torch.rand(7, 3, 6, 10)
+    y = torch.tensor([0, 1, 2, 3, 4, 0, 2])
+
+    def batch():
+        if layout == "channels_last":
+            return base.clone().contiguous(memory_format=torch.channels_last)
+        if layout == "strided":
+            return base.clone().transpose(2, 3)  # neither layout: mixed out of place
+        return base.clone()
+
+    kw = dict(mixup_alpha=0.4, num_classes=5, prob=prob, label_smoothing=0.1, inplace=inplace)
+    flat, general = Mixup(**kw, generator=gen(3)), Mixup(**kw, generator=gen(3))
+    for _ in range(6):
+        x_flat, x_general = batch(), batch()
+        with patch.object(Mixup, "_sample", side_effect=AssertionError("the flat path was not taken")):
+            got, soft = flat(x_flat, y)
+            mb = flat.mix_batch(batch(), y)
+        with patch("mixrecipe.policy.tracing", return_value=True):
+            want, want_soft = general(x_general, y)
+            want_mb = general.mix_batch(batch(), y)
+        assert (got is x_flat) == (inplace and layout != "strided")
+        assert torch.equal(got, want) and torch.equal(soft, want_soft)
+        assert torch.equal(mb.x, want_mb.x) and torch.equal(mb.lam, want_mb.lam) and mb.perm is None
+        assert torch.equal(flat.generator.get_state(), general.generator.get_state())
+
+
 def test_prob_one_draws_no_coin():
     """prob=1 mixes every batch without drawing the apply coin: one call consumes exactly one Beta draw."""
     g_policy, g_beta = gen(9), gen(9)
