@@ -173,8 +173,8 @@ def check_unit_range(name: str, lo: float, hi: float) -> None:
 
 def check_lam(name: str, lam, batch: int, device: torch.device, values: bool = True):
     """-> a float, or a floating tensor of shape () or (batch,) on ``device`` (as given, not converted).
-    ``values=False`` leaves a (batch,) tensor's range to the caller (the CPU kernel's launcher applies
-    :func:`check_unit_range` from its own bounds pass)."""
+    ``values=False`` leaves a (batch,) tensor's range to the caller (the CPU kernel's launch checks it
+    before it writes and raises :func:`check_unit_range`'s error)."""
     if isinstance(lam, Tensor):
         if not lam.is_floating_point():
             raise TypeError(f"{name} must be a float or a floating-point tensor, got {lam.dtype}")

@@ -56,9 +56,9 @@ try:
 except ImportError:  # pragma: no cover - exercised only where numba is missing
     numba = None
 
-__all__ = ["available", "mix_cpu", "plan_mix", "MixPlan", "ce_rows", "ce_rows_backward", "cache_stats",
-           "team_runtime", "openmp_max_threads", "PARALLEL_MIN_BYTES", "LOSS_PARALLEL_MIN_ELEMS",
-           "CHUNK_ELEMS", "USE_OPENMP_TEAM"]
+__all__ = ["available", "mix_cpu", "plan_mix", "MixPlan", "ce_rows", "ce_rows_backward", "beta_rows",
+           "cache_stats", "team_runtime", "openmp_max_threads", "PARALLEL_MIN_BYTES",
+           "LOSS_PARALLEL_MIN_ELEMS", "CHUNK_ELEMS", "USE_OPENMP_TEAM"]
 
 PARALLEL_MIN_BYTES = 2 << 20  # below this many bytes moved, one thread: a team saves nothing at 1.5 MB
 CHUNK_ELEMS = 8192  # elements of one row handled by a work unit (no CutMix box): a few pages per row
@@ -97,7 +97,8 @@ class _Layout(NamedTuple):
     DENSE: int = 43
     SOFT: int = 46
     LAM_Y: int = 49
-    REFUSED: int = 52  # set to 1 by the team when a class index lies outside [0, K): nothing was written
+    REFUSED: int = 52  # set to 1 by the team when a class index lies outside [0, K) or a (B,) weight outside
+    # [0, 1]: nothing was written
     SLOTS: int = 53
 
 
@@ -565,6 +566,14 @@ if numba is not None:
             inside &= 0 <= target[i] < classes
         return inside
 
+    @_jit(inline="always")
+    def _weights_inside(weights):
+        """Every (B,) weight within [0, 1] (a NaN is not): an empty array (a float weight) passes."""
+        inside = True
+        for i in range(weights.shape[0]):
+            inside &= np.float32(0.0) <= weights[i] <= np.float32(1.0)
+        return inside
+
     @_jit()
     def _team_work(block, x_type, out_type):
         """One team member's share of a launch: take the next ``chunk`` work units until none are left.
@@ -590,8 +599,11 @@ if numba is not None:
         soft = _matrix(slots, _BLOCK.SOFT, np.float32)
         lam_y = _vector(slots, _BLOCK.LAM_Y, np.float32)
         n_units, chunk = slots[_BLOCK.N_UNITS], slots[_BLOCK.CHUNK]
-        if target.shape[0] and not _indices_inside(target, soft.shape[1]):
-            # Every member checks the same indices before it writes, so all refuse or none: no barrier.
+        inside = _weights_inside(lam_x) and _weights_inside(lam_y)
+        if target.shape[0]:
+            inside = inside and _indices_inside(target, soft.shape[1])
+        if not inside:
+            # Every member checks the same values before it writes, so all refuse or none: no barrier.
             slots[_BLOCK.REFUSED] = 1
             return
         inplace = slots[_BLOCK.INPLACE] != 0
@@ -679,6 +691,40 @@ if numba is not None:
 
         return numba.cfunc(types.void(types.voidptr), cache=True)(entry)
 
+    @_jit()
+    def _beta_rows(gamma, coin, alpha, prob, pair, out):
+        """λ per row from Gamma draws: column d of ``gamma`` holds G1, G2 ~ Gamma(alpha + 1) and E1, E2 ~
+        Exp(1), and λ_d = sigmoid((log G1 - E1 / alpha) - (log G2 - E2 / alpha)), ``sample_beta``'s formula
+        in float64; 1.0 where a coin is given and not below ``prob``. ``pair``: λ_d goes to rows d and
+        B-1-d, and the middle row of an odd batch stays unmixed (1.0). Rounded to float32 as ``.float()``
+        rounds."""
+        batch = out.shape[0]
+        for d in range(gamma.shape[1]):
+            diff = (np.log(gamma[0, d]) - gamma[2, d] / alpha) - (np.log(gamma[1, d]) - gamma[3, d] / alpha)
+            if diff >= 0.0:  # the logistic function without overflow
+                lam = 1.0 / (1.0 + np.exp(-diff))
+            else:
+                e = np.exp(diff)
+                lam = e / (1.0 + e)
+            if coin.shape[0] and not coin[d] < prob:
+                lam = 1.0
+            out[d] = np.float32(lam)
+            if pair:
+                out[batch - 1 - d] = np.float32(lam)
+        if pair and batch % 2:
+            out[batch // 2] = np.float32(1.0)
+
+    def _compile_beta_rows():
+        """A C entry ``void(gamma, coin, n, alpha, prob, pair, out, B)``: :func:`_beta_rows`, cached on
+        disk."""
+        def entry(gamma, coin, n, alpha, prob, pair, out, batch):
+            _beta_rows(_at(gamma, (4, n), np.float64), _at(coin, n if coin else 0, np.float64), alpha, prob,
+                       pair != 0, _at(out, batch, np.float32))
+
+        signature = types.void(types.int64, types.int64, types.int64, types.float64, types.float64,
+                               types.int64, types.int64, types.int64)
+        return numba.cfunc(signature, cache=True)(entry)
+
     def _compile_entry(x_type, out_type):
         """A C entry ``void(void *block)`` for one (input, output) element type, cached on disk."""
         def entry(block):
@@ -735,6 +781,37 @@ def _value_bounds(values: torch.Tensor) -> tuple:
     out = (c_type * 2)()
     call(values.data_ptr(), values.shape[0], ctypes.addressof(out))
     return out[0], out[1]
+
+
+_BETA_CALL = ctypes.CFUNCTYPE(None, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_double,
+                              ctypes.c_double, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)
+
+
+def beta_rows(gamma: torch.Tensor, coin: torch.Tensor | None, alpha: float, prob: float, batch: int,
+              pair: bool) -> torch.Tensor:
+    """Per-sample weights from one call's draws, in one compiled pass instead of a dozen tensor ops.
+
+    Args:
+        gamma: (4, n) contiguous float64, ``torch._standard_gamma`` of concentrations (alpha + 1, alpha + 1,
+            1, 1) per column: ``sample_beta``'s draws for n values of λ ~ Beta(alpha, alpha).
+        coin: None, or (n,) contiguous float64 uniforms: λ is 1.0 where the coin is not below ``prob``.
+        alpha: the Beta concentration (> 0). prob: the mixing probability.
+        batch: B. pair: n = (B + 1) // 2 draws shared by rows i and B-1-i (the middle row of an odd batch
+            unmixed), else n = B, one per row.
+
+    Returns:
+        (B,) float32 weights, ``sample_beta``'s values to within float64 rounding, then rounded to float32.
+    """
+    n = (batch + 1) // 2 if pair else batch
+    if (gamma.dtype != torch.float64 or gamma.shape != (4, n) or not gamma.is_contiguous()
+            or (coin is not None and (coin.dtype != torch.float64 or coin.shape != (n,)
+                                      or not coin.is_contiguous()))):
+        raise ValueError(f"beta_rows needs (4, {n}) float64 draws and a ({n},) float64 coin or None")
+    out = torch.empty(batch, dtype=torch.float32)
+    call = _c_entry("beta-rows", _compile_beta_rows, _BETA_CALL).call
+    call(gamma.data_ptr(), 0 if coin is None else coin.data_ptr(), n, alpha, prob, int(pair), out.data_ptr(),
+         batch)
+    return out
 
 
 _UNRESOLVED = object()
@@ -835,14 +912,11 @@ def _array(t) -> tuple:
     return (t.data_ptr(), t.shape[0], t.shape[1]) if t.ndim == 2 else (t.data_ptr(), t.shape[0], 0)
 
 
-def _lam_slots(name: str, lam):
-    """(tensor or None, value) for the block; a (B,) weight is range-checked here (``check_unit_range``)."""
+def _lam_slots(lam):
+    """(tensor or None, value) for the block; a launch range-checks a (B,) weight before it writes."""
     if not isinstance(lam, torch.Tensor):
         return None, float(lam)
-    lam = lam.contiguous()
-    if lam.shape[0]:
-        check_unit_range(name, *_value_bounds(lam))
-    return lam, 0.0
+    return lam.contiguous(), 0.0
 
 
 def _geometry(x: torch.Tensor, planar: bool, has_norm: bool, has_box: bool):
@@ -879,13 +953,14 @@ class MixPlan:
         self._values, self._entry, self._n_units, self._moved = values, _entry(*dtypes), n_units, moved
         self._classes, self._made = classes, made
 
-    def launch(self, x=None, out=None, index=None, soft=None, lam: float | None = None) -> None:
+    def launch(self, x=None, out=None, index=None, soft=None, lam=None) -> None:
         """Run the plan, re-pointed at ``x``, ``out``, the class indices ``index`` and ``soft`` (each None:
-        as planned) with the float weight ``lam`` for pixels and labels (None: as planned).
+        as planned) with the weight ``lam`` for pixels and labels (None: as planned).
 
-        The new tensors must have the planned tensors' dtypes, shapes and strides, and ``lam`` needs a plan
-        made with a float weight. The kernel checks the class indices before it writes anything; a refusal
-        raises ``check_index_range``'s error.
+        The new tensors must have the planned tensors' dtypes, shapes and strides. ``lam`` is a float for a
+        plan made with a float weight, or a contiguous (B,) float32 tensor for one made with such a tensor
+        (one weight for pixels and labels). The kernel checks the class indices and (B,) weights before it
+        writes anything; a refusal raises ``check_index_range``'s or ``check_unit_range``'s error.
         """
         values = list(self._values)  # a copy: threads may launch one plan at once
         if x is not None:
@@ -896,7 +971,9 @@ class MixPlan:
             values[_BLOCK.SOFT] = soft.data_ptr()
         if index is not None:
             values[_BLOCK.TARGET] = index.data_ptr()
-        if lam is not None:
+        if isinstance(lam, torch.Tensor):
+            values[_BLOCK.LAM_X] = values[_BLOCK.LAM_Y] = lam.data_ptr()
+        elif lam is not None:
             values[_BLOCK.LAM_X_VALUE] = values[_BLOCK.LAM_Y_VALUE] = lam
         n_units, moved = self._n_units, self._moved
         workers = 1 if moved < PARALLEL_MIN_BYTES else min(torch.get_num_threads(), n_units)
@@ -905,15 +982,26 @@ class MixPlan:
         block, address = _thread_block()
         _BLOCK_FORMAT.pack_into(block, 0, *values)
         _run(self._entry, address, workers)
-        if values[_BLOCK.TARGET] and _REFUSED_FORMAT.unpack_from(block, 8 * _BLOCK.REFUSED)[0]:
-            check_index_range(*_value_bounds(index if index is not None else self._made[0]), self._classes)
-            raise AssertionError("the kernel refused class indices that pass the checks")  # pragma: no cover
+        if _REFUSED_FORMAT.unpack_from(block, 8 * _BLOCK.REFUSED)[0]:
+            self._refused(index, lam)
+
+    def _refused(self, index, lam) -> None:
+        """Raise the checks module's error for what the launch refused (indices first, then weights)."""
+        made_index, lam_x, lam_y = self._made[0], self._made[4], self._made[5]
+        index = index if index is not None else made_index
+        if index is not None:
+            check_index_range(*_value_bounds(index), self._classes)
+        if isinstance(lam, torch.Tensor):
+            lam_x = lam_y = lam
+        for name, weights in (("lam_x", lam_x), ("lam_y", lam_y)):
+            if weights is not None:
+                check_unit_range(name, *_value_bounds(weights))
+        raise AssertionError("the kernel refused values that pass the checks")  # pragma: no cover
 
 
 def plan_mix(x, out, target, soft, *, perm, lam_x, lam_y, box, mean, inv_std, in_scale, label_off,
              label_keep) -> MixPlan | None:
-    """The launch of :func:`mix_cpu` on these tensors, not run (None for an empty batch); the (B,)
-    weights are range-checked here (``check_unit_range``)."""
+    """The launch of :func:`mix_cpu` on these tensors, not run (None for an empty batch)."""
     batch = (x if x is not None else target).shape[0]
     if batch == 0:
         return None
@@ -949,8 +1037,8 @@ def plan_mix(x, out, target, soft, *, perm, lam_x, lam_y, box, mean, inv_std, in
             index = target.contiguous()
         else:
             dense = target.float().contiguous()
-    lam_x, lam_x_value = _lam_slots("lam_x", lam_x)
-    lam_y, lam_y_value = (lam_x, lam_x_value) if lam_y is lam_x else _lam_slots("lam_y", lam_y)
+    lam_x, lam_x_value = _lam_slots(lam_x)
+    lam_y, lam_y_value = (lam_x, lam_x_value) if lam_y is lam_x else _lam_slots(lam_y)
     if has_x and not inplace and out.numel() * out.element_size() >= PARALLEL_MIN_BYTES:
         cpu_memory.advise_huge_pages(out.data_ptr(), out.numel() * out.element_size())
     perm = None if perm is None else perm.contiguous()
@@ -969,11 +1057,11 @@ def mix_cpu(x, out, target, soft, *, perm, lam_x, lam_y, box, mean, inv_std, in_
 
     Args:
         x: (B, ...) batch, contiguous or channels_last, or None. out: x's layout and shape (may be x).
-        target: (B,) int64 or (B, K) float targets, or None; class indices are range-checked here
+        target: (B,) int64 or (B, K) float targets, or None; class indices are range-checked by the launch
             (``check_index_range``) before anything is written. soft: (B, K) float32 contiguous, or None.
         perm: (B,) int64 partners, or None for the flip pairing.
-        lam_x, lam_y: floats or (B,) float32 tensors; tensors are range-checked here (``check_unit_range``)
-            before anything is written.
+        lam_x, lam_y: floats or (B,) float32 tensors; tensors are range-checked by the launch
+            (``check_unit_range``) before anything is written.
         box: (B, 4) int32 CutMix boxes or None. mean, inv_std: (C,) float32 or None.
         in_scale: multiplies raw inputs before normalization. label_off, label_keep: timm smoothing.
 

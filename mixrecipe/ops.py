@@ -8,9 +8,9 @@ work is registered with
 ``torch.library.custom_op`` so that ``torch.compile(fullgraph=True)``, ``torch.export`` and FakeTensor see
 one opaque op. A plain eager call skips torch's dispatcher (tens of µs, as long as the whole pass on a
 CIFAR-sized batch) and runs the op's body directly when nothing could tell the difference
-(:func:`_direct_call`). An in-place flip call with a float lam on the CPU kernel goes further: once its
-signature (dtypes, shapes, strides, settings) passed the checks, later calls skip them and re-point the
-kernel's plan at their tensors (:func:`_inplace_signature`).
+(:func:`_direct_call`). An in-place flip call with a float or (B,) float32 lam on the CPU kernel goes
+further: once its signature (dtypes, shapes, strides, settings) passed the checks, later calls skip them
+and re-point the kernel's plan at their tensors (:func:`_inplace_signature`).
 
 No host-device synchronization happens here: checks that need tensor values (lam in [0, 1], perm is a
 permutation, class indices in range) run only on CPU tensors and outside torch.compile, except that the
@@ -290,11 +290,11 @@ def _new_soft(ref: Tensor, target: Tensor | None, num_classes: int) -> Tensor:
                        device=ref.device)
 
 
-# In-place flip calls on the CPU kernel with a float lam, by signature: the kernel's plan of a call whose
-# checks passed. Every check of such a call depends on the signature alone, except the class indices'
-# range, which the plan's launch checks every time: a call with a known signature re-points the plan at its
-# tensors and launches it. A dict lookup instead of a dozen checks and the planning (with cold caches, as
-# in a training step, they took more than half of a CIFAR-sized call).
+# In-place flip calls on the CPU kernel with a float or (B,) float32 lam, by signature: the kernel's plan of
+# a call whose checks passed. Every check of such a call depends on the signature alone, except the class
+# indices' and (B,) weights' range, which the plan's launch checks every time: a call with a known signature
+# re-points the plan at its tensors and launches it. A dict lookup instead of a dozen checks and the planning
+# (with cold caches, as in a training step, they took more than half of a CIFAR-sized call).
 _CHECKED_INPLACE: dict = {}
 _CHECKED_MAX = 64
 # What torch.autograd.graph.increment_version calls, without its Python frame (a memo hit is a few µs).
@@ -305,7 +305,15 @@ def _inplace_signature(x, target, lam_x, lam_y, perm, box, num_classes, label_sm
                        inplace, out):
     """What the checks of a call depend on, when it may skip them once they passed (else None)."""
     if not (inplace and perm is None and box is None and mean is None and std is None and lam_y is None
-            and out is None and type(lam_x) is float and 0.0 <= lam_x <= 1.0 and type(x) is Tensor):
+            and out is None and type(x) is Tensor):
+        return None
+    if type(lam_x) is float:
+        if not 0.0 <= lam_x <= 1.0:
+            return None
+        weights = None
+    elif type(lam_x) is Tensor and lam_x.ndim == 1:  # the launch range-checks (B,) weights
+        weights = lam_x.dtype, lam_x.shape, lam_x.stride(), lam_x.requires_grad, lam_x.is_cpu
+    else:
         return None
     if target is None:
         labels = None
@@ -316,7 +324,7 @@ def _inplace_signature(x, target, lam_x, lam_y, perm, box, num_classes, label_sm
         return None
     if tracing():
         return None
-    return (x.dtype, x.shape, x.stride(), x.requires_grad, x.is_cpu, labels, type(label_smoothing),
+    return (x.dtype, x.shape, x.stride(), x.requires_grad, x.is_cpu, weights, labels, type(label_smoothing),
             label_smoothing, out_dtype, current_cpu_backend())
 
 
@@ -409,10 +417,12 @@ def mix(
         if perm is not None:
             raise ValueError("inplace=True needs the flip pairing (perm=None): with an explicit permutation "
                              "a row may be read after its partner overwrote it")
-        if signature is not None and x is given[0] and target is given[1] and _direct_call(x, target):
+        # The plan keeps pointing at what it was made with: only tensors the caller passed as they are.
+        as_given = x is given[0] and target is given[1] and (lam_x_t is None or lam_x_t is lam_x)
+        if signature is not None and as_given and _direct_call(x, target, lam_x_t):
             torch.autograd.graph.increment_version(x)  # _call's direct call, keeping the kernel's plan
-            soft, plan = _mix_out_planned(x, x, target, None, lam_x_v, None, lam_x_v, None, None, None, None,
-                                          num_classes, label_smoothing)
+            soft, plan = _mix_out_planned(x, x, target, lam_x_t, lam_x_v, lam_x_t, lam_x_v, None, None, None,
+                                          None, num_classes, label_smoothing)
             if plan is not None:  # the CPU kernel ran
                 if len(_CHECKED_INPLACE) >= _CHECKED_MAX:
                     _CHECKED_INPLACE.clear()

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import ops
+from . import cpu_kernel, ops
 from .checks import (
     check_alpha,
     check_choice,
@@ -148,7 +148,20 @@ def sample_beta(alpha: float, size=(), *, generator=None, device=None, dtype=tor
     return _to(lam, device if device is not None else draw_device)
 
 
-_CONCENTRATIONS: dict[float, Tensor] = {}
+_CONCENTRATIONS: dict[tuple, Tensor] = {}
+
+
+def _concentrations(alpha: float, size: tuple) -> Tensor:
+    """:func:`sample_beta`'s CPU concentrations for ``size`` λ: (4, *size) float64, rows alpha + 1, alpha + 1,
+    1, 1 (kept: building them is two tensor ops per call)."""
+    conc = _CONCENTRATIONS.get((alpha, size))
+    if conc is None:
+        if len(_CONCENTRATIONS) >= 64:
+            _CONCENTRATIONS.clear()
+        conc = torch.full((4,) + size, alpha + 1.0, dtype=torch.float64)
+        conc[2:] = 1.0
+        _CONCENTRATIONS[(alpha, size)] = conc
+    return conc
 
 
 _FLOAT32 = struct.Struct("f")
@@ -162,11 +175,7 @@ def _round_to_float32(value: float) -> float:
 def _beta_value(alpha: float, generator) -> float:
     """One λ ~ Beta(alpha, alpha) from a CPU generator as a Python float: :func:`sample_beta`'s draws and
     formula, with the arithmetic on floats (a dozen tiny tensor ops cost more than a CIFAR batch's mixing)."""
-    conc = _CONCENTRATIONS.get(alpha)
-    if conc is None:
-        conc = torch.tensor([alpha + 1.0, alpha + 1.0, 1.0, 1.0], dtype=torch.float64)
-        _CONCENTRATIONS[alpha] = conc
-    g1, g2, e1, e2 = torch._standard_gamma(conc, generator=generator).tolist()  # one op per λ
+    g1, g2, e1, e2 = torch._standard_gamma(_concentrations(alpha, ()), generator=generator).tolist()
     d = (math.log(g1) - e1 / alpha) - (math.log(g2) - e2 / alpha)
     if d >= 0.0:  # the logistic function without overflow
         return 1.0 / (1.0 + math.exp(-d))
@@ -583,6 +592,17 @@ class Mixup:
         lam = _beta_value(self.mixup_alpha, g)
         return _round_to_float32(lam) if apply else 1.0
 
+    def _cpu_rows(self, batch: int) -> Tensor:
+        """Modes "elem" and "pair" (flip pairing) on the CPU without CutMix: :meth:`_draw`'s draws (the coin
+        when prob < 1, then the Gamma draws) combined into (B,) float32 weights in one compiled pass, pairs
+        already spread to both rows: what the tensor path computes, without its dozen tiny tensor ops."""
+        g = self.generator
+        pair = self.mode == "pair"
+        n = (batch + 1) // 2 if pair else batch
+        coin = None if self.mix_prob >= 1.0 else torch.rand((n,), generator=g, dtype=torch.float64)
+        gamma = torch._standard_gamma(_concentrations(self.mixup_alpha, (n,)), generator=g)
+        return cpu_kernel.beta_rows(gamma, coin, self.mixup_alpha, self.mix_prob, batch, pair)
+
     def sample(self, x_shape, device=None) -> MixParams:
         """Draw one call's parameters for a batch of shape ``x_shape`` (ignores ``mixup_enabled``).
 
@@ -609,6 +629,13 @@ class Mixup:
             raise ValueError(f"CutMix needs a batch of shape (B, C, H, W), got {tuple(x_shape)}")
         draw = _gen_device(self.generator, device)
         perm = None
+        per_row = self.mode == "elem" or (self.mode == "pair" and self.pairing == "flip")
+        if (per_row and self.cutmix_alpha == 0.0 and draw.type == "cpu" and device.type == "cpu"
+                and cpu_kernel.available() and not tracing()):
+            lam = self._cpu_rows(batch)
+            if self.pairing == "random":
+                perm = torch.randperm(batch, generator=self.generator)
+            return lam, lam, perm, None
         if self.mode == "batch":
             lam_x, lam_y, box = self._draw((), x_shape, draw)
             if self.pairing == "random":

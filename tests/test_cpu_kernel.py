@@ -206,6 +206,65 @@ def test_a_checked_signature_is_planned_once_then_relaunched(threads, planning, 
     assert all(torch.equal(x, kept) for x, kept in results)  # each call wrote its own batch only
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_per_sample_weights_are_planned_once_then_relaunched(threads, planning, layout):
+    """(B,) float32 weights take the same shortcut: the plan is re-pointed at each call's weights, which
+    are still range-checked by every launch; weights in another form (float64, a 0-d tensor, a strided
+    view) never reuse a plan made for contiguous float32 ones."""
+    g = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        x = torch.randn(7, 3, 5, 4, generator=g).contiguous(memory_format=layout)
+        target = torch.randint(0, 6, (7,), generator=g)
+        lam = torch.rand(7, generator=g)
+        ref, ref_soft = R.mix_reference(x, target, lam, num_classes=6, label_smoothing=0.1)
+        version = x._version
+        out, soft = ops.mixup(x, target, lam, num_classes=6, label_smoothing=0.1, inplace=True)
+        assert out is x and x._version > version
+        assert_close_ulp(x, ref, 4.0, torch.float32)
+        torch.testing.assert_close(soft, ref_soft, rtol=1e-6, atol=1e-7)
+    assert len(planning) == 1
+    before = x.clone()
+    with pytest.raises(ValueError, match=r"lam_x must lie in \[0, 1\]"):
+        ops.mixup(x, target, torch.tensor([0.5] * 6 + [float("nan")]), num_classes=6, inplace=True)
+    with pytest.raises(ValueError, match=r"class indices from .* outside"):
+        ops.mixup(x, torch.tensor([0, 1, 2, 3, 4, 5, 6]), lam, num_classes=6, inplace=True)
+    assert torch.equal(x, before)
+    for other in (lam.double(), torch.tensor(0.25), torch.rand(14, generator=g)[::2]):
+        ref, _ = R.mix_reference(x, target, other.expand(7), num_classes=6)
+        mixed, _ = ops.mixup(x.clone(), target, other, num_classes=6, inplace=True)
+        assert_close_ulp(mixed, ref, 4.0, torch.float32)
+
+
+def test_beta_rows_is_the_tensor_formula():
+    """beta_rows combines sample_beta's draws exactly as the tensor ops do (bit for bit here): per sample,
+    per pair spread to both rows (the middle row of an odd batch unmixed), with and without the coin."""
+    g = torch.Generator().manual_seed(2)
+    for alpha in (0.2, 1.0, 3.0):
+        for batch in (1, 2, 7, 64):
+            for pair in (False, True):
+                n = (batch + 1) // 2 if pair else batch
+                conc = torch.full((4, n), alpha + 1.0, dtype=torch.float64)
+                conc[2:] = 1.0
+                gamma = torch._standard_gamma(conc, generator=g)
+                for coin in (None, torch.rand(n, generator=g, dtype=torch.float64)):
+                    got = cpu_kernel.beta_rows(gamma, coin, alpha, 0.6, batch, pair)
+                    log_g = gamma[:2].log() - gamma[2:] / alpha
+                    want = torch.sigmoid(log_g[0] - log_g[1])
+                    if coin is not None:
+                        want = torch.where(coin < 0.6, want, 1.0)
+                    if pair:
+                        if batch % 2:
+                            want[batch // 2] = 1.0
+                        rows = torch.arange(batch)
+                        want = want[torch.minimum(rows, batch - 1 - rows)]
+                    assert got.dtype == torch.float32 and torch.equal(got, want.float())
+    with pytest.raises(ValueError, match="beta_rows needs"):
+        cpu_kernel.beta_rows(torch.ones(4, 3, dtype=torch.float64), None, 1.0, 1.0, 4, False)
+    with pytest.raises(ValueError, match="beta_rows needs"):
+        cpu_kernel.beta_rows(torch.ones(4, 2, dtype=torch.float64), torch.ones(3, dtype=torch.float64), 1.0,
+                             1.0, 4, True)
+
+
 def test_a_checked_signature_still_refuses_bad_values(planning):
     """After a signature passed the checks, class indices out of range, NaN or out-of-range weights and a
     changed signature (non-dense x, a float64 x, a bool smoothing) are still refused before anything is
@@ -374,9 +433,9 @@ def test_second_process_loads_the_kernel_from_the_cache():
 
 
 @pytest.mark.parametrize("bad", [float("nan"), 1.5, -0.25])
-def test_per_sample_weights_are_range_checked_before_anything_is_written(bad):
-    """A (B,) lam outside [0, 1] (or NaN) is refused by the launcher's own bounds pass with the checks
-    module's message, before the in-place pass writes; the loss's numba rows refuse it the same way."""
+def test_per_sample_weights_are_range_checked_before_anything_is_written(threads, bad):
+    """A (B,) lam outside [0, 1] (or NaN) is refused by the launch (every team member checks the weights
+    before it writes) with the checks module's message; the loss's numba rows refuse it the same way."""
     x = torch.randn(5, 2, 3, 3)
     before = x.clone()
     lam = torch.tensor([0.1, 0.2, bad, 0.4, 0.5])

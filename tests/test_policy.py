@@ -222,6 +222,26 @@ def test_common_call_is_flat_and_equals_the_general_path(prob, layout, inplace):
         assert torch.equal(flat.generator.get_state(), general.generator.get_state())
 
 
+@pytest.mark.parametrize("mode,pairing", [("elem", "flip"), ("elem", "random"), ("pair", "flip")])
+@pytest.mark.parametrize("prob", [1.0, 0.6])
+@pytest.mark.parametrize("batch", [1, 2, 7, 16])
+def test_per_sample_draw_on_the_cpu_is_the_tensor_draw(mode, pairing, prob, batch):
+    """Modes "elem" and "pair" on the CPU combine their draws in one compiled pass (``_draw`` is never
+    entered): the weights, the partners and the draws consumed must be the tensor path's, bit for bit."""
+    kw = dict(mixup_alpha=0.3, num_classes=5, prob=prob, mode=mode, pairing=pairing)
+    fast, ref = Mixup(**kw, generator=gen(8)), Mixup(**kw, generator=gen(8))
+    for _ in range(5):
+        with patch.object(Mixup, "_draw", side_effect=AssertionError("the compiled pass was not used")):
+            got = fast.sample((batch, 3, 4, 4))
+        with patch("mixrecipe.policy.tracing", return_value=True):  # forces the tensor path
+            want = ref.sample((batch, 3, 4, 4))
+        assert got.lam_x.dtype == torch.float32 and got.lam_x.shape == (batch,)
+        assert torch.equal(got.lam_x, want.lam_x) and torch.equal(got.lam_y, want.lam_y)
+        assert (got.perm is None) == (want.perm is None)
+        assert got.perm is None or torch.equal(got.perm, want.perm)
+        assert torch.equal(fast.generator.get_state(), ref.generator.get_state())
+
+
 def test_prob_one_draws_no_coin():
     """prob=1 mixes every batch without drawing the apply coin: one call consumes exactly one Beta draw."""
     g_policy, g_beta = gen(9), gen(9)
