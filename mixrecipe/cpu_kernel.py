@@ -693,14 +693,19 @@ if numba is not None:
 
     @_jit()
     def _beta_rows(gamma, coin, alpha, prob, pair, out):
-        """λ per row from Gamma draws: column d of ``gamma`` holds G1, G2 ~ Gamma(alpha + 1) and E1, E2 ~
-        Exp(1), and λ_d = sigmoid((log G1 - E1 / alpha) - (log G2 - E2 / alpha)), ``sample_beta``'s formula
-        in float64; 1.0 where a coin is given and not below ``prob``. ``pair``: λ_d goes to rows d and
+        """λ per row from Gamma draws, ``sample_beta``'s formula in float64: column d of ``gamma`` holds G1,
+        G2 ~ Gamma(alpha) (two rows, alpha >= 1) and λ_d = sigmoid(log G1 - log G2), or G1, G2 ~ Gamma(alpha
+        + 1) and E1, E2 ~ Exp(1) (four rows) and λ_d = sigmoid((log G1 - E1 / alpha) - (log G2 - E2 /
+        alpha)); 1.0 where a coin is given and not below ``prob``. ``pair``: λ_d goes to rows d and
         B-1-d, and the middle row of an odd batch stays unmixed (1.0). Rounded to float32 as ``.float()``
         rounds."""
         batch = out.shape[0]
         for d in range(gamma.shape[1]):
-            diff = (np.log(gamma[0, d]) - gamma[2, d] / alpha) - (np.log(gamma[1, d]) - gamma[3, d] / alpha)
+            if gamma.shape[0] == 2:
+                diff = np.log(gamma[0, d]) - np.log(gamma[1, d])
+            else:
+                own = np.log(gamma[0, d]) - gamma[2, d] / alpha
+                diff = own - (np.log(gamma[1, d]) - gamma[3, d] / alpha)
             if diff >= 0.0:  # the logistic function without overflow
                 lam = 1.0 / (1.0 + np.exp(-diff))
             else:
@@ -715,14 +720,14 @@ if numba is not None:
             out[batch // 2] = np.float32(1.0)
 
     def _compile_beta_rows():
-        """A C entry ``void(gamma, coin, n, alpha, prob, pair, out, B)``: :func:`_beta_rows`, cached on
-        disk."""
-        def entry(gamma, coin, n, alpha, prob, pair, out, batch):
-            _beta_rows(_at(gamma, (4, n), np.float64), _at(coin, n if coin else 0, np.float64), alpha, prob,
-                       pair != 0, _at(out, batch, np.float32))
+        """A C entry ``void(gamma, rows, coin, n, alpha, prob, pair, out, B)``: :func:`_beta_rows`, cached
+        on disk."""
+        def entry(gamma, rows, coin, n, alpha, prob, pair, out, batch):
+            _beta_rows(_at(gamma, (rows, n), np.float64), _at(coin, n if coin else 0, np.float64), alpha,
+                       prob, pair != 0, _at(out, batch, np.float32))
 
-        signature = types.void(types.int64, types.int64, types.int64, types.float64, types.float64,
-                               types.int64, types.int64, types.int64)
+        signature = types.void(types.int64, types.int64, types.int64, types.int64, types.float64,
+                               types.float64, types.int64, types.int64, types.int64)
         return numba.cfunc(signature, cache=True)(entry)
 
     def _compile_entry(x_type, out_type):
@@ -783,8 +788,8 @@ def _value_bounds(values: torch.Tensor) -> tuple:
     return out[0], out[1]
 
 
-_BETA_CALL = ctypes.CFUNCTYPE(None, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_double,
-                              ctypes.c_double, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)
+_BETA_CALL = ctypes.CFUNCTYPE(None, *[ctypes.c_int64] * 4, ctypes.c_double, ctypes.c_double,
+                              *[ctypes.c_int64] * 3)
 
 
 def beta_rows(gamma: torch.Tensor, coin: torch.Tensor | None, alpha: float, prob: float, batch: int,
@@ -792,8 +797,9 @@ def beta_rows(gamma: torch.Tensor, coin: torch.Tensor | None, alpha: float, prob
     """Per-sample weights from one call's draws, in one compiled pass instead of a dozen tensor ops.
 
     Args:
-        gamma: (4, n) contiguous float64, ``torch._standard_gamma`` of concentrations (alpha + 1, alpha + 1,
-            1, 1) per column: ``sample_beta``'s draws for n values of λ ~ Beta(alpha, alpha).
+        gamma: contiguous float64 ``torch._standard_gamma`` draws, ``sample_beta``'s for n values of λ ~
+            Beta(alpha, alpha): (2, n) of concentration alpha for alpha >= 1, else (4, n) of concentrations
+            (alpha + 1, alpha + 1, 1, 1) per column.
         coin: None, or (n,) contiguous float64 uniforms: λ is 1.0 where the coin is not below ``prob``.
         alpha: the Beta concentration (> 0). prob: the mixing probability.
         batch: B. pair: n = (B + 1) // 2 draws shared by rows i and B-1-i (the middle row of an odd batch
@@ -803,14 +809,15 @@ def beta_rows(gamma: torch.Tensor, coin: torch.Tensor | None, alpha: float, prob
         (B,) float32 weights, ``sample_beta``'s values to within float64 rounding, then rounded to float32.
     """
     n = (batch + 1) // 2 if pair else batch
-    if (gamma.dtype != torch.float64 or gamma.shape != (4, n) or not gamma.is_contiguous()
+    rows = 2 if alpha >= 1.0 else 4
+    if (gamma.dtype != torch.float64 or gamma.shape != (rows, n) or not gamma.is_contiguous()
             or (coin is not None and (coin.dtype != torch.float64 or coin.shape != (n,)
                                       or not coin.is_contiguous()))):
-        raise ValueError(f"beta_rows needs (4, {n}) float64 draws and a ({n},) float64 coin or None")
+        raise ValueError(f"beta_rows needs ({rows}, {n}) float64 draws and a ({n},) float64 coin or None")
     out = torch.empty(batch, dtype=torch.float32)
     call = _c_entry("beta-rows", _compile_beta_rows, _BETA_CALL).call
-    call(gamma.data_ptr(), 0 if coin is None else coin.data_ptr(), n, alpha, prob, int(pair), out.data_ptr(),
-         batch)
+    call(gamma.data_ptr(), rows, 0 if coin is None else coin.data_ptr(), n, alpha, prob, int(pair),
+         out.data_ptr(), batch)
     return out
 
 

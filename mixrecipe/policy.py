@@ -117,10 +117,11 @@ def sample_beta(alpha: float, size=(), *, generator=None, device=None, dtype=tor
     """Draw λ ~ Beta(alpha, alpha) as a tensor, with no host-device synchronization.
 
     Uses Beta(a, a) = G1 / (G1 + G2) with G1, G2 ~ Gamma(a), computed in log space as
-    ``sigmoid(log G1 - log G2)`` with ``log G(a) = log G(a + 1) - E / a`` (E ~ Exp(1) = Gamma(1), i.e.
-    -log U for U uniform), so one Gamma draw of four values makes one λ. The log form never underflows to
-    0/0, which the plain ratio does in float32 for small alpha (e.g. the ImageNet default alpha = 0.2) and
-    in float64 for tiny alpha.
+    ``sigmoid(log G1 - log G2)``. For a < 1 it uses ``log G(a) = log G(a + 1) - E / a`` (E ~ Exp(1) =
+    Gamma(1), i.e. -log U for U uniform), so one Gamma draw of four values (a + 1, a + 1, 1, 1) makes one λ:
+    the log form never underflows to 0/0, which the plain ratio does in float32 for small alpha (e.g. the
+    ImageNet default alpha = 0.2) and in float64 for tiny alpha. For a >= 1 (CIFAR's alpha = 1) Gamma(a)
+    has no mass near 0 to lose, and two draws (a, a) make one λ: half the sampling work.
 
     Args:
         alpha: concentration, > 0.
@@ -138,10 +139,14 @@ def sample_beta(alpha: float, size=(), *, generator=None, device=None, dtype=tor
     draw_device = _gen_device(generator, device)
     if size == () and draw_device.type == "cpu" and not tracing():
         return _to(torch.tensor(_beta_value(alpha, generator), dtype=dtype), device or draw_device)
-    conc = torch.full((4,) + size, alpha + 1.0, dtype=torch.float64, device=draw_device)
-    conc[2:] = 1.0  # rows 0, 1: Gamma(a + 1); rows 2, 3: Exp(1)
-    gamma = torch._standard_gamma(conc, generator=generator)
-    log_g = gamma[:2].log() - gamma[2:] / alpha
+    if alpha >= 1.0:
+        conc = torch.full((2,) + size, alpha, dtype=torch.float64, device=draw_device)
+        log_g = torch._standard_gamma(conc, generator=generator).log()
+    else:
+        conc = torch.full((4,) + size, alpha + 1.0, dtype=torch.float64, device=draw_device)
+        conc[2:] = 1.0  # rows 0, 1: Gamma(a + 1); rows 2, 3: Exp(1)
+        gamma = torch._standard_gamma(conc, generator=generator)
+        log_g = gamma[:2].log() - gamma[2:] / alpha
     lam = torch.sigmoid(torch.sub(*log_g.unbind(0)))  # one op for both rows, not two selects
     if dtype != torch.float64:  # each skipped no-op is a dispatch (a launch on a GPU)
         lam = lam.to(dtype)
@@ -152,14 +157,17 @@ _CONCENTRATIONS: dict[tuple, Tensor] = {}
 
 
 def _concentrations(alpha: float, size: tuple) -> Tensor:
-    """:func:`sample_beta`'s CPU concentrations for ``size`` λ: (4, *size) float64, rows alpha + 1, alpha + 1,
-    1, 1 (kept: building them is two tensor ops per call)."""
+    """:func:`sample_beta`'s CPU concentrations for ``size`` λ, float64: (2, *size) of alpha for alpha >= 1,
+    else (4, *size) with rows alpha + 1, alpha + 1, 1, 1 (kept: building them is two tensor ops per call)."""
     conc = _CONCENTRATIONS.get((alpha, size))
     if conc is None:
         if len(_CONCENTRATIONS) >= 64:
             _CONCENTRATIONS.clear()
-        conc = torch.full((4,) + size, alpha + 1.0, dtype=torch.float64)
-        conc[2:] = 1.0
+        if alpha >= 1.0:
+            conc = torch.full((2,) + size, alpha, dtype=torch.float64)
+        else:
+            conc = torch.full((4,) + size, alpha + 1.0, dtype=torch.float64)
+            conc[2:] = 1.0
         _CONCENTRATIONS[(alpha, size)] = conc
     return conc
 
@@ -175,8 +183,13 @@ def _round_to_float32(value: float) -> float:
 def _beta_value(alpha: float, generator) -> float:
     """One λ ~ Beta(alpha, alpha) from a CPU generator as a Python float: :func:`sample_beta`'s draws and
     formula, with the arithmetic on floats (a dozen tiny tensor ops cost more than a CIFAR batch's mixing)."""
-    g1, g2, e1, e2 = torch._standard_gamma(_concentrations(alpha, ()), generator=generator).tolist()
-    d = (math.log(g1) - e1 / alpha) - (math.log(g2) - e2 / alpha)
+    draws = torch._standard_gamma(_concentrations(alpha, ()), generator=generator).tolist()  # one op
+    if alpha >= 1.0:
+        g1, g2 = draws
+        d = math.log(g1) - math.log(g2)
+    else:
+        g1, g2, e1, e2 = draws
+        d = (math.log(g1) - e1 / alpha) - (math.log(g2) - e2 / alpha)
     if d >= 0.0:  # the logistic function without overflow
         return 1.0 / (1.0 + math.exp(-d))
     e = math.exp(d)
@@ -687,13 +700,14 @@ class Mixup:
     def _apply(self, x: Tensor, target, with_soft: bool, out: Tensor | None = None):
         """-> (x_out, soft or None, op target, label smoothing, lam_y (float, () or (B,) tensor), perm)."""
         g = self.generator
-        if (out is None and self.mixup_enabled and self.mode == "batch" and self.cutmix_alpha == 0.0
-                and self.pairing == "flip" and not self.multi_label and self.mean is None
-                and self.out_dtype is None and type(x) is Tensor and x.is_cpu and x.ndim and x.shape[0]
-                and x.is_floating_point() and (g is None or g.device.type == "cpu") and not tracing()):
-            # The common call (one λ on the CPU), flattened: the same draws and op call as the path below,
-            # without its layers, which with cold caches cost about a tenth of a CIFAR-sized call.
-            lam = self._float_lam()
+        if (out is None and self.mixup_enabled and self.cutmix_alpha == 0.0 and self.pairing == "flip"
+                and not self.multi_label and self.mean is None and self.out_dtype is None
+                and type(x) is Tensor and x.is_cpu and x.ndim and x.shape[0] and x.is_floating_point()
+                and (g is None or g.device.type == "cpu") and (self.mode == "batch" or cpu_kernel.available())
+                and not tracing()):
+            # The common call (Mixup on the CPU, flip pairing), flattened: the same draws and op call as the
+            # path below, without its layers, which with cold caches cost a tenth of a CIFAR-sized call.
+            lam = self._float_lam() if self.mode == "batch" else self._cpu_rows(x.shape[0])
             x_out, soft = ops.mix(x, target if with_soft else None, lam, num_classes=self.num_classes,
                                   label_smoothing=self.label_smoothing, inplace=self.inplace and _dense(x))
             return x_out, soft, target, self.label_smoothing, lam, None

@@ -243,12 +243,16 @@ def test_beta_rows_is_the_tensor_formula():
         for batch in (1, 2, 7, 64):
             for pair in (False, True):
                 n = (batch + 1) // 2 if pair else batch
-                conc = torch.full((4, n), alpha + 1.0, dtype=torch.float64)
-                conc[2:] = 1.0
-                gamma = torch._standard_gamma(conc, generator=g)
+                if alpha >= 1.0:  # two Gamma(a) rows
+                    gamma = torch._standard_gamma(torch.full((2, n), alpha, dtype=torch.float64), generator=g)
+                    log_g = gamma.log()
+                else:  # Gamma(a + 1) and Exp(1) rows
+                    conc = torch.full((4, n), alpha + 1.0, dtype=torch.float64)
+                    conc[2:] = 1.0
+                    gamma = torch._standard_gamma(conc, generator=g)
+                    log_g = gamma[:2].log() - gamma[2:] / alpha
                 for coin in (None, torch.rand(n, generator=g, dtype=torch.float64)):
                     got = cpu_kernel.beta_rows(gamma, coin, alpha, 0.6, batch, pair)
-                    log_g = gamma[:2].log() - gamma[2:] / alpha
                     want = torch.sigmoid(log_g[0] - log_g[1])
                     if coin is not None:
                         want = torch.where(coin < 0.6, want, 1.0)
@@ -259,9 +263,11 @@ def test_beta_rows_is_the_tensor_formula():
                         want = want[torch.minimum(rows, batch - 1 - rows)]
                     assert got.dtype == torch.float32 and torch.equal(got, want.float())
     with pytest.raises(ValueError, match="beta_rows needs"):
-        cpu_kernel.beta_rows(torch.ones(4, 3, dtype=torch.float64), None, 1.0, 1.0, 4, False)
+        cpu_kernel.beta_rows(torch.ones(2, 3, dtype=torch.float64), None, 1.0, 1.0, 4, False)
     with pytest.raises(ValueError, match="beta_rows needs"):
-        cpu_kernel.beta_rows(torch.ones(4, 2, dtype=torch.float64), torch.ones(3, dtype=torch.float64), 1.0,
+        cpu_kernel.beta_rows(torch.ones(2, 4, dtype=torch.float64), None, 0.5, 1.0, 4, False)
+    with pytest.raises(ValueError, match="beta_rows needs"):
+        cpu_kernel.beta_rows(torch.ones(2, 2, dtype=torch.float64), torch.ones(3, dtype=torch.float64), 1.0,
                              1.0, 4, True)
 
 

@@ -149,9 +149,12 @@ def test_one_beta_draw_on_floats_is_the_tensor_formula(alpha):
     fast, ref = [], []
     for _ in range(3000):
         fast.append(sample_beta(alpha, (), generator=g_fast, dtype=torch.float64).item())
-        conc = torch.tensor([alpha + 1.0, alpha + 1.0, 1.0, 1.0], dtype=torch.float64)
-        gamma = torch._standard_gamma(conc, generator=g_ref)
-        log_g = gamma[:2].log() - gamma[2:] / alpha  # log G(a) = log G(a + 1) - Exp(1) / a
+        if alpha >= 1.0:  # two Gamma(a) draws
+            log_g = torch._standard_gamma(torch.full((2,), alpha, dtype=torch.float64), generator=g_ref).log()
+        else:
+            conc = torch.tensor([alpha + 1.0, alpha + 1.0, 1.0, 1.0], dtype=torch.float64)
+            gamma = torch._standard_gamma(conc, generator=g_ref)
+            log_g = gamma[:2].log() - gamma[2:] / alpha  # log G(a) = log G(a + 1) - Exp(1) / a
         ref.append(torch.sigmoid(log_g[0] - log_g[1]).item())
     # exp() turns the last-bit differences of log() into a relative error of |log-odds| * 2**-52 at most
     np.testing.assert_allclose(fast, ref, rtol=1e-12, atol=1e-300)
@@ -188,14 +191,15 @@ def test_batch_draw_on_floats_is_the_tensor_draw(prob):
     assert torch.equal(again.lam_x, p.lam_x) and again.lam_y is again.lam_x
 
 
+@pytest.mark.parametrize("mode", ["batch", "elem", "pair"])
 @pytest.mark.parametrize("prob", [1.0, 0.6])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 @pytest.mark.parametrize("inplace", [True, False])
-def test_common_call_is_flat_and_equals_the_general_path(prob, layout, inplace):
-    """A batch-mode Mixup call on a CPU float batch skips the sampling layers (:meth:`Mixup._sample` is
-    never entered) and gives what the general path gives: the same mixed batch, soft targets, mix_batch
+def test_common_call_is_flat_and_equals_the_general_path(mode, prob, layout, inplace):
+    """A Mixup call with flip pairing on a CPU float batch skips the sampling layers (:meth:`Mixup._sample`
+    is never entered) and gives what the general path gives: the same mixed batch, soft targets, mix_batch
     weights and draws consumed. The general path is forced by hiding the tracer check from the policy,
-    which then draws λ as a tensor."""
+    which then draws λ with tensor ops."""
     base = torch.rand(7, 3, 6, 10)
     y = torch.tensor([0, 1, 2, 3, 4, 0, 2])
 
@@ -206,7 +210,7 @@ def test_common_call_is_flat_and_equals_the_general_path(prob, layout, inplace):
             return base.clone().transpose(2, 3)  # neither layout: mixed out of place
         return base.clone()
 
-    kw = dict(mixup_alpha=0.4, num_classes=5, prob=prob, label_smoothing=0.1, inplace=inplace)
+    kw = dict(mixup_alpha=0.4, num_classes=5, prob=prob, label_smoothing=0.1, inplace=inplace, mode=mode)
     flat, general = Mixup(**kw, generator=gen(3)), Mixup(**kw, generator=gen(3))
     for _ in range(6):
         x_flat, x_general = batch(), batch()
