@@ -229,11 +229,16 @@ def providers(case: Case, x0: torch.Tensor, target: torch.Tensor, perm: torch.Te
             return x_kernel, soft_buf
 
         out.append(Provider("ours-kernel", kernel, False, True, x_kernel))
-        x_bound, conc = own(), torch.tensor([case.alpha + 1.0] * 2 + [1.0] * 2, dtype=torch.float64)
+        a = case.alpha  # sample_beta's draws: Gamma(a) twice for a >= 1, else Gamma(a + 1) and Exp(1) twice
+        x_bound = own()
+        conc = torch.tensor([a] * 2 if a >= 1.0 else [a + 1.0] * 2 + [1.0] * 2, dtype=torch.float64)
 
         def bound():  # the least a Mixup call costs under its semantics: see ours-bound in the docstring
-            g1, g2, e1, e2 = torch._standard_gamma(conc).tolist()
-            lam = _logistic((math.log(g1) - e1 / case.alpha) - (math.log(g2) - e2 / case.alpha))
+            draws = torch._standard_gamma(conc).tolist()
+            if a >= 1.0:
+                lam = _logistic(math.log(draws[0]) - math.log(draws[1]))
+            else:
+                lam = _logistic((math.log(draws[0]) - draws[2] / a) - (math.log(draws[1]) - draws[3] / a))
             soft = torch.empty(batch, k)
             plan.launch(x_bound, x_bound, target, soft, lam)
             return x_bound, soft
