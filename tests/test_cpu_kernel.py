@@ -103,6 +103,43 @@ def test_matches_reference_on_threads(threads, dtype, batch):
             torch.testing.assert_close(soft, ref_soft, rtol=1e-6, atol=1e-7)
 
 
+# Boxes that cover no row, a zero-width column range, the top or bottom rows, every row, a middle band:
+# the rows no box covers are mixed as one span, the others one span per box edge.
+EDGE_BOXES = [[0, 0, 0, 0], [2, 5, 3, 3], [0, 2, 1, 6], [4, 7, 0, 9], [0, 7, 0, 9], [2, 4, 2, 7],
+              [1, 6, 5, 9]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_cutmix_boxes_at_every_row_position(threads, dtype, layout):
+    """Per-sample boxes in every position against float64, in place (flip) and out of place (flip and a
+    random permutation), partners with different boxes; outputs poisoned with NaN first."""
+    g = torch.Generator().manual_seed(9)
+    batch = len(EDGE_BOXES)
+    boxes = torch.tensor(EDGE_BOXES, dtype=torch.int32)
+    norm = {}
+    if dtype == torch.uint8:
+        norm = dict(mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3), out_dtype=torch.float32)
+    base = torch.randn(batch, 3, 7, 9, generator=g)
+    x = (base.abs() * 60).to(torch.uint8) if dtype == torch.uint8 else base.to(dtype)
+    x = x.contiguous(memory_format=layout)
+    target = torch.randint(0, 5, (batch,), generator=g)
+    lam = torch.rand(batch, generator=g)
+    perm = torch.randperm(batch, generator=g)
+    for p, inplace in ((None, True), (None, False), (perm, False)):
+        if inplace and dtype == torch.uint8:
+            continue
+        y = x.clone(memory_format=torch.preserve_format)
+        out_dtype = norm.get("out_dtype", dtype)
+        buf = None if inplace else torch.full_like(x, float("nan"), dtype=out_dtype)
+        ref, ref_soft = R.mix_reference(x, target, lam, 1.0 - lam, p, boxes, num_classes=5, **norm)
+        out, soft = ops.mix(y, target, lam, 1.0 - lam, p, boxes, num_classes=5, inplace=inplace, out=buf,
+                            **norm)
+        assert (out is y) == inplace and out.is_contiguous(memory_format=layout)
+        assert_close_ulp(out, ref, 4.0 if dtype == torch.uint8 else x.double().abs().max(), out_dtype)
+        torch.testing.assert_close(soft, ref_soft, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("out_dtype", DTYPES)
 def test_uint8_normalized_on_threads(threads, out_dtype):
     g = torch.Generator().manual_seed(3)
