@@ -513,6 +513,9 @@ def target_checks(rows: list[dict], device: torch.device) -> list[str]:
         case = "cifar-128 fp32 NCHW"
         check(f"{case}: ours-Mixup-batch speedup vs timm-batch",
               ratio(case, "ours-Mixup-batch", "timm-batch"), 3.0, "higher")
+        for mode in ("pair", "elem"):  # per-call costs weigh most at this size
+            check(f"{case}: ours-Mixup-{mode} time / ours-Mixup-batch",
+                  ratio(case, "ours-Mixup-batch", f"ours-Mixup-{mode}"), 1.2, "lower")
         op, floor = _find(rows, case, "ours-op-flip"), _find(rows, case, "scale-inplace")
         if op is not None and floor is not None:
             check(f"{case}: ours-op-flip per-call overhead (its time minus the in-place floor's)",
