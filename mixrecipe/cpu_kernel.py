@@ -26,7 +26,8 @@ while PyTorch's own team picks the work up at once. Where no such runtime is fou
 Python threads run the entry side by side. Team members take chunks of work as they go, so one slowed
 thread does not hold up the rest. Batches moving less than ``PARALLEL_MIN_BYTES`` run on the calling
 thread: starting a team costs more than it saves there. The loss rows (``ce_rows``) run the same way,
-in chunks of rows.
+in chunks of rows. ``beta_rows`` turns one call's Gamma draws into per-sample weights for the policy's
+"elem" and "pair" modes in one pass (a dozen tiny tensor ops took longer than mixing a CIFAR batch).
 """
 
 from __future__ import annotations

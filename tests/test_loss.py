@@ -484,3 +484,46 @@ def test_direct_eager_call_equals_the_registered_op(shape):
             (grad,) = torch.autograd.grad(mixup_cross_entropy(x, target, lam), x, create_graph=True)
             with pytest.raises(RuntimeError):
                 grad.sum().backward()
+
+
+@pytest.mark.parametrize("lam_kind", ["float", "tensor"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_a_checked_signature_skips_the_checks_but_not_the_value_checks(monkeypatch, lam_kind, reduction):
+    """Numba-row calls of one signature are checked once; later ones (new values) still give the reference
+    loss and gradient, still refuse bad class indices and weights, and a changed signature (an int32
+    target, a partner permutation, float64 logits, a float64 weight) is checked again and computed right."""
+    from mixrecipe import loss as loss_module
+
+    monkeypatch.setattr(loss_module, "_CHECKED_CALLS", set())
+    checked = []
+    real = loss_module._check_logits
+    monkeypatch.setattr(loss_module, "_check_logits", lambda z: (checked.append(1), real(z)))
+    g = torch.Generator().manual_seed(3)
+
+    def weights():
+        return float(torch.rand((), generator=g)) if lam_kind == "float" else torch.rand(6, generator=g)
+
+    for _ in range(3):
+        logits = torch.randn(6, 7, generator=g)
+        target, lam = torch.randint(0, 7, (6,), generator=g), weights()
+        got = run_loss(logits, target, lam, smoothing=0.1, reduction=reduction)
+        want = dense_reference(logits, target, lam, smoothing=0.1, reduction=reduction)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
+    assert len(checked) == 1
+    with pytest.raises(ValueError, match=r"class indices from .* outside \[0, num_classes=7\)"):
+        mixup_cross_entropy(logits, torch.tensor([0, 1, 7, 2, 3, 4]), weights(), reduction=reduction,
+                            label_smoothing=0.1)
+    bad = 1.5 if lam_kind == "float" else torch.tensor([0.5, 0.5, float("nan"), 0.5, 0.5, 0.5])
+    with pytest.raises(ValueError, match="lam must lie in"):
+        mixup_cross_entropy(logits, target, bad, reduction=reduction, label_smoothing=0.1)
+    perm = torch.randperm(6, generator=g)
+    lam = weights()
+    for z, t, p, w in ((logits, target.int(), None, lam), (logits, target, perm, lam),
+                       (logits.double(), target, None, lam),
+                       (logits, target, None, lam.double() if isinstance(lam, torch.Tensor) else lam)):
+        for _ in range(2):  # the second call of a signature may take the shortcut
+            got = run_loss(z, t, w, p, smoothing=0.1, reduction=reduction)
+            want = dense_reference(z, t.long(), w, p, smoothing=0.1, reduction=reduction)
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
