@@ -578,17 +578,21 @@ def plot(rows: list[dict], path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.patches
     import matplotlib.pyplot as plt
 
     rows = [r for r in rows if r["mode"] == "eager"]
     shapes = list(dict.fromkeys(r["case"].split()[0] for r in rows))
     provs = [p for p in ORDER if any(r["provider"] == p for r in rows)]
     colors = {"copy": "#9e9e9e", "convert-alloc": "#bdbdbd", "scale-inplace": "#d0d0d0",
-              "ours-kernel": "#041f4a", "ours-op-flip": "#08519c",
+              "ours-kernel": "#041f4a", "ours-bound": "#1c9099", "ours-op-flip": "#08519c",
+              "ours-op-out": "#2171b5",
               "ours-Mixup-batch": "#3182bd", "ours-Mixup-pair": "#4a9bd0", "ours-Mixup-elem": "#6baed6",
-              "ours-op-perm": "#31a354",
+              "ours-op-perm": "#74c476",
               "eager-lerp": "#fd8d3c",
-              "compile-lerp": "#e6550d", "timm-batch": "#de2d26", "timm-elem": "#a50f15"}
+              "compile-lerp": "#e6550d", "timm-batch": "#de2d26", "timm-elem": "#a50f15",
+              "ours-tv-MixUp": "#238b45", "tv-MixUp": "#9e9ac8", "ours-tv-CutMix": "#00441b",
+              "tv-CutMix": "#54278f"}
     fig, axes = plt.subplots(len(shapes), 1, figsize=(13, 3.6 * len(shapes)), squeeze=False)
     width = 0.85 / len(provs)
     for ax, shape in zip(axes[:, 0], shapes):
@@ -612,10 +616,11 @@ def plot(rows: list[dict], path, title: str) -> None:
                      fontsize=10, loc="left")
         ax.grid(axis="y", which="both", alpha=0.25)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.75 / (3.6 * len(shapes))))
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, ncol=len(provs), fontsize=7.5, loc="upper center",
-               bbox_to_anchor=(0.5, 1 - 0.32 / (3.6 * len(shapes))), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 1.0 / (3.6 * len(shapes))))
+    # One swatch per provider from the color table: a panel without a provider has no bar to show it.
+    handles = [matplotlib.patches.Patch(color=colors.get(p), label=p) for p in provs]
+    fig.legend(handles=handles, ncol=-(-len(provs) // 2), fontsize=7.5, loc="upper center",
+               bbox_to_anchor=(0.5, 1 - 0.3 / (3.6 * len(shapes))), frameon=False)  # two rows
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
