@@ -315,9 +315,9 @@ if numba is not None:
                     _store(oj, col, _lerp(a, b, w_j))
 
     @_jit(inline="always")
-    def _mix_masked(xi, xj, oi, oj, n, mean, istd, mean_tab, istd_tab, use_tab, in_scale, w_i, w_j,
-                    c0_i, c1_i, c0_j, c1_j, store_j):
-        """:func:`_mix_span` with each column's weight chosen by the boxes: one loop for a short line."""
+    def _mix_masked(xi, xj, oi, n, mean, istd, mean_tab, istd_tab, use_tab, in_scale, w_i, c0_i, c1_i):
+        """:func:`_mix_span` for row i alone, each column's weight chosen by its box: one loop for a short
+        line."""
         for col in range(n):
             if use_tab:
                 a = (_load(xi, col) * in_scale - mean_tab[col]) * istd_tab[col]
@@ -325,11 +325,7 @@ if numba is not None:
             else:
                 a = (_load(xi, col) * in_scale - mean) * istd
                 b = (_load(xj, col) * in_scale - mean) * istd
-            wi = np.float32(0.0) if c0_i <= col < c1_i else w_i
-            _store(oi, col, _lerp(b, a, wi))
-            if store_j:
-                wj = np.float32(0.0) if c0_j <= col < c1_j else w_j
-                _store(oj, col, _lerp(a, b, wj))
+            _store(oi, col, _lerp(b, a, np.float32(0.0) if c0_i <= col < c1_i else w_i))
 
     @_jit(inline="always")
     def _mix_line(xi, xj, oi, oj, n, mean, istd, mean_tab, istd_tab, use_tab, in_scale,
@@ -343,8 +339,7 @@ if numba is not None:
         for a 128x3x32x32 CutMix on one thread).
         """
         if n <= _MASKED_LINE_MAX and not store_j:
-            _mix_masked(xi, xj, oi, oj, n, mean, istd, mean_tab, istd_tab, use_tab, in_scale, w_i, w_j,
-                        c0_i, c1_i, c0_j, c1_j, store_j)
+            _mix_masked(xi, xj, oi, n, mean, istd, mean_tab, istd_tab, use_tab, in_scale, w_i, c0_i, c1_i)
             return
         lo = 0
         while lo < n:
