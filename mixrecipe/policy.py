@@ -180,6 +180,40 @@ def _round_to_float32(value: float) -> float:
     return _FLOAT32.unpack(_FLOAT32.pack(value))[0]
 
 
+def _uniform_value(generator) -> float:
+    """One U[0, 1) as a Python float: the draw of ``_uniform((), generator, "cpu")``."""
+    return torch.rand((), generator=generator, dtype=torch.float64).item()
+
+
+def _randint_below_value(high: float, generator) -> float:
+    """:func:`_randint_below` of one value, on floats: the same draw and value."""
+    return min(math.floor(_uniform_value(generator) * high), high - 1.0)
+
+
+def _float_box(img_shape, lam: float, minmax, generator) -> tuple:
+    """:func:`rand_box` of one float λ (:func:`rand_box_minmax` with ``minmax``) on floats: the same draws
+    and the same box, as (y0, y1, x0, x1) ints."""
+    h, w = _image_hw(img_shape)
+    if minmax is not None:
+        lo_f, hi_f = minmax
+        sides = []
+        for n in (h, w):
+            lo = int(n * lo_f)
+            hi = max(int(n * hi_f), lo + 1)
+            cut = min(lo + _randint_below_value(float(hi - lo), generator), n)
+            start = _randint_below_value(n - cut + 1.0, generator)
+            sides += [int(start), int(start + cut)]
+        return tuple(sides)
+    ratio = math.sqrt(min(max(1.0 - lam, 0.0), 1.0))
+    cut_h, cut_w = math.floor(h * ratio), math.floor(w * ratio)
+    cy = _randint_below_value(float(h), generator)
+    cx = _randint_below_value(float(w), generator)
+    y0, y1 = cy - math.floor(cut_h / 2), cy + math.floor((cut_h + 1) / 2)
+    x0, x1 = cx - math.floor(cut_w / 2), cx + math.floor((cut_w + 1) / 2)
+    return (int(min(max(y0, 0), h)), int(min(max(y1, 0), h)), int(min(max(x0, 0), w)),
+            int(min(max(x1, 0), w)))
+
+
 def _beta_value(alpha: float, generator) -> float:
     """One λ ~ Beta(alpha, alpha) from a CPU generator as a Python float: :func:`sample_beta`'s draws and
     formula, with the arithmetic on floats (a dozen tiny tensor ops cost more than a CIFAR batch's mixing)."""
@@ -560,16 +594,19 @@ class Mixup:
     def _draw(self, size, img_shape, device):
         """timm's ``_params_per_batch`` / ``_params_per_elem`` as tensors of shape ``size`` on ``device``.
 
-        Returns (lam_x, lam_y, box) in float64/float64/int32; box is None when CutMix is inactive. One λ on
-        the CPU without CutMix comes as a Python float (rounded to float32, as the tensors are later):
-        the same draws, without a dozen tiny tensor ops that cost more than mixing a CIFAR batch.
+        Returns (lam_x, lam_y, box) in float64/float64/int32; box is None when CutMix is inactive. One draw
+        on the CPU comes as Python floats (rounded to float32, as the tensors are later) and a (4,) box:
+        the same draws and values (:meth:`_float_params`), without the dozens of tiny tensor ops that cost
+        more than mixing a CIFAR batch.
         """
         g = self.generator
         mixup_on, cutmix_on = self.mixup_alpha > 0.0, self.cutmix_alpha > 0.0
         always = self.mix_prob >= 1.0  # every sample is mixed: no coin is drawn
-        if size == () and device.type == "cpu" and not cutmix_on and not tracing():  # same draws, floats
-            lam = self._float_lam()
-            return lam, lam, None
+        if size == () and device.type == "cpu" and not tracing():  # the same draws, on floats
+            lam_x, lam_y, box = self._float_params(img_shape)
+            if cutmix_on:  # no box this call: the tensor path's all-zero box
+                box = torch.tensor(box or (0, 0, 0, 0), dtype=torch.int32)
+            return lam_x, lam_y, box
         apply = None if always else _uniform(size, g, device) < self.mix_prob
         if mixup_on and cutmix_on:
             use_cut = _uniform(size, g, device) < self.switch_prob
@@ -596,14 +633,35 @@ class Mixup:
         lam_x = torch.where(cut, 1.0, lam)
         return lam_x, lam_y, box
 
-    def _float_lam(self) -> float:
-        """:meth:`_draw`'s one CPU λ without CutMix: the coin (prob < 1), then the Beta draw (both always
-        drawn, in the tensor path's order); λ rounded to float32, or 1.0 when the coin says no mixing."""
+    def _float_params(self, img_shape) -> tuple:
+        """:meth:`_draw`'s one CPU draw on Python floats: (lam_x, lam_y, box), box (y0, y1, x0, x1) ints when
+        this call cuts, else None. The tensor path's draws in its order (the coin when prob < 1, the switch
+        when both are active, the CutMix then the Mixup λ, the box's positions) and its values, λ rounded
+        to float32 as the tensors are later; lam_y is lam_x (the same object) when nothing is cut."""
         g = self.generator
-        prob = self.mix_prob
-        apply = prob >= 1.0 or torch.rand((), generator=g, dtype=torch.float64).item() < prob
-        lam = _beta_value(self.mixup_alpha, g)
-        return _round_to_float32(lam) if apply else 1.0
+        mixup_on, cutmix_on = self.mixup_alpha > 0.0, self.cutmix_alpha > 0.0
+        apply = self.mix_prob >= 1.0 or _uniform_value(g) < self.mix_prob
+        cut = cutmix_on
+        if mixup_on and cutmix_on:
+            cut = _uniform_value(g) < self.switch_prob
+            lam_cut = _beta_value(self.cutmix_alpha, g)
+            lam_mix = _beta_value(self.mixup_alpha, g)
+            lam = lam_cut if cut else lam_mix
+        else:
+            lam = _beta_value(self.mixup_alpha if mixup_on else self.cutmix_alpha, g)
+        lam = lam if apply else 1.0
+        if not cutmix_on:
+            lam = _round_to_float32(lam)
+            return lam, lam, None
+        box = _float_box(img_shape, lam, self.cutmix_minmax, g)  # drawn whether or not this call cuts
+        if not (cut and apply):
+            lam = _round_to_float32(lam)
+            return lam, lam, None
+        if self.correct_lam or self.cutmix_minmax is not None:
+            h, w = _image_hw(img_shape)
+            area = max(box[1] - box[0], 0) * max(box[3] - box[2], 0)
+            return 1.0, _round_to_float32(1.0 - area / float(h * w)), box
+        return 1.0, _round_to_float32(lam), box
 
     def _cpu_rows(self, batch: int) -> Tensor:
         """Modes "elem" and "pair" (flip pairing) on the CPU without CutMix: :meth:`_draw`'s draws (the coin
@@ -629,7 +687,9 @@ class Mixup:
         device = torch.device(device) if device is not None else torch.device("cpu")
         lam_x, lam_y, perm, box = self._sample(x_shape, device)
         if isinstance(lam_x, float):
-            lam_x = lam_y = torch.tensor(lam_x, dtype=torch.float32, device=device)
+            same = lam_y is lam_x
+            lam_x = torch.tensor(lam_x, dtype=torch.float32, device=device)
+            lam_y = lam_x if same else torch.tensor(lam_y, dtype=torch.float32, device=device)
         return MixParams(lam_x, lam_y, perm, box)
 
     def _sample(self, x_shape, device: torch.device) -> tuple:
@@ -677,7 +737,7 @@ class Mixup:
             if box is not None:
                 box = box[pair]
         if isinstance(lam_x, float):
-            return lam_x, lam_x, None if perm is None else _to(perm, device), None
+            return lam_x, lam_y, None if perm is None else _to(perm, device), box
         same = lam_y is lam_x
         lam_x = _to(lam_x.float(), device)
         lam_y = lam_x if same else _to(lam_y.float(), device)
@@ -700,17 +760,25 @@ class Mixup:
     def _apply(self, x: Tensor, target, with_soft: bool, out: Tensor | None = None):
         """-> (x_out, soft or None, op target, label smoothing, lam_y (float, () or (B,) tensor), perm)."""
         g = self.generator
-        if (out is None and self.mixup_enabled and self.cutmix_alpha == 0.0 and self.pairing == "flip"
-                and not self.multi_label and self.mean is None and self.out_dtype is None
-                and type(x) is Tensor and x.is_cpu and x.ndim and x.shape[0] and x.is_floating_point()
-                and (g is None or g.device.type == "cpu") and (self.mode == "batch" or cpu_kernel.available())
-                and not tracing()):
-            # The common call (Mixup on the CPU, flip pairing), flattened: the same draws and op call as the
-            # path below, without its layers, which with cold caches cost a tenth of a CIFAR-sized call.
-            lam = self._float_lam() if self.mode == "batch" else self._cpu_rows(x.shape[0])
-            x_out, soft = ops.mix(x, target if with_soft else None, lam, num_classes=self.num_classes,
+        batch_mode = self.mode == "batch"
+        if (out is None and self.mixup_enabled and self.pairing == "flip" and not self.multi_label
+                and self.mean is None and self.out_dtype is None and type(x) is Tensor and x.is_cpu
+                and x.ndim and x.shape[0] and x.is_floating_point() and (g is None or g.device.type == "cpu")
+                and (self.cutmix_alpha == 0.0 or (batch_mode and x.ndim == 4))
+                and (batch_mode or cpu_kernel.available()) and not tracing()):
+            # The common call (flip pairing on the CPU), flattened: the same draws and op call as the path
+            # below, without its layers, which with cold caches cost a tenth of a CIFAR-sized call. A call
+            # that cuts nothing passes no box (an all-zero box changes nothing).
+            if batch_mode:
+                lam_x, lam_y, box = self._float_params(x.shape)
+                box = None if box is None else torch.tensor(box, dtype=torch.int32)
+            else:
+                lam_x = lam_y = self._cpu_rows(x.shape[0])
+                box = None
+            x_out, soft = ops.mix(x, target if with_soft else None, lam_x, None if lam_y is lam_x else lam_y,
+                                  None, box, num_classes=self.num_classes,
                                   label_smoothing=self.label_smoothing, inplace=self.inplace and _dense(x))
-            return x_out, soft, target, self.label_smoothing, lam, None
+            return x_out, soft, target, self.label_smoothing, lam_y, None
         if not isinstance(x, Tensor) or x.ndim < 1:
             raise ValueError(f"x must be a tensor of shape (B, ...), got "
                              f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")

@@ -191,15 +191,15 @@ def test_batch_draw_on_floats_is_the_tensor_draw(prob):
     assert torch.equal(again.lam_x, p.lam_x) and again.lam_y is again.lam_x
 
 
-@pytest.mark.parametrize("mode", ["batch", "elem", "pair"])
+@pytest.mark.parametrize("mode,cutmix", [("batch", 0.0), ("elem", 0.0), ("pair", 0.0), ("batch", 1.0)])
 @pytest.mark.parametrize("prob", [1.0, 0.6])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 @pytest.mark.parametrize("inplace", [True, False])
-def test_common_call_is_flat_and_equals_the_general_path(mode, prob, layout, inplace):
-    """A Mixup call with flip pairing on a CPU float batch skips the sampling layers (:meth:`Mixup._sample`
-    is never entered) and gives what the general path gives: the same mixed batch, soft targets, mix_batch
-    weights and draws consumed. The general path is forced by hiding the tracer check from the policy,
-    which then draws λ with tensor ops."""
+def test_common_call_is_flat_and_equals_the_general_path(mode, cutmix, prob, layout, inplace):
+    """A Mixup call with flip pairing on a CPU float batch (CutMix too, in batch mode) skips the sampling
+    layers (:meth:`Mixup._sample` is never entered) and gives what the general path gives: the same mixed
+    batch, soft targets, mix_batch weights and draws consumed. The general path is forced by hiding the
+    tracer check from the policy, which then draws λ and the box with tensor ops."""
     base = torch.rand(7, 3, 6, 10)
     y = torch.tensor([0, 1, 2, 3, 4, 0, 2])
 
@@ -210,9 +210,10 @@ def test_common_call_is_flat_and_equals_the_general_path(mode, prob, layout, inp
             return base.clone().transpose(2, 3)  # neither layout: mixed out of place
         return base.clone()
 
-    kw = dict(mixup_alpha=0.4, num_classes=5, prob=prob, label_smoothing=0.1, inplace=inplace, mode=mode)
+    kw = dict(mixup_alpha=0.4, cutmix_alpha=cutmix, num_classes=5, prob=prob, label_smoothing=0.1,
+              inplace=inplace, mode=mode)
     flat, general = Mixup(**kw, generator=gen(3)), Mixup(**kw, generator=gen(3))
-    for _ in range(6):
+    for _ in range(12 if cutmix else 6):
         x_flat, x_general = batch(), batch()
         with patch.object(Mixup, "_sample", side_effect=AssertionError("the flat path was not taken")):
             got, soft = flat(x_flat, y)
@@ -224,6 +225,34 @@ def test_common_call_is_flat_and_equals_the_general_path(mode, prob, layout, inp
         assert torch.equal(got, want) and torch.equal(soft, want_soft)
         assert torch.equal(mb.x, want_mb.x) and torch.equal(mb.lam, want_mb.lam) and mb.perm is None
         assert torch.equal(flat.generator.get_state(), general.generator.get_state())
+
+
+@pytest.mark.parametrize("config", [
+    dict(mixup_alpha=0.8, cutmix_alpha=1.0),
+    dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=0.7, switch_prob=0.3),
+    dict(mixup_alpha=0.0, cutmix_alpha=1.0),
+    dict(mixup_alpha=0.0, cutmix_alpha=0.5, prob=0.6, correct_lam=False),
+    dict(mixup_alpha=0.4, cutmix_minmax=(0.2, 0.8)),
+    dict(mixup_alpha=0.0, cutmix_minmax=(0.3, 0.9), prob=0.5),
+])
+def test_cutmix_batch_draw_on_floats_is_the_tensor_draw(config):
+    """Batch mode with CutMix on a CPU generator draws on Python floats: λ for pixels and labels, the box
+    and the draws consumed must be the tensor path's, for every switch, coin and box rule."""
+    fast = Mixup(num_classes=5, generator=gen(31), **config)
+    ref = Mixup(num_classes=5, generator=gen(31), **config)
+    shape = (6, 3, 13, 17)
+    cuts = 0
+    for _ in range(200):
+        with patch("mixrecipe.policy.sample_beta", side_effect=AssertionError("tensor draw")):
+            got = fast.sample(shape)
+        with patch("mixrecipe.policy.tracing", return_value=True):  # forces the tensor path
+            want = ref.sample(shape)
+        for a, b in zip(got, want):
+            assert (a is None) == (b is None)
+            assert a is None or (a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)), (got, want)
+        cuts += bool(got.box.any())
+        assert torch.equal(fast.generator.get_state(), ref.generator.get_state())
+    assert 0 < cuts
 
 
 @pytest.mark.parametrize("mode,pairing", [("elem", "flip"), ("elem", "random"), ("pair", "flip")])
