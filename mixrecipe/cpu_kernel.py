@@ -398,20 +398,21 @@ if numba is not None:
         w_i = _lam(lam, lam_value, i)
         w_j = _lam(lam, lam_value, j)
         end = r0 + span
+        bi, bj = (i, j) if box.shape[0] > 1 else (0, 0)  # one box row: the whole batch's box
         r = r0
         while r < end:
             rows = 1
             c0_i = c1_i = c0_j = c1_j = 0
             if box.shape[0]:  # lines are image rows here: r is the row index h
-                if box[i, 0] <= r < box[i, 1]:
-                    c0_i, c1_i = box[i, 2] * col_mult, box[i, 3] * col_mult
-                if paired and box[j, 0] <= r < box[j, 1]:  # row j is written here too
-                    c0_j, c1_j = box[j, 2] * col_mult, box[j, 3] * col_mult
+                if box[bi, 0] <= r < box[bi, 1]:
+                    c0_i, c1_i = box[bi, 2] * col_mult, box[bi, 3] * col_mult
+                if paired and box[bj, 0] <= r < box[bj, 1]:  # row j is written here too
+                    c0_j, c1_j = box[bj, 2] * col_mult, box[bj, 3] * col_mult
                 if c0_i == c1_i and c0_j == c1_j and not use_tab:
                     # No box on this row: the rows up to the next one a box covers are one span (rows are
                     # contiguous), mixed in one go instead of a short span per row.
-                    while (r + rows < end and not box[i, 0] <= r + rows < box[i, 1]
-                           and not (paired and box[j, 0] <= r + rows < box[j, 1])):
+                    while (r + rows < end and not box[bi, 0] <= r + rows < box[bi, 1]
+                           and not (paired and box[bj, 0] <= r + rows < box[bj, 1])):
                         rows += 1
             start = p * plane + r * line
             n = min(line * rows, plane - r * line)
@@ -991,14 +992,16 @@ class MixPlan:
         self._values, self._entry, self._n_units, self._moved = values, _entry(*dtypes), n_units, moved
         self._classes, self._made = classes, made
 
-    def launch(self, x=None, out=None, index=None, soft=None, lam=None) -> None:
-        """Run the plan, re-pointed at ``x``, ``out``, the class indices ``index`` and ``soft`` (each None:
-        as planned) with the weight ``lam`` for pixels and labels (None: as planned).
+    def launch(self, x=None, out=None, index=None, soft=None, lam=None, lam_y=None, box=None) -> None:
+        """Run the plan, re-pointed at ``x``, ``out``, the class indices ``index``, ``soft`` and the CutMix
+        ``box`` (each None: as planned) with the weight ``lam`` for pixels and ``lam_y`` for labels (None:
+        ``lam``; both None: as planned).
 
-        The new tensors must have the planned tensors' dtypes, shapes and strides. ``lam`` is a float for a
-        plan made with a float weight, or a contiguous (B,) float32 tensor for one made with such a tensor
-        (one weight for pixels and labels). The kernel checks the class indices and (B,) weights before it
-        writes anything; a refusal raises ``check_index_range``'s or ``check_unit_range``'s error.
+        The new tensors must have the planned tensors' dtypes, shapes and strides (a (4,) box stands for a
+        planned (1, 4) one). ``lam`` is a float for a plan made with float weights, then ``lam_y`` may be
+        another float; or a contiguous (B,) float32 tensor for a plan made with one such tensor for pixels
+        and labels. The kernel checks the class indices and (B,) weights before it writes anything; a
+        refusal raises ``check_index_range``'s or ``check_unit_range``'s error.
         """
         values = list(self._values)  # a copy: threads may launch one plan at once
         if x is not None:
@@ -1012,7 +1015,10 @@ class MixPlan:
         if isinstance(lam, torch.Tensor):
             values[_BLOCK.LAM_X] = values[_BLOCK.LAM_Y] = lam.data_ptr()
         elif lam is not None:
-            values[_BLOCK.LAM_X_VALUE] = values[_BLOCK.LAM_Y_VALUE] = lam
+            values[_BLOCK.LAM_X_VALUE] = lam
+            values[_BLOCK.LAM_Y_VALUE] = lam if lam_y is None else lam_y
+        if box is not None:
+            values[_BLOCK.BOX] = box.data_ptr()
         n_units, moved = self._n_units, self._moved
         workers = 1 if moved < PARALLEL_MIN_BYTES else min(torch.get_num_threads(), n_units)
         chunks = max(workers * PARALLEL_CHUNKS, moved // CHUNK_BYTES)
@@ -1100,7 +1106,8 @@ def mix_cpu(x, out, target, soft, *, perm, lam_x, lam_y, box, mean, inv_std, in_
         perm: (B,) int64 partners, or None for the flip pairing.
         lam_x, lam_y: floats or (B,) float32 tensors; tensors are range-checked by the launch
             (``check_unit_range``) before anything is written.
-        box: (B, 4) int32 CutMix boxes or None. mean, inv_std: (C,) float32 or None.
+        box: (B, 4) int32 CutMix boxes, (1, 4) for one box for the whole batch, or None. mean, inv_std:
+            (C,) float32 or None.
         in_scale: multiplies raw inputs before normalization. label_off, label_keep: timm smoothing.
 
     Returns:

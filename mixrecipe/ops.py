@@ -290,11 +290,12 @@ def _new_soft(ref: Tensor, target: Tensor | None, num_classes: int) -> Tensor:
                        device=ref.device)
 
 
-# In-place flip calls on the CPU kernel with a float or (B,) float32 lam, by signature: the kernel's plan of
-# a call whose checks passed. Every check of such a call depends on the signature alone, except the class
-# indices' and (B,) weights' range, which the plan's launch checks every time: a call with a known signature
-# re-points the plan at its tensors and launches it. A dict lookup instead of a dozen checks and the planning
-# (with cold caches, as in a training step, they took more than half of a CIFAR-sized call).
+# In-place flip calls on the CPU kernel with float weights (or one (B,) float32 tensor) and at most one
+# CutMix box for the batch, by signature: the kernel's plan of a call whose checks passed. Every check of
+# such a call depends on the signature alone, except the class indices' and (B,) weights' range, which the
+# plan's launch checks every time (a box needs none: the kernel clips it): a call with a known signature
+# re-points the plan at its tensors and launches it. A dict lookup instead of a dozen checks and the
+# planning (with cold caches, as in a training step, they took more than half of a CIFAR-sized call).
 _CHECKED_INPLACE: dict = {}
 _CHECKED_MAX = 64
 # What torch.autograd.graph.increment_version calls, without its Python frame (a memo hit is a few µs).
@@ -304,15 +305,20 @@ _increment_version = torch._C._increment_version
 def _inplace_signature(x, target, lam_x, lam_y, perm, box, num_classes, label_smoothing, mean, std, out_dtype,
                        inplace, out):
     """What the checks of a call depend on, when it may skip them once they passed (else None)."""
-    if not (inplace and perm is None and box is None and mean is None and std is None and lam_y is None
-            and out is None and type(x) is Tensor):
+    if not (inplace and perm is None and mean is None and std is None and out is None and type(x) is Tensor):
         return None
-    if type(lam_x) is float:
-        if not 0.0 <= lam_x <= 1.0:
+    if type(lam_x) is float and (lam_y is None or type(lam_y) is float):
+        if not (0.0 <= lam_x <= 1.0 and (lam_y is None or 0.0 <= lam_y <= 1.0)):
             return None
-        weights = None
-    elif type(lam_x) is Tensor and lam_x.ndim == 1:  # the launch range-checks (B,) weights
+        weights = type(lam_y)
+    elif type(lam_x) is Tensor and lam_x.ndim == 1 and lam_y is None:  # the launch range-checks them
         weights = lam_x.dtype, lam_x.shape, lam_x.stride(), lam_x.requires_grad, lam_x.is_cpu
+    else:
+        return None
+    if box is None:
+        cut = None
+    elif type(box) is Tensor and box.dtype == torch.int32 and box.shape == (4,):  # one box, any values
+        cut = box.stride(), box.is_cpu
     else:
         return None
     if target is None:
@@ -324,8 +330,8 @@ def _inplace_signature(x, target, lam_x, lam_y, perm, box, num_classes, label_sm
         return None
     if tracing():
         return None
-    return (x.dtype, x.shape, x.stride(), x.requires_grad, x.is_cpu, weights, labels, type(label_smoothing),
-            label_smoothing, out_dtype, current_cpu_backend())
+    return (x.dtype, x.shape, x.stride(), x.requires_grad, x.is_cpu, weights, cut, labels,
+            type(label_smoothing), label_smoothing, out_dtype, current_cpu_backend())
 
 
 def _lam_parts(name: str, lam, batch: int, device, values: bool = True) -> tuple[Tensor | None, float]:
@@ -392,9 +398,9 @@ def mix(
         _increment_version((x,))  # as _call does for the direct call this stands for
         # No device argument: a default-device context is a function mode, under which no plan is used.
         soft = None if target is None else torch.empty((x.shape[0], num_classes), dtype=torch.float32)
-        plan.launch(x, x, target, soft, lam_x)
+        plan.launch(x, x, target, soft, lam_x, lam_y, box)
         return x, soft
-    given = x, target
+    given = x, target, box
     x, mean, std, out_dtype = check_images(x, mean, std, out_dtype, inplace)
     batch, device = x.shape[0], x.device
     label_smoothing = check_unit_interval("label_smoothing", label_smoothing)
@@ -421,7 +427,9 @@ def mix(
         as_given = x is given[0] and target is given[1] and (lam_x_t is None or lam_x_t is lam_x)
         if signature is not None and as_given and _direct_call(x, target, lam_x_t):
             torch.autograd.graph.increment_version(x)  # _call's direct call, keeping the kernel's plan
-            soft, plan = _mix_out_planned(x, x, target, lam_x_t, lam_x_v, lam_x_t, lam_x_v, None, None, None,
+            if given[2] is not None and _use_cpu_kernel(x):
+                box = given[2].view(1, 4)  # the caller's box, which the kernel reads for every row
+            soft, plan = _mix_out_planned(x, x, target, lam_x_t, lam_x_v, lam_y_t, lam_y_v, None, box, None,
                                           None, num_classes, label_smoothing)
             if plan is not None:  # the CPU kernel ran
                 if len(_CHECKED_INPLACE) >= _CHECKED_MAX:

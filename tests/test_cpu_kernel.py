@@ -272,6 +272,33 @@ def test_per_sample_weights_are_planned_once_then_relaunched(threads, planning, 
         assert_close_ulp(mixed, ref, 4.0, torch.float32)
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_batch_box_is_planned_once_then_relaunched(threads, planning, layout, dtype):
+    """In-place CutMix calls with one (4,) int32 box and float weights for pixels and labels (what the
+    policy passes) plan once; later calls re-point the plan at their own box and weights. Boxes in another
+    form ((B, 4), int64) take the full path and give the same result."""
+    g = torch.Generator().manual_seed(6)
+    for step in range(5):
+        x = torch.randn(7, 3, 8, 9, generator=g).to(dtype).contiguous(memory_format=layout)
+        target = torch.randint(0, 6, (7,), generator=g)
+        box = torch.tensor([step, 4 + step, 8 - step, 9], dtype=torch.int32)
+        lam_x, lam_y = float(torch.rand((), generator=g)), float(torch.rand((), generator=g))
+        ref, ref_soft = R.mix_reference(x, target, lam_x, lam_y, None, box, num_classes=6,
+                                        label_smoothing=0.1)
+        before, version = x.clone(), x._version
+        out, soft = ops.mix(x, target, lam_x, lam_y, None, box, num_classes=6, label_smoothing=0.1,
+                            inplace=True)
+        assert out is x and x._version > version and x.is_contiguous(memory_format=layout)
+        assert_close_ulp(x, ref, before.double().abs().max(), dtype)
+        torch.testing.assert_close(soft, ref_soft, rtol=1e-6, atol=1e-7)
+        for other in (box.expand(7, 4), box.long()):
+            y = before.clone(memory_format=torch.preserve_format)
+            ops.mix(y, target, lam_x, lam_y, None, other, num_classes=6, label_smoothing=0.1, inplace=True)
+            assert torch.equal(y, x)
+    assert len(planning) == 1 + 2 * 5  # the (4,) int32 box once; the other forms every call
+
+
 def test_beta_rows_is_the_tensor_formula():
     """beta_rows combines sample_beta's draws exactly as the tensor ops do (bit for bit here): per sample,
     per pair spread to both rows (the middle row of an odd batch unmixed), with and without the coin."""
