@@ -36,6 +36,8 @@ Providers (every one gets its own tensor of the same shape, dtype and layout, ma
   λ, out of place: the same work as ``eager-lerp``.
 - ``ours-Mixup-batch`` / ``-pair`` / ``-elem``: the policy ``mixrecipe.Mixup`` with timm's arguments
   (λ ~ Beta(α, α) drawn every call; one λ per batch / per pair / per sample; flip pairing, in place).
+- ``ours-MixCut-batch`` / ``timm-MixCut-batch``: both policies with Mixup and CutMix (``cutmix_alpha=1.0``,
+  timm's ``switch_prob=0.5``), as timm's ImageNet recipes run them: half the calls paste a box.
 - ``eager-lerp``: the fastai / Composer formula in plain torch, ``torch.lerp(x[perm], x, lam)`` with
   per-sample λ, and timm's smoothed one-hot targets (``full`` + ``scatter_``) lerped the same way
   (loader cases: timm PrefetchLoader's ``x.to(bf16).sub_(mean).div_(std)`` first).
@@ -90,9 +92,9 @@ SMOOTHING = 0.1
 LAM = 0.7
 PEERS = ("eager-lerp", "timm-batch", "timm-elem", "compile-lerp")
 ORDER = ("copy", "convert-alloc", "scale-inplace", "ours-kernel", "ours-bound", "ours-op-flip", "ours-op-out",
-         "ours-Mixup-batch", "ours-Mixup-pair", "ours-Mixup-elem", "ours-op-perm", "eager-lerp",
-         "compile-lerp", "timm-batch", "timm-elem", "ours-tv-MixUp", "tv-MixUp", "ours-tv-CutMix",
-         "tv-CutMix")
+         "ours-Mixup-batch", "ours-Mixup-pair", "ours-Mixup-elem", "ours-MixCut-batch", "ours-op-perm",
+         "eager-lerp", "compile-lerp", "timm-batch", "timm-elem", "timm-MixCut-batch", "ours-tv-MixUp",
+         "tv-MixUp", "ours-tv-CutMix", "tv-CutMix")
 GRAPH_MAX_BYTES = 16 << 20  # CUDA-graph rows for batches up to this size (the CIFAR-size ones)
 
 
@@ -236,7 +238,7 @@ def providers(case: Case, x0: torch.Tensor, target: torch.Tensor, perm: torch.Te
         def bound():  # the least a Mixup call costs under its semantics: see ours-bound in the docstring
             draws = torch._standard_gamma(conc).tolist()
             if a >= 1.0:
-                lam = _logistic(math.log(draws[0]) - math.log(draws[1]))
+                lam = draws[0] / (draws[0] + draws[1])
             else:
                 lam = _logistic((math.log(draws[0]) - draws[2] / a) - (math.log(draws[1]) - draws[3] / a))
             soft = torch.empty(batch, k)
@@ -266,6 +268,11 @@ def providers(case: Case, x0: torch.Tensor, target: torch.Tensor, perm: torch.Te
             xm = x0 if case.loader else own()
             out.append(Provider(f"ours-Mixup-{mode}", lambda m=m, xm=xm: m(xm, target), case.loader, False,
                                 None if case.loader else xm))
+        m = policy(mixup_alpha=case.alpha, cutmix_alpha=1.0, label_smoothing=SMOOTHING, num_classes=k,
+                   **mean_std)
+        xm = x0 if case.loader else own()
+        out.append(Provider("ours-MixCut-batch", lambda m=m, xm=xm: m(xm, target), case.loader, False,
+                            None if case.loader else xm))
     out.append(Provider(
         "ours-op-perm",
         lambda: mixrecipe.mixup(x0, target, lam_vec, perm, num_classes=k, label_smoothing=SMOOTHING,
@@ -288,15 +295,16 @@ def providers(case: Case, x0: torch.Tensor, target: torch.Tensor, perm: torch.Te
 
     import timm.data
 
-    for mode in ("batch", "elem"):
-        tm = timm.data.Mixup(mixup_alpha=case.alpha, label_smoothing=SMOOTHING, num_classes=k, mode=mode)
+    for name, mode, cutmix in (("timm-batch", "batch", 0.0), ("timm-elem", "elem", 0.0),
+                               ("timm-MixCut-batch", "batch", 1.0)):
+        tm = timm.data.Mixup(mixup_alpha=case.alpha, cutmix_alpha=cutmix, label_smoothing=SMOOTHING,
+                             num_classes=k, mode=mode)
         if case.loader:
             fn = lambda tm=tm: tm(x0.to(case.out_dtype).sub_(mean255).div_(std255), target)  # noqa: E731
         else:
             xt = own()
             fn = lambda tm=tm, xt=xt: tm(xt, target)  # noqa: E731
-        out.append(Provider(f"timm-{mode}", fn, case.loader or mode == "elem", False,
-                            None if case.loader else xt))
+        out.append(Provider(name, fn, case.loader or mode == "elem", False, None if case.loader else xt))
     out += _torchvision_providers(case, x0, target, mean255, std255)
     order = {n: i for i, n in enumerate(ORDER)}
     return sorted(out, key=lambda p: order[p.name])
@@ -363,8 +371,8 @@ def verify(case: Case, device: torch.device, with_compile: bool) -> None:
         got = ps[ours].fn()
         torch.testing.assert_close(got[0].float(), want[0].float(), **tol, msg=lambda m, n=ours: f"{n}: {m}")
         torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
-    for name in ("ours-bound", "ours-Mixup-batch", "ours-Mixup-pair", "ours-Mixup-elem", "timm-batch",
-                 "timm-elem"):
+    for name in ("ours-bound", "ours-Mixup-batch", "ours-Mixup-pair", "ours-Mixup-elem", "ours-MixCut-batch",
+                 "timm-batch", "timm-elem", "timm-MixCut-batch"):
         if name in ps:
             got_x, got_soft = ps[name].fn()
             assert torch.isfinite(got_x.float()).all(), f"{name}: non-finite output"
@@ -528,6 +536,10 @@ def target_checks(rows: list[dict], device: torch.device) -> list[str]:
                          f"launcher {kernel:.0f} µs, the op's signature lookup and allocation "
                          f"{op - kernel:.0f} µs, the policy's draw and glue {policy - op:.0f} µs; "
                          f"timm-batch {timm_:.0f} µs")
+        mixcut = ratio(case, "ours-MixCut-batch", "timm-MixCut-batch")
+        if mixcut is not None:
+            lines.append(f"- {case} (information): with CutMix too (switch_prob 0.5), ours-MixCut-batch "
+                         f"speedup vs timm-MixCut-batch: {mixcut:.2f}x")
         bound, timm_row = _find(rows, case, "ours-bound"), _find(rows, case, "timm-batch")
         if bound is not None and timm_row is not None:
             lines.append(f"- {case} (information): the least a call can take under the policy's semantics "
@@ -588,6 +600,7 @@ def plot(rows: list[dict], path, title: str) -> None:
               "ours-kernel": "#041f4a", "ours-bound": "#1c9099", "ours-op-flip": "#08519c",
               "ours-op-out": "#2171b5",
               "ours-Mixup-batch": "#3182bd", "ours-Mixup-pair": "#4a9bd0", "ours-Mixup-elem": "#6baed6",
+              "ours-MixCut-batch": "#9ecae1", "timm-MixCut-batch": "#fb6a4a",
               "ours-op-perm": "#74c476",
               "eager-lerp": "#fd8d3c",
               "compile-lerp": "#e6550d", "timm-batch": "#de2d26", "timm-elem": "#a50f15",

@@ -726,23 +726,23 @@ if numba is not None:
     @_jit()
     def _beta_rows(gamma, coin, alpha, prob, pair, out):
         """λ per row from Gamma draws, ``sample_beta``'s formula in float64: column d of ``gamma`` holds G1,
-        G2 ~ Gamma(alpha) (two rows, alpha >= 1) and λ_d = sigmoid(log G1 - log G2), or G1, G2 ~ Gamma(alpha
-        + 1) and E1, E2 ~ Exp(1) (four rows) and λ_d = sigmoid((log G1 - E1 / alpha) - (log G2 - E2 /
-        alpha)); 1.0 where a coin is given and not below ``prob``. ``pair``: λ_d goes to rows d and
+        G2 ~ Gamma(alpha) (two rows, alpha >= 1) and λ_d = G1 / (G1 + G2), or G1, G2 ~ Gamma(alpha + 1) and
+        E1, E2 ~ Exp(1) (four rows) and λ_d = sigmoid((log G1 - E1 / alpha) - (log G2 - E2 / alpha)); 1.0
+        where a coin is given and not below ``prob``. ``pair``: λ_d goes to rows d and
         B-1-d, and the middle row of an odd batch stays unmixed (1.0). Rounded to float32 as ``.float()``
         rounds."""
         batch = out.shape[0]
         for d in range(gamma.shape[1]):
             if gamma.shape[0] == 2:
-                diff = np.log(gamma[0, d]) - np.log(gamma[1, d])
+                lam = gamma[0, d] / (gamma[0, d] + gamma[1, d])
             else:
                 own = np.log(gamma[0, d]) - gamma[2, d] / alpha
                 diff = own - (np.log(gamma[1, d]) - gamma[3, d] / alpha)
-            if diff >= 0.0:  # the logistic function without overflow
-                lam = 1.0 / (1.0 + np.exp(-diff))
-            else:
-                e = np.exp(diff)
-                lam = e / (1.0 + e)
+                if diff >= 0.0:  # the logistic function without overflow
+                    lam = 1.0 / (1.0 + np.exp(-diff))
+                else:
+                    e = np.exp(diff)
+                    lam = e / (1.0 + e)
             if coin.shape[0] and not coin[d] < prob:
                 lam = 1.0
             out[d] = np.float32(lam)

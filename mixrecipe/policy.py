@@ -121,7 +121,8 @@ def sample_beta(alpha: float, size=(), *, generator=None, device=None, dtype=tor
     Gamma(1), i.e. -log U for U uniform), so one Gamma draw of four values (a + 1, a + 1, 1, 1) makes one λ:
     the log form never underflows to 0/0, which the plain ratio does in float32 for small alpha (e.g. the
     ImageNet default alpha = 0.2) and in float64 for tiny alpha. For a >= 1 (CIFAR's alpha = 1) Gamma(a)
-    has no mass near 0 to lose, and two draws (a, a) make one λ: half the sampling work.
+    has no mass near 0 to lose: two draws (a, a) make one λ = G1 / (G1 + G2), half the sampling work and
+    no log or exp.
 
     Args:
         alpha: concentration, > 0.
@@ -141,13 +142,14 @@ def sample_beta(alpha: float, size=(), *, generator=None, device=None, dtype=tor
         return _to(torch.tensor(_beta_value(alpha, generator), dtype=dtype), device or draw_device)
     if alpha >= 1.0:
         conc = torch.full((2,) + size, alpha, dtype=torch.float64, device=draw_device)
-        log_g = torch._standard_gamma(conc, generator=generator).log()
+        gamma = torch._standard_gamma(conc, generator=generator)
+        lam = gamma[0] / gamma.sum(0)  # the sum of two values is G1 + G2, rounded once
     else:
         conc = torch.full((4,) + size, alpha + 1.0, dtype=torch.float64, device=draw_device)
         conc[2:] = 1.0  # rows 0, 1: Gamma(a + 1); rows 2, 3: Exp(1)
         gamma = torch._standard_gamma(conc, generator=generator)
         log_g = gamma[:2].log() - gamma[2:] / alpha
-    lam = torch.sigmoid(torch.sub(*log_g.unbind(0)))  # one op for both rows, not two selects
+        lam = torch.sigmoid(torch.sub(*log_g.unbind(0)))  # one op for both rows, not two selects
     if dtype != torch.float64:  # each skipped no-op is a dispatch (a launch on a GPU)
         lam = lam.to(dtype)
     return _to(lam, device if device is not None else draw_device)
@@ -220,10 +222,9 @@ def _beta_value(alpha: float, generator) -> float:
     draws = torch._standard_gamma(_concentrations(alpha, ()), generator=generator).tolist()  # one op
     if alpha >= 1.0:
         g1, g2 = draws
-        d = math.log(g1) - math.log(g2)
-    else:
-        g1, g2, e1, e2 = draws
-        d = (math.log(g1) - e1 / alpha) - (math.log(g2) - e2 / alpha)
+        return g1 / (g1 + g2)
+    g1, g2, e1, e2 = draws
+    d = (math.log(g1) - e1 / alpha) - (math.log(g2) - e2 / alpha)
     if d >= 0.0:  # the logistic function without overflow
         return 1.0 / (1.0 + math.exp(-d))
     e = math.exp(d)

@@ -307,17 +307,18 @@ def test_beta_rows_is_the_tensor_formula():
         for batch in (1, 2, 7, 64):
             for pair in (False, True):
                 n = (batch + 1) // 2 if pair else batch
-                if alpha >= 1.0:  # two Gamma(a) rows
+                if alpha >= 1.0:  # two Gamma(a) rows: G1 / (G1 + G2)
                     gamma = torch._standard_gamma(torch.full((2, n), alpha, dtype=torch.float64), generator=g)
-                    log_g = gamma.log()
-                else:  # Gamma(a + 1) and Exp(1) rows
+                    lam = gamma[0] / (gamma[0] + gamma[1])
+                else:  # Gamma(a + 1) and Exp(1) rows, in log space
                     conc = torch.full((4, n), alpha + 1.0, dtype=torch.float64)
                     conc[2:] = 1.0
                     gamma = torch._standard_gamma(conc, generator=g)
                     log_g = gamma[:2].log() - gamma[2:] / alpha
+                    lam = torch.sigmoid(log_g[0] - log_g[1])
                 for coin in (None, torch.rand(n, generator=g, dtype=torch.float64)):
                     got = cpu_kernel.beta_rows(gamma, coin, alpha, 0.6, batch, pair)
-                    want = torch.sigmoid(log_g[0] - log_g[1])
+                    want = lam.clone()
                     if coin is not None:
                         want = torch.where(coin < 0.6, want, 1.0)
                     if pair:

@@ -149,13 +149,14 @@ def test_one_beta_draw_on_floats_is_the_tensor_formula(alpha):
     fast, ref = [], []
     for _ in range(3000):
         fast.append(sample_beta(alpha, (), generator=g_fast, dtype=torch.float64).item())
-        if alpha >= 1.0:  # two Gamma(a) draws
-            log_g = torch._standard_gamma(torch.full((2,), alpha, dtype=torch.float64), generator=g_ref).log()
+        if alpha >= 1.0:  # two Gamma(a) draws, G1 / (G1 + G2)
+            gamma = torch._standard_gamma(torch.full((2,), alpha, dtype=torch.float64), generator=g_ref)
+            ref.append((gamma[0] / (gamma[0] + gamma[1])).item())
         else:
             conc = torch.tensor([alpha + 1.0, alpha + 1.0, 1.0, 1.0], dtype=torch.float64)
             gamma = torch._standard_gamma(conc, generator=g_ref)
             log_g = gamma[:2].log() - gamma[2:] / alpha  # log G(a) = log G(a + 1) - Exp(1) / a
-        ref.append(torch.sigmoid(log_g[0] - log_g[1]).item())
+            ref.append(torch.sigmoid(log_g[0] - log_g[1]).item())
     # exp() turns the last-bit differences of log() into a relative error of |log-odds| * 2**-52 at most
     np.testing.assert_allclose(fast, ref, rtol=1e-12, atol=1e-300)
     assert torch.equal(g_fast.get_state(), g_ref.get_state())
