@@ -317,8 +317,8 @@ def _inplace_signature(x, target, lam_x, lam_y, perm, box, num_classes, label_sm
         return None
     if box is None:
         cut = None
-    elif type(box) is Tensor and box.dtype == torch.int32 and box.shape == (4,):  # one box, any values
-        cut = box.stride(), box.is_cpu
+    elif type(box) is Tensor and box.dtype == torch.int32 and box.shape == (4,) and box.stride() == (1,):
+        cut = box.is_cpu  # one box for the batch, as the plan reads it; any values (the kernel clips them)
     else:
         return None
     if target is None:

@@ -292,11 +292,13 @@ def test_one_batch_box_is_planned_once_then_relaunched(threads, planning, layout
         assert out is x and x._version > version and x.is_contiguous(memory_format=layout)
         assert_close_ulp(x, ref, before.double().abs().max(), dtype)
         torch.testing.assert_close(soft, ref_soft, rtol=1e-6, atol=1e-7)
-        for other in (box.expand(7, 4), box.long()):
+        strided = torch.zeros(8, dtype=torch.int32)[::2]
+        strided.copy_(box)
+        for other in (box.expand(7, 4), box.long(), strided):
             y = before.clone(memory_format=torch.preserve_format)
             ops.mix(y, target, lam_x, lam_y, None, other, num_classes=6, label_smoothing=0.1, inplace=True)
             assert torch.equal(y, x)
-    assert len(planning) == 1 + 2 * 5  # the (4,) int32 box once; the other forms every call
+    assert len(planning) == 1 + 3 * 5  # the contiguous (4,) int32 box once; the other forms every call
 
 
 def test_beta_rows_is_the_tensor_formula():
