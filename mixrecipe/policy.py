@@ -116,13 +116,12 @@ def _image_hw(img_shape) -> tuple[int, int]:
 def sample_beta(alpha: float, size=(), *, generator=None, device=None, dtype=torch.float32) -> Tensor:
     """Draw λ ~ Beta(alpha, alpha) as a tensor, with no host-device synchronization.
 
-    Uses Beta(a, a) = G1 / (G1 + G2) with G1, G2 ~ Gamma(a), computed in log space as
-    ``sigmoid(log G1 - log G2)``. For a < 1 it uses ``log G(a) = log G(a + 1) - E / a`` (E ~ Exp(1) =
-    Gamma(1), i.e. -log U for U uniform), so one Gamma draw of four values (a + 1, a + 1, 1, 1) makes one λ:
-    the log form never underflows to 0/0, which the plain ratio does in float32 for small alpha (e.g. the
-    ImageNet default alpha = 0.2) and in float64 for tiny alpha. For a >= 1 (CIFAR's alpha = 1) Gamma(a)
-    has no mass near 0 to lose: two draws (a, a) make one λ = G1 / (G1 + G2), half the sampling work and
-    no log or exp.
+    Uses Beta(a, a) = G1 / (G1 + G2) with G1, G2 ~ Gamma(a). For a < 1 it is computed in log space, as
+    ``sigmoid(log G1 - log G2)`` with ``log G(a) = log G(a + 1) - E / a`` (E ~ Exp(1) = Gamma(1), i.e.
+    -log U for U uniform), so one Gamma draw of four values (a + 1, a + 1, 1, 1) makes one λ: the log form
+    never underflows to 0/0, which the plain ratio does in float32 for small alpha (e.g. the ImageNet
+    default alpha = 0.2) and in float64 for tiny alpha. For a >= 1 (CIFAR's alpha = 1) Gamma(a) has no mass
+    near 0 to lose: two draws (a, a) and the plain ratio, half the sampling work and no log or exp.
 
     Args:
         alpha: concentration, > 0.
