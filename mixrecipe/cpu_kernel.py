@@ -937,7 +937,7 @@ def _run(entry: _CEntry, address: int, workers: int) -> None:
     if workers <= 1:
         entry.call(address)
         return
-    openmp = _torch_openmp() if USE_OPENMP_TEAM else None  # as team_runtime() says
+    openmp = (_OPENMP if _OPENMP is not _UNRESOLVED else _torch_openmp()) if USE_OPENMP_TEAM else None
     if openmp is not None:
         openmp[0](entry.address, address, workers, 0)
     else:
@@ -1023,7 +1023,10 @@ class MixPlan:
         workers = 1 if moved < PARALLEL_MIN_BYTES else min(torch.get_num_threads(), n_units)
         chunks = max(workers * PARALLEL_CHUNKS, moved // CHUNK_BYTES)
         values[_BLOCK.CHUNK] = n_units if workers <= 1 else max(1, n_units // chunks)
-        block, address = _thread_block()
+        try:  # _thread_block() without its call on every launch
+            block, address = _THREAD.block
+        except AttributeError:
+            block, address = _thread_block()
         _BLOCK_FORMAT.pack_into(block, 0, *values)
         _run(self._entry, address, workers)
         if _REFUSED_FORMAT.unpack_from(block, 8 * _BLOCK.REFUSED)[0]:

@@ -218,7 +218,10 @@ def _float_box(img_shape, lam: float, minmax, generator) -> tuple:
 def _beta_value(alpha: float, generator) -> float:
     """One λ ~ Beta(alpha, alpha) from a CPU generator as a Python float: :func:`sample_beta`'s draws and
     formula, with the arithmetic on floats (a dozen tiny tensor ops cost more than a CIFAR batch's mixing)."""
-    draws = torch._standard_gamma(_concentrations(alpha, ()), generator=generator).tolist()  # one op
+    conc = _CONCENTRATIONS.get((alpha, ()))  # looked up here: a call less on every draw
+    if conc is None:
+        conc = _concentrations(alpha, ())
+    draws = torch._standard_gamma(conc, generator=generator).tolist()  # one op
     if alpha >= 1.0:
         g1, g2 = draws
         return g1 / (g1 + g2)
@@ -777,7 +780,8 @@ class Mixup:
                 box = None
             x_out, soft = ops.mix(x, target if with_soft else None, lam_x, None if lam_y is lam_x else lam_y,
                                   None, box, num_classes=self.num_classes,
-                                  label_smoothing=self.label_smoothing, inplace=self.inplace and _dense(x))
+                                  label_smoothing=self.label_smoothing,
+                                  inplace=self.inplace and (x.is_contiguous() or _dense(x)))
             return x_out, soft, target, self.label_smoothing, lam_y, None
         if not isinstance(x, Tensor) or x.ndim < 1:
             raise ValueError(f"x must be a tensor of shape (B, ...), got "
