@@ -139,14 +139,10 @@ def sample_beta(alpha: float, size=(), *, generator=None, device=None, dtype=tor
     draw_device = _gen_device(generator, device)
     if size == () and draw_device.type == "cpu" and not tracing():
         return _to(torch.tensor(_beta_value(alpha, generator), dtype=dtype), device or draw_device)
+    gamma = torch._standard_gamma(_new_concentrations(alpha, size, draw_device), generator=generator)
     if alpha >= 1.0:
-        conc = torch.full((2,) + size, alpha, dtype=torch.float64, device=draw_device)
-        gamma = torch._standard_gamma(conc, generator=generator)
         lam = gamma[0] / gamma.sum(0)  # the sum of two values is G1 + G2, rounded once
     else:
-        conc = torch.full((4,) + size, alpha + 1.0, dtype=torch.float64, device=draw_device)
-        conc[2:] = 1.0  # rows 0, 1: Gamma(a + 1); rows 2, 3: Exp(1)
-        gamma = torch._standard_gamma(conc, generator=generator)
         log_g = gamma[:2].log() - gamma[2:] / alpha
         lam = torch.sigmoid(torch.sub(*log_g.unbind(0)))  # one op for both rows, not two selects
     if dtype != torch.float64:  # each skipped no-op is a dispatch (a launch on a GPU)
@@ -154,22 +150,26 @@ def sample_beta(alpha: float, size=(), *, generator=None, device=None, dtype=tor
     return _to(lam, device if device is not None else draw_device)
 
 
+def _new_concentrations(alpha: float, size: tuple, device) -> Tensor:
+    """:func:`sample_beta`'s Gamma concentrations for ``size`` λ, float64: (2, *size) of alpha for
+    alpha >= 1, else (4, *size) with rows alpha + 1, alpha + 1 (Gamma(a + 1)) and 1, 1 (Exp(1))."""
+    if alpha >= 1.0:
+        return torch.full((2,) + size, alpha, dtype=torch.float64, device=device)
+    conc = torch.full((4,) + size, alpha + 1.0, dtype=torch.float64, device=device)
+    conc[2:] = 1.0
+    return conc
+
+
 _CONCENTRATIONS: dict[tuple, Tensor] = {}
 
 
 def _concentrations(alpha: float, size: tuple) -> Tensor:
-    """:func:`sample_beta`'s CPU concentrations for ``size`` λ, float64: (2, *size) of alpha for alpha >= 1,
-    else (4, *size) with rows alpha + 1, alpha + 1, 1, 1 (kept: building them is two tensor ops per call)."""
+    """:func:`_new_concentrations` on the CPU, kept (building them is two tensor ops per call)."""
     conc = _CONCENTRATIONS.get((alpha, size))
     if conc is None:
         if len(_CONCENTRATIONS) >= 64:
             _CONCENTRATIONS.clear()
-        if alpha >= 1.0:
-            conc = torch.full((2,) + size, alpha, dtype=torch.float64)
-        else:
-            conc = torch.full((4,) + size, alpha + 1.0, dtype=torch.float64)
-            conc[2:] = 1.0
-        _CONCENTRATIONS[(alpha, size)] = conc
+        conc = _CONCENTRATIONS[(alpha, size)] = _new_concentrations(alpha, size, "cpu")
     return conc
 
 
