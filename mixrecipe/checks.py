@@ -66,11 +66,17 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REDUCTIONS = ("mean", "sum", "none")
 
 
+# tracing()'s three questions, looked up once: on the hot path each lookup in torch's large module
+# dictionaries is a cache miss or two (tracing() took ~4 µs per call in a CIFAR-sized call).
+_is_compiling = torch.compiler.is_compiling
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_function_mode_on = torch._C._is_torch_function_mode_enabled
+
+
 def tracing() -> bool:
     """Whether a tracer is watching: torch.compile, or a dispatch or function mode (make_fx, export,
     FakeTensor, FlopCounterMode, a default-device context)."""
-    return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-            or torch._C._is_torch_function_mode_enabled())
+    return _is_compiling() or _dispatch_modes() > 0 or _function_mode_on()
 
 
 def can_inspect(t: Tensor) -> bool:

@@ -397,7 +397,8 @@ def mix(
     if plan is not None:  # checked before: re-point the plan at these tensors and launch
         _increment_version((x,))  # as _call does for the direct call this stands for
         # No device argument: a default-device context is a function mode, under which no plan is used.
-        soft = None if target is None else torch.empty((x.shape[0], num_classes), dtype=torch.float32)
+        # Sizes as ints, not a tuple: torch's argument parser takes the shorter route (~0.4 µs warm).
+        soft = None if target is None else torch.empty(x.shape[0], num_classes, dtype=torch.float32)
         plan.launch(x, x, target, soft, lam_x, lam_y, box)
         return x, soft
     given = x, target, box
