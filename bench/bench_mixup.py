@@ -28,8 +28,9 @@ Providers (every one gets its own tensor of the same shape, dtype and layout, ma
   signature lookup, the soft-target allocation), so the table splits a call's time into the pass, the op
   around it and the policy's draw around that.
 - ``ours-bound`` (CPU float cases): the least a ``Mixup`` call can cost under the policy's semantics, with
-  nothing around it: one Beta(α, α) draw from torch's generator (the one ``_standard_gamma`` op the policy
-  dispatches, its formula in floats), a fresh soft-target tensor, and ``ours-kernel``'s plan launched on
+  nothing around it: one Beta(α, α) draw from torch's generator (the one op the policy dispatches,
+  ``torch.rand`` for α = 1 and ``_standard_gamma`` otherwise, its formula in floats), a fresh soft-target
+  tensor, and ``ours-kernel``'s plan launched on
   them. No argument checks and no signature lookup: the op cannot skip those (a tensor of another shape,
   dtype or layout would run a stale plan), so the policy's rows cannot reach this one.
 - ``ours-op-perm``: ``mixrecipe.mixup(x, t, lam, perm, ...)`` with a random permutation and per-sample
@@ -231,15 +232,18 @@ def providers(case: Case, x0: torch.Tensor, target: torch.Tensor, perm: torch.Te
             return x_kernel, soft_buf
 
         out.append(Provider("ours-kernel", kernel, False, True, x_kernel))
-        a = case.alpha  # sample_beta's draws: Gamma(a) twice for a >= 1, else Gamma(a + 1) and Exp(1) twice
-        x_bound = own()
+        a = case.alpha  # sample_beta's draws: a uniform for a = 1, Gamma(a) twice for a > 1, else
+        x_bound = own()  # Gamma(a + 1) and Exp(1) twice
         conc = torch.tensor([a] * 2 if a >= 1.0 else [a + 1.0] * 2 + [1.0] * 2, dtype=torch.float64)
 
         def bound():  # the least a Mixup call costs under its semantics: see ours-bound in the docstring
-            draws = torch._standard_gamma(conc).tolist()
-            if a >= 1.0:
+            if a == 1.0:
+                lam = torch.rand((), dtype=torch.float64).item()
+            elif a > 1.0:
+                draws = torch._standard_gamma(conc).tolist()
                 lam = draws[0] / (draws[0] + draws[1])
             else:
+                draws = torch._standard_gamma(conc).tolist()
                 lam = _logistic((math.log(draws[0]) - draws[2] / a) - (math.log(draws[1]) - draws[3] / a))
             soft = torch.empty(batch, k)
             plan.launch(x_bound, x_bound, target, soft, lam)

@@ -26,7 +26,7 @@ while PyTorch's own team picks the work up at once. Where no such runtime is fou
 Python threads run the entry side by side. Team members take chunks of work as they go, so one slowed
 thread does not hold up the rest. Batches moving less than ``PARALLEL_MIN_BYTES`` run on the calling
 thread: starting a team costs more than it saves there. The loss rows (``ce_rows``) run the same way,
-in chunks of rows. ``beta_rows`` turns one call's Gamma draws into per-sample weights for the policy's
+in chunks of rows. ``beta_rows`` turns one call's Beta draws into per-sample weights for the policy's
 "elem" and "pair" modes in one pass (a dozen tiny tensor ops took longer than mixing a CIFAR batch).
 """
 
@@ -725,15 +725,17 @@ if numba is not None:
 
     @_jit()
     def _beta_rows(gamma, coin, alpha, prob, pair, out):
-        """λ per row from Gamma draws, ``sample_beta``'s formula in float64: column d of ``gamma`` holds G1,
-        G2 ~ Gamma(alpha) (two rows, alpha >= 1) and λ_d = G1 / (G1 + G2), or G1, G2 ~ Gamma(alpha + 1) and
-        E1, E2 ~ Exp(1) (four rows) and λ_d = sigmoid((log G1 - E1 / alpha) - (log G2 - E2 / alpha)); 1.0
-        where a coin is given and not below ``prob``. ``pair``: λ_d goes to rows d and
-        B-1-d, and the middle row of an odd batch stays unmixed (1.0). Rounded to float32 as ``.float()``
-        rounds."""
+        """λ per row from ``sample_beta``'s draws, its formula in float64: column d of ``gamma`` holds
+        U ~ U[0, 1) (one row, alpha = 1) and λ_d = U, or G1, G2 ~ Gamma(alpha) (two rows, alpha > 1) and
+        λ_d = G1 / (G1 + G2), or G1, G2 ~ Gamma(alpha + 1) and E1, E2 ~ Exp(1) (four rows) and
+        λ_d = sigmoid((log G1 - E1 / alpha) - (log G2 - E2 / alpha)); 1.0 where a coin is given and not
+        below ``prob``. ``pair``: λ_d goes to rows d and B-1-d, and the middle row of an odd batch stays
+        unmixed (1.0). Rounded to float32 as ``.float()`` rounds."""
         batch = out.shape[0]
         for d in range(gamma.shape[1]):
-            if gamma.shape[0] == 2:
+            if gamma.shape[0] == 1:
+                lam = gamma[0, d]
+            elif gamma.shape[0] == 2:
                 lam = gamma[0, d] / (gamma[0, d] + gamma[1, d])
             else:
                 own = np.log(gamma[0, d]) - gamma[2, d] / alpha
@@ -829,9 +831,9 @@ def beta_rows(gamma: torch.Tensor, coin: torch.Tensor | None, alpha: float, prob
     """Per-sample weights from one call's draws, in one compiled pass instead of a dozen tensor ops.
 
     Args:
-        gamma: contiguous float64 ``torch._standard_gamma`` draws, ``sample_beta``'s for n values of λ ~
-            Beta(alpha, alpha): (2, n) of concentration alpha for alpha >= 1, else (4, n) of concentrations
-            (alpha + 1, alpha + 1, 1, 1) per column.
+        gamma: contiguous float64 draws, ``sample_beta``'s for n values of λ ~ Beta(alpha, alpha): (1, n)
+            ``torch.rand`` uniforms for alpha = 1, (2, n) ``torch._standard_gamma`` draws of concentration
+            alpha for alpha > 1, else (4, n) of concentrations (alpha + 1, alpha + 1, 1, 1) per column.
         coin: None, or (n,) contiguous float64 uniforms: λ is 1.0 where the coin is not below ``prob``.
         alpha: the Beta concentration (> 0). prob: the mixing probability.
         batch: B. pair: n = (B + 1) // 2 draws shared by rows i and B-1-i (the middle row of an odd batch
@@ -841,7 +843,7 @@ def beta_rows(gamma: torch.Tensor, coin: torch.Tensor | None, alpha: float, prob
         (B,) float32 weights, ``sample_beta``'s values to within float64 rounding, then rounded to float32.
     """
     n = (batch + 1) // 2 if pair else batch
-    rows = 2 if alpha >= 1.0 else 4
+    rows = 1 if alpha == 1.0 else 2 if alpha > 1.0 else 4
     if (gamma.dtype != torch.float64 or gamma.shape != (rows, n) or not gamma.is_contiguous()
             or (coin is not None and (coin.dtype != torch.float64 or coin.shape != (n,)
                                       or not coin.is_contiguous()))):

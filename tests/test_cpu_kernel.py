@@ -305,11 +305,14 @@ def test_beta_rows_is_the_tensor_formula():
     """beta_rows combines sample_beta's draws exactly as the tensor ops do (bit for bit here): per sample,
     per pair spread to both rows (the middle row of an odd batch unmixed), with and without the coin."""
     g = torch.Generator().manual_seed(2)
-    for alpha in (0.2, 1.0, 3.0):
+    for alpha in (0.2, 1.0, 1.5, 3.0):
         for batch in (1, 2, 7, 64):
             for pair in (False, True):
                 n = (batch + 1) // 2 if pair else batch
-                if alpha >= 1.0:  # two Gamma(a) rows: G1 / (G1 + G2)
+                if alpha == 1.0:  # Beta(1, 1): one row of uniforms, λ = U
+                    gamma = torch.rand((1, n), generator=g, dtype=torch.float64)
+                    lam = gamma[0]
+                elif alpha > 1.0:  # two Gamma(a) rows: G1 / (G1 + G2)
                     gamma = torch._standard_gamma(torch.full((2, n), alpha, dtype=torch.float64), generator=g)
                     lam = gamma[0] / (gamma[0] + gamma[1])
                 else:  # Gamma(a + 1) and Exp(1) rows, in log space
@@ -334,8 +337,10 @@ def test_beta_rows_is_the_tensor_formula():
     with pytest.raises(ValueError, match="beta_rows needs"):
         cpu_kernel.beta_rows(torch.ones(2, 4, dtype=torch.float64), None, 0.5, 1.0, 4, False)
     with pytest.raises(ValueError, match="beta_rows needs"):
-        cpu_kernel.beta_rows(torch.ones(2, 2, dtype=torch.float64), torch.ones(3, dtype=torch.float64), 1.0,
+        cpu_kernel.beta_rows(torch.ones(2, 2, dtype=torch.float64), torch.ones(3, dtype=torch.float64), 2.0,
                              1.0, 4, True)
+    with pytest.raises(ValueError, match="beta_rows needs"):  # alpha = 1 takes one row of uniforms
+        cpu_kernel.beta_rows(torch.ones(2, 4, dtype=torch.float64), None, 1.0, 1.0, 4, False)
 
 
 def test_a_checked_signature_still_refuses_bad_values(planning):

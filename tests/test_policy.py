@@ -149,7 +149,9 @@ def test_one_beta_draw_on_floats_is_the_tensor_formula(alpha):
     fast, ref = [], []
     for _ in range(3000):
         fast.append(sample_beta(alpha, (), generator=g_fast, dtype=torch.float64).item())
-        if alpha >= 1.0:  # two Gamma(a) draws, G1 / (G1 + G2)
+        if alpha == 1.0:  # Beta(1, 1) is U[0, 1): one uniform
+            ref.append(torch.rand((), generator=g_ref, dtype=torch.float64).item())
+        elif alpha > 1.0:  # two Gamma(a) draws, G1 / (G1 + G2)
             gamma = torch._standard_gamma(torch.full((2,), alpha, dtype=torch.float64), generator=g_ref)
             ref.append((gamma[0] / (gamma[0] + gamma[1])).item())
         else:
@@ -166,13 +168,14 @@ def test_one_beta_draw_on_floats_is_the_tensor_formula(alpha):
 
 
 @pytest.mark.parametrize("prob", [1.0, 0.7])
-def test_batch_draw_on_floats_is_the_tensor_draw(prob):
+@pytest.mark.parametrize("alpha", [0.3, 1.0])
+def test_batch_draw_on_floats_is_the_tensor_draw(prob, alpha):
     """Mode "batch" on a CPU generator keeps λ a Python float through the call (per-call speed): the
     value, the draws consumed and the mixed batch must be those of the tensor path. With prob=1 no coin
     is drawn on either path; with prob<1 both draw it first."""
     x, y = torch.rand(6, 3, 4, 4), torch.tensor([0, 1, 2, 3, 4, 0])
-    fast = Mixup(mixup_alpha=0.3, num_classes=5, prob=prob, generator=gen(21))
-    ref = Mixup(mixup_alpha=0.3, num_classes=5, prob=prob, generator=gen(21))
+    fast = Mixup(mixup_alpha=alpha, num_classes=5, prob=prob, generator=gen(21))
+    ref = Mixup(mixup_alpha=alpha, num_classes=5, prob=prob, generator=gen(21))
     for _ in range(40):
         lam_x, lam_y, box = fast._draw((), x.shape, torch.device("cpu"))
         assert isinstance(lam_x, float) and lam_y is lam_x and box is None
@@ -259,10 +262,11 @@ def test_cutmix_batch_draw_on_floats_is_the_tensor_draw(config):
 @pytest.mark.parametrize("mode,pairing", [("elem", "flip"), ("elem", "random"), ("pair", "flip")])
 @pytest.mark.parametrize("prob", [1.0, 0.6])
 @pytest.mark.parametrize("batch", [1, 2, 7, 16])
-def test_per_sample_draw_on_the_cpu_is_the_tensor_draw(mode, pairing, prob, batch):
+@pytest.mark.parametrize("alpha", [0.3, 1.0, 2.0])  # each form of the draw: log space, uniform, ratio
+def test_per_sample_draw_on_the_cpu_is_the_tensor_draw(mode, pairing, prob, batch, alpha):
     """Modes "elem" and "pair" on the CPU combine their draws in one compiled pass (``_draw`` is never
     entered): the weights, the partners and the draws consumed must be the tensor path's, bit for bit."""
-    kw = dict(mixup_alpha=0.3, num_classes=5, prob=prob, mode=mode, pairing=pairing)
+    kw = dict(mixup_alpha=alpha, num_classes=5, prob=prob, mode=mode, pairing=pairing)
     fast, ref = Mixup(**kw, generator=gen(8)), Mixup(**kw, generator=gen(8))
     for _ in range(5):
         with patch.object(Mixup, "_draw", side_effect=AssertionError("the compiled pass was not used")):
