@@ -920,17 +920,26 @@ def _run_on_python_threads(call, address: int, workers: int) -> None:
 
 
 _BLOCK_FORMAT = struct.Struct(f"<{_FIRST_REAL}q{_FIRST_ARRAY - _FIRST_REAL}d{_BLOCK.SLOTS - _FIRST_ARRAY}q")
-_REFUSED_FORMAT = struct.Struct("<q")
+_REFUSED_FORMAT = _SLOT = struct.Struct("<q")  # one int64 slot
+_TWO_REALS = struct.Struct("<2d")
+# Byte offsets of the slots a launch re-points (LAM_Y_VALUE follows LAM_X_VALUE).
+_X_AT, _OUT_AT, _SOFT_AT, _TARGET_AT = 8 * _BLOCK.X, 8 * _BLOCK.OUT, 8 * _BLOCK.SOFT, 8 * _BLOCK.TARGET
+_LAM_X_AT, _LAM_Y_AT, _LAM_VALUES_AT = 8 * _BLOCK.LAM_X, 8 * _BLOCK.LAM_Y, 8 * _BLOCK.LAM_X_VALUE
+_BOX_AT, _CHUNK_AT = 8 * _BLOCK.BOX, 8 * _BLOCK.CHUNK
+assert _BLOCK.LAM_Y_VALUE == _BLOCK.LAM_X_VALUE + 1
 _THREAD = threading.local()
 
 
 def _thread_block():
-    """This thread's argument block and its address: a launch returns before its thread runs another."""
+    """This thread's argument block (a bytearray, never resized) and its address: a launch returns before
+    its thread runs another."""
     try:
         return _THREAD.block
     except AttributeError:
-        block = ctypes.create_string_buffer(_BLOCK_FORMAT.size)
-        _THREAD.block = block, ctypes.addressof(block)
+        block = bytearray(_BLOCK_FORMAT.size)  # the loss's block is smaller
+        view = (ctypes.c_char * len(block)).from_buffer(block)  # pins the buffer: it cannot move
+        _THREAD.block = block, ctypes.addressof(view)
+        _THREAD.view = view
         return _THREAD.block
 
 
@@ -984,14 +993,17 @@ def _geometry(x: torch.Tensor, planar: bool, has_norm: bool, has_box: bool):
 class MixPlan:
     """One launch's packed arguments, which later calls of the same signature re-point (:meth:`launch`).
 
-    A plan holds every slot of the argument block and the tensors it made for them (contiguous copies, the
-    channels_last normalization tables); the caller holds the tensors it passed while a launch runs.
+    A plan holds its argument block packed once and the tensors it made for its slots (contiguous copies,
+    the channels_last normalization tables); the caller holds the tensors it passed while a launch runs.
     """
 
-    __slots__ = ("_values", "_entry", "_n_units", "_moved", "_classes", "_made")
+    __slots__ = ("_packed", "_entry", "_n_units", "_moved", "_classes", "_made")
 
     def __init__(self, values: list, dtypes: tuple, n_units: int, moved: int, classes: int, made: tuple):
-        self._values, self._entry, self._n_units, self._moved = values, _entry(*dtypes), n_units, moved
+        # Packed once: a launch copies these bytes and packs only what changes (scattered Python objects,
+        # one per slot, cost a cache miss each on a cold call).
+        self._packed = _BLOCK_FORMAT.pack(*values)
+        self._entry, self._n_units, self._moved = _entry(*dtypes), n_units, moved
         self._classes, self._made = classes, made
 
     def launch(self, x=None, out=None, index=None, soft=None, lam=None, lam_y=None, box=None) -> None:
@@ -1005,31 +1017,31 @@ class MixPlan:
         and labels. The kernel checks the class indices and (B,) weights before it writes anything; a
         refusal raises ``check_index_range``'s or ``check_unit_range``'s error.
         """
-        values = list(self._values)  # a copy: threads may launch one plan at once
-        if x is not None:
-            values[_BLOCK.X] = x.data_ptr()
-        if out is not None:
-            values[_BLOCK.OUT] = out.data_ptr()
-        if soft is not None:
-            values[_BLOCK.SOFT] = soft.data_ptr()
-        if index is not None:
-            values[_BLOCK.TARGET] = index.data_ptr()
-        if isinstance(lam, torch.Tensor):
-            values[_BLOCK.LAM_X] = values[_BLOCK.LAM_Y] = lam.data_ptr()
-        elif lam is not None:
-            values[_BLOCK.LAM_X_VALUE] = lam
-            values[_BLOCK.LAM_Y_VALUE] = lam if lam_y is None else lam_y
-        if box is not None:
-            values[_BLOCK.BOX] = box.data_ptr()
-        n_units, moved = self._n_units, self._moved
-        workers = 1 if moved < PARALLEL_MIN_BYTES else min(torch.get_num_threads(), n_units)
-        chunks = max(workers * PARALLEL_CHUNKS, moved // CHUNK_BYTES)
-        values[_BLOCK.CHUNK] = n_units if workers <= 1 else max(1, n_units // chunks)
         try:  # _thread_block() without its call on every launch
             block, address = _THREAD.block
         except AttributeError:
             block, address = _thread_block()
-        _BLOCK_FORMAT.pack_into(block, 0, *values)
+        block[:_BLOCK_FORMAT.size] = self._packed  # this thread's block: threads may launch one plan at once
+        if x is not None:
+            _SLOT.pack_into(block, _X_AT, x.data_ptr())
+        if out is not None:
+            _SLOT.pack_into(block, _OUT_AT, out.data_ptr())
+        if soft is not None:
+            _SLOT.pack_into(block, _SOFT_AT, soft.data_ptr())
+        if index is not None:
+            _SLOT.pack_into(block, _TARGET_AT, index.data_ptr())
+        if isinstance(lam, torch.Tensor):
+            address_of_lam = lam.data_ptr()
+            _SLOT.pack_into(block, _LAM_X_AT, address_of_lam)
+            _SLOT.pack_into(block, _LAM_Y_AT, address_of_lam)
+        elif lam is not None:
+            _TWO_REALS.pack_into(block, _LAM_VALUES_AT, lam, lam if lam_y is None else lam_y)
+        if box is not None:
+            _SLOT.pack_into(block, _BOX_AT, box.data_ptr())
+        n_units, moved = self._n_units, self._moved
+        workers = 1 if moved < PARALLEL_MIN_BYTES else min(torch.get_num_threads(), n_units)
+        chunks = max(workers * PARALLEL_CHUNKS, moved // CHUNK_BYTES)
+        _SLOT.pack_into(block, _CHUNK_AT, n_units if workers <= 1 else max(1, n_units // chunks))
         _run(self._entry, address, workers)
         if _REFUSED_FORMAT.unpack_from(block, 8 * _BLOCK.REFUSED)[0]:
             self._refused(index, lam)
@@ -1127,6 +1139,7 @@ def mix_cpu(x, out, target, soft, *, perm, lam_x, lam_y, box, mean, inv_std, in_
 
 
 _LOSS_FORMAT = struct.Struct(f"<{_LOSS_BLOCK.SMOOTHING}qd")
+assert _LOSS_FORMAT.size <= _BLOCK_FORMAT.size  # both pack into a thread's block
 _CHECK_FORMAT = struct.Struct("<q")
 _CE_CHECK_CALL = ctypes.CFUNCTYPE(ctypes.c_int32, *[ctypes.c_int64] * 4)
 
