@@ -24,7 +24,6 @@ and the results are moved to the batch's device with ``non_blocking=True``.
 from __future__ import annotations
 
 import math
-import struct
 from typing import NamedTuple
 
 import torch
@@ -180,14 +179,6 @@ def _concentrations(alpha: float, size: tuple) -> Tensor:
             _CONCENTRATIONS.clear()
         conc = _CONCENTRATIONS[(alpha, size)] = _new_concentrations(alpha, size, "cpu")
     return conc
-
-
-_FLOAT32 = struct.Struct("f")
-
-
-def _round_to_float32(value: float) -> float:
-    """The float32 nearest to ``value`` (ties to even), as ``torch.tensor(value).float()`` rounds."""
-    return _FLOAT32.unpack(_FLOAT32.pack(value))[0]
 
 
 def _uniform_value(generator) -> float:
@@ -609,9 +600,9 @@ class Mixup:
         """timm's ``_params_per_batch`` / ``_params_per_elem`` as tensors of shape ``size`` on ``device``.
 
         Returns (lam_x, lam_y, box) in float64/float64/int32; box is None when CutMix is inactive. One draw
-        on the CPU comes as Python floats (rounded to float32, as the tensors are later) and a (4,) box:
-        the same draws and values (:meth:`_float_params`), without the dozens of tiny tensor ops that cost
-        more than mixing a CIFAR batch.
+        on the CPU comes as Python floats and a (4,) box: the same draws and values
+        (:meth:`_float_params`), without the dozens of tiny tensor ops that cost more than mixing a CIFAR
+        batch.
         """
         g = self.generator
         mixup_on, cutmix_on = self.mixup_alpha > 0.0, self.cutmix_alpha > 0.0
@@ -650,8 +641,10 @@ class Mixup:
     def _float_params(self, img_shape) -> tuple:
         """:meth:`_draw`'s one CPU draw on Python floats: (lam_x, lam_y, box), box (y0, y1, x0, x1) ints when
         this call cuts, else None. The tensor path's draws in its order (the coin when prob < 1, the switch
-        when both are active, the CutMix then the Mixup λ, the box's positions) and its values, λ rounded
-        to float32 as the tensors are later; lam_y is lam_x (the same object) when nothing is cut."""
+        when both are active, the CutMix then the Mixup λ, the box's positions) and its values in float64;
+        lam_y is lam_x (the same object) when nothing is cut. Not rounded here: whatever takes them (the
+        op's every backend, ``sample``'s and ``mix_batch``'s float32 tensors) rounds them to float32, as
+        the tensor path's float32 λ is, and a rounding here cost ~2 µs of a CIFAR-sized call."""
         g = self.generator
         mixup_on, cutmix_on = self.mixup_alpha > 0.0, self.cutmix_alpha > 0.0
         apply = self.mix_prob >= 1.0 or _uniform_value(g) < self.mix_prob
@@ -665,17 +658,15 @@ class Mixup:
             lam = _beta_value(self.mixup_alpha if mixup_on else self.cutmix_alpha, g)
         lam = lam if apply else 1.0
         if not cutmix_on:
-            lam = _round_to_float32(lam)
             return lam, lam, None
         box = _float_box(img_shape, lam, self.cutmix_minmax, g)  # drawn whether or not this call cuts
         if not (cut and apply):
-            lam = _round_to_float32(lam)
             return lam, lam, None
         if self.correct_lam or self.cutmix_minmax is not None:
             h, w = _image_hw(img_shape)
             area = max(box[1] - box[0], 0) * max(box[3] - box[2], 0)
-            return 1.0, _round_to_float32(1.0 - area / float(h * w)), box
-        return 1.0, _round_to_float32(lam), box
+            return 1.0, 1.0 - area / float(h * w), box
+        return 1.0, lam, box
 
     def _cpu_rows(self, batch: int) -> Tensor:
         """Modes "elem" and "pair" (flip pairing) on the CPU without CutMix: :meth:`_draw`'s draws (the coin
