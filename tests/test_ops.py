@@ -569,3 +569,25 @@ def test_inference_mode():
         assert soft.shape == (4, 4)
     out, _ = ops.mixup(x, None, 0.3)
     torch.testing.assert_close(out, 0.3 * x + 0.7 * x.flip(0))
+
+
+@pytest.mark.parametrize("backend", ["numba", "eager"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_float_weight_is_taken_as_its_float32(backend, dtype):
+    """The policy passes its float draws unrounded (float64): every backend must take a float λ as the
+    float32 nearest to it, as a float32 λ tensor is, for pixels, labels and a CutMix label weight."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 3, 4, 6, generator=g).to(dtype)
+    y = torch.tensor([0, 2, 1, 3, 2])
+    box = torch.tensor([1, 3, 0, 4], dtype=torch.int32)
+    for _ in range(20):
+        lam, lam_y = torch.rand(2, generator=g, dtype=torch.float64).tolist()
+        lam32, lam_y32 = float(torch.tensor(lam).float()), float(torch.tensor(lam_y).float())
+        assert lam != lam32 or lam_y != lam_y32  # a weight that rounding changes
+        with cpu_backend(backend):
+            for b in (None, box):
+                got = ops.mix(x.clone(), y, lam, lam_y, None, b, num_classes=4, label_smoothing=0.1,
+                              inplace=True)
+                want = ops.mix(x.clone(), y, lam32, lam_y32, None, b, num_classes=4, label_smoothing=0.1,
+                               inplace=True)
+                assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
