@@ -10,6 +10,7 @@ Images go through the fused op; on a machine without a GPU, through the Triton k
 interpreter (the ``backend`` fixture) as well as the eager CPU path.
 """
 
+import concurrent.futures
 import importlib
 import math
 from unittest.mock import patch
@@ -892,3 +893,17 @@ def test_out_buffer_instead_of_mixing_in_place():
     m = Mixup(mixup_alpha=1.0, num_classes=3, generator=gen(1))
     got, _ = m(x, torch.arange(4) % 3, out=buf)
     assert got is buf and torch.equal(x, x_before) and not torch.equal(buf, x)
+
+
+def test_float_draws_from_several_threads_keep_to_their_generators():
+    """The float draws are made in a per-thread tensor: threads drawing at once, each from its own
+    generator, get exactly what each gets alone."""
+    def draws(seed):
+        m = Mixup(mixup_alpha=1.0, cutmix_alpha=1.0, num_classes=5, prob=0.8, generator=gen(seed))
+        return [tuple(v.tolist() if isinstance(v, torch.Tensor) else v for v in m.sample((4, 3, 8, 8)))
+                for _ in range(300)]
+
+    alone = [draws(seed) for seed in range(4)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(draws, range(4)))
+    assert together == alone
