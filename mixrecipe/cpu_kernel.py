@@ -754,15 +754,17 @@ if numba is not None:
             out[batch // 2] = np.float32(1.0)
 
     def _compile_beta_rows():
-        """A C entry ``void(gamma, rows, coin, n, alpha, prob, pair, out, B)``: :func:`_beta_rows`, cached
-        on disk."""
-        def entry(gamma, rows, coin, n, alpha, prob, pair, out, batch):
-            _beta_rows(_at(gamma, (rows, n), np.float64), _at(coin, n if coin else 0, np.float64), alpha,
-                       prob, pair != 0, _at(out, batch, np.float32))
+        """A C entry ``void(void *block)`` on a :data:`_BETA_FORMAT` block (gamma, rows, coin, n, pair, out,
+        B as int64, then alpha, prob as float64): :func:`_beta_rows`, cached on disk."""
+        def entry(block):
+            slots = numba.carray(block, 9, np.int64)
+            reals = numba.carray(block, 9, np.float64)
+            gamma, rows, coin, n, pair, out, batch = (slots[0], slots[1], slots[2], slots[3], slots[4],
+                                                       slots[5], slots[6])
+            _beta_rows(_at(gamma, (rows, n), np.float64), _at(coin, n if coin else 0, np.float64), reals[7],
+                       reals[8], pair != 0, _at(out, batch, np.float32))
 
-        signature = types.void(types.int64, types.int64, types.int64, types.int64, types.float64,
-                               types.float64, types.int64, types.int64, types.int64)
-        return numba.cfunc(signature, cache=True)(entry)
+        return numba.cfunc(types.void(types.voidptr), cache=True)(entry)
 
     def _compile_entry(x_type, out_type):
         """A C entry ``void(void *block)`` for one (input, output) element type, cached on disk."""
@@ -822,8 +824,8 @@ def _value_bounds(values: torch.Tensor) -> tuple:
     return out[0], out[1]
 
 
-_BETA_CALL = ctypes.CFUNCTYPE(None, *[ctypes.c_int64] * 4, ctypes.c_double, ctypes.c_double,
-                              *[ctypes.c_int64] * 3)
+# beta_rows' arguments, packed into the thread's block: one pointer crosses ctypes instead of nine values.
+_BETA_FORMAT = struct.Struct("<7q2d")
 
 
 def beta_rows(gamma: torch.Tensor, coin: torch.Tensor | None, alpha: float, prob: float, batch: int,
@@ -849,9 +851,13 @@ def beta_rows(gamma: torch.Tensor, coin: torch.Tensor | None, alpha: float, prob
                                       or not coin.is_contiguous()))):
         raise ValueError(f"beta_rows needs ({rows}, {n}) float64 draws and a ({n},) float64 coin or None")
     out = torch.empty(batch, dtype=torch.float32)
-    call = _c_entry("beta-rows", _compile_beta_rows, _BETA_CALL).call
-    call(gamma.data_ptr(), rows, 0 if coin is None else coin.data_ptr(), n, alpha, prob, int(pair),
-         out.data_ptr(), batch)
+    try:  # _thread_block() without its call
+        block, address = _THREAD.block
+    except AttributeError:
+        block, address = _thread_block()
+    _BETA_FORMAT.pack_into(block, 0, gamma.data_ptr(), rows, 0 if coin is None else coin.data_ptr(), n,
+                           int(pair), out.data_ptr(), batch, alpha, prob)
+    _c_entry("beta-rows", _compile_beta_rows, _TEAM_CALL).call(address)
     return out
 
 
@@ -1139,7 +1145,7 @@ def mix_cpu(x, out, target, soft, *, perm, lam_x, lam_y, box, mean, inv_std, in_
 
 
 _LOSS_FORMAT = struct.Struct(f"<{_LOSS_BLOCK.SMOOTHING}qd")
-assert _LOSS_FORMAT.size <= _BLOCK_FORMAT.size  # both pack into a thread's block
+assert max(_LOSS_FORMAT.size, _BETA_FORMAT.size) <= _BLOCK_FORMAT.size  # all pack into a thread's block
 _CHECK_FORMAT = struct.Struct("<q")
 _CE_CHECK_CALL = ctypes.CFUNCTYPE(ctypes.c_int32, *[ctypes.c_int64] * 4)
 

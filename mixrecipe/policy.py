@@ -182,17 +182,28 @@ def _concentrations(alpha: float, size: tuple) -> Tensor:
     return conc
 
 
-_DRAW = threading.local()  # each thread's 0-d float64 tensor that its float draws are made in
+_DRAW = threading.local()  # each thread's float64 tensors that its CPU uniform draws are made in
+
+
+def _thread_uniforms(shape: tuple, generator) -> Tensor:
+    """``torch.rand(shape, generator=generator, dtype=torch.float64)`` (the same draws and values) on the
+    CPU, made in place in this thread's own tensor of that shape, which its next such draw overwrites: for
+    values read at once (a new tensor per draw cost ~2 µs of a CIFAR-sized call)."""
+    try:
+        cells = _DRAW.cells
+    except AttributeError:
+        cells = _DRAW.cells = {}
+    cell = cells.get(shape)
+    if cell is None:
+        if len(cells) >= 16:
+            cells.clear()
+        cell = cells[shape] = torch.empty(shape, dtype=torch.float64)
+    return cell.uniform_(generator=generator)
 
 
 def _uniform_value(generator) -> float:
-    """One U[0, 1) as a Python float: the draw of ``_uniform((), generator, "cpu")``, made in place in this
-    thread's own 0-d tensor (a new tensor per draw cost ~2 µs of a CIFAR-sized call)."""
-    try:
-        cell = _DRAW.cell
-    except AttributeError:
-        cell = _DRAW.cell = torch.empty((), dtype=torch.float64)
-    return cell.uniform_(generator=generator).tolist()
+    """One U[0, 1) as a Python float: the draw of ``_uniform((), generator, "cpu")``."""
+    return _thread_uniforms((), generator).tolist()
 
 
 def _randint_below_value(high: float, generator) -> float:
@@ -685,9 +696,9 @@ class Mixup:
         g, alpha = self.generator, self.mixup_alpha
         pair = self.mode == "pair"
         n = (batch + 1) // 2 if pair else batch
-        coin = None if self.mix_prob >= 1.0 else torch.rand((n,), generator=g, dtype=torch.float64)
+        coin = None if self.mix_prob >= 1.0 else _thread_uniforms((n,), g)  # both read before returning
         if alpha == 1.0:
-            draws = torch.rand((1, n), generator=g, dtype=torch.float64)
+            draws = _thread_uniforms((1, n), g)
         else:
             draws = torch._standard_gamma(_concentrations(alpha, (n,)), generator=g)
         return cpu_kernel.beta_rows(draws, coin, alpha, self.mix_prob, batch, pair)

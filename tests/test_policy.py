@@ -899,9 +899,11 @@ def test_float_draws_from_several_threads_keep_to_their_generators():
     """The float draws are made in a per-thread tensor: threads drawing at once, each from its own
     generator, get exactly what each gets alone."""
     def draws(seed):
-        m = Mixup(mixup_alpha=1.0, cutmix_alpha=1.0, num_classes=5, prob=0.8, generator=gen(seed))
+        g = gen(seed)
+        batch = Mixup(mixup_alpha=1.0, cutmix_alpha=1.0, num_classes=5, prob=0.8, generator=g)
+        elem = Mixup(mixup_alpha=1.0, num_classes=5, prob=0.8, mode="elem", generator=g)  # (B,) in place
         return [tuple(v.tolist() if isinstance(v, torch.Tensor) else v for v in m.sample((4, 3, 8, 8)))
-                for _ in range(300)]
+                for _ in range(150) for m in (batch, elem)]
 
     alone = [draws(seed) for seed in range(4)]
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
