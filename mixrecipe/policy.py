@@ -197,7 +197,8 @@ def _thread_uniforms(shape: tuple, generator) -> Tensor:
     if cell is None:
         if len(cells) >= 16:
             cells.clear()
-        cell = cells[shape] = torch.empty(shape, dtype=torch.float64)
+        with torch.inference_mode(False):  # made in inference mode, no later in-place draw could use it
+            cell = cells[shape] = torch.empty(shape, dtype=torch.float64)
     return cell.uniform_(generator=generator)
 
 

@@ -909,3 +909,19 @@ def test_float_draws_from_several_threads_keep_to_their_generators():
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         together = list(pool.map(draws, range(4)))
     assert together == alone
+
+
+def test_float_draws_work_in_and_out_of_inference_mode():
+    """The per-thread draw tensors are ordinary tensors even when a thread's first draw is made under
+    torch.inference_mode(): later draws outside it still update them in place."""
+    def calls():
+        m = Mixup(mixup_alpha=1.0, num_classes=5, generator=gen(2))
+        e = Mixup(mixup_alpha=1.0, num_classes=5, mode="elem", generator=gen(2))
+        x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+        with torch.inference_mode():
+            m(x.clone(), y), e(x.clone(), y)
+        return m(x.clone(), y)[1], e(x.clone(), y)[1]
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # a fresh thread: its first draws made above
+        soft, soft_elem = pool.submit(calls).result()
+    assert soft.shape == soft_elem.shape == (4, 5)
