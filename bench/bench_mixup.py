@@ -28,9 +28,9 @@ Providers (every one gets its own tensor of the same shape, dtype and layout, ma
   signature lookup, the soft-target allocation), so the table splits a call's time into the pass, the op
   around it and the policy's draw around that.
 - ``ours-bound`` (CPU float cases): the least a ``Mixup`` call can cost under the policy's semantics, with
-  nothing around it: one Beta(α, α) draw from torch's generator (the one op the policy dispatches,
-  ``torch.rand`` for α = 1 and ``_standard_gamma`` otherwise, its formula in floats), a fresh soft-target
-  tensor, and ``ours-kernel``'s plan launched on
+  nothing around it: one Beta(α, α) draw from torch's generator (the one op the policy dispatches: for
+  α = 1 an in-place ``uniform_`` in a kept tensor, otherwise ``_standard_gamma``, its formula in floats), a
+  fresh soft-target tensor, and ``ours-kernel``'s plan launched on
   them. No argument checks and no signature lookup: the op cannot skip those (a tensor of another shape,
   dtype or layout would run a stale plan), so the policy's rows cannot reach this one.
 - ``ours-op-perm``: ``mixrecipe.mixup(x, t, lam, perm, ...)`` with a random permutation and per-sample
@@ -236,9 +236,11 @@ def providers(case: Case, x0: torch.Tensor, target: torch.Tensor, perm: torch.Te
         x_bound = own()  # Gamma(a + 1) and Exp(1) twice
         conc = torch.tensor([a] * 2 if a >= 1.0 else [a + 1.0] * 2 + [1.0] * 2, dtype=torch.float64)
 
+        cell = torch.empty((), dtype=torch.float64)  # the policy draws U[0, 1) in place in a kept tensor
+
         def bound():  # the least a Mixup call costs under its semantics: see ours-bound in the docstring
             if a == 1.0:
-                lam = torch.rand((), dtype=torch.float64).item()
+                lam = cell.uniform_().tolist()
             elif a > 1.0:
                 draws = torch._standard_gamma(conc).tolist()
                 lam = draws[0] / (draws[0] + draws[1])

@@ -942,7 +942,7 @@ def _thread_block():
     try:
         return _THREAD.block
     except AttributeError:
-        block = bytearray(_BLOCK_FORMAT.size)  # the loss's block is smaller
+        block = bytearray(_BLOCK_FORMAT.size)  # the loss's and beta_rows' blocks are smaller
         view = (ctypes.c_char * len(block)).from_buffer(block)  # pins the buffer: it cannot move
         _THREAD.block = block, ctypes.addressof(view)
         _THREAD.view = view
