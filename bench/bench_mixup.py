@@ -241,12 +241,12 @@ def providers(case: Case, x0: torch.Tensor, target: torch.Tensor, perm: torch.Te
         def bound():  # the least a Mixup call costs under its semantics: see ours-bound in the docstring
             if a == 1.0:
                 lam = cell.uniform_().tolist()
-            elif a > 1.0:
-                draws = torch._standard_gamma(conc).tolist()
-                lam = draws[0] / (draws[0] + draws[1])
             else:
                 draws = torch._standard_gamma(conc).tolist()
-                lam = _logistic((math.log(draws[0]) - draws[2] / a) - (math.log(draws[1]) - draws[3] / a))
+                if a > 1.0:
+                    lam = draws[0] / (draws[0] + draws[1])
+                else:
+                    lam = _logistic((math.log(draws[0]) - draws[2] / a) - (math.log(draws[1]) - draws[3] / a))
             soft = torch.empty(batch, k)
             plan.launch(x_bound, x_bound, target, soft, lam)
             return x_bound, soft

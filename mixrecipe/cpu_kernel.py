@@ -851,10 +851,7 @@ def beta_rows(gamma: torch.Tensor, coin: torch.Tensor | None, alpha: float, prob
                                       or not coin.is_contiguous()))):
         raise ValueError(f"beta_rows needs ({rows}, {n}) float64 draws and a ({n},) float64 coin or None")
     out = torch.empty(batch, dtype=torch.float32)
-    try:  # _thread_block() without its call
-        block, address = _THREAD.block
-    except AttributeError:
-        block, address = _thread_block()
+    block, address = _thread_block()
     _BETA_FORMAT.pack_into(block, 0, gamma.data_ptr(), rows, 0 if coin is None else coin.data_ptr(), n,
                            int(pair), out.data_ptr(), batch, alpha, prob)
     _c_entry("beta-rows", _compile_beta_rows, _TEAM_CALL).call(address)
