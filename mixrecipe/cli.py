@@ -3,7 +3,9 @@
 A recipe is a YAML file, or the bare name of one shipped inside the package (``cifar10``, ``imagenet``...:
 the files of the repository's ``recipes/``, installed as ``mixrecipe.recipes``). Overrides win over the
 YAML. Every problem the user can fix (a bad key or value, missing or unreadable data, an output directory
-that cannot be written) ends with one line on stderr naming it and exit status 2, never a traceback.
+that cannot be written or that holds a run) ends with one line on stderr naming it and exit status 2, never
+a traceback. A run that stops early says why and how to go on in one line, with an exit status of its own:
+3 for a loss that is not finite (:data:`mixrecipe.lifecycle.EXIT_DIVERGED`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import sys
 from importlib import resources
 
 from .config import RecipeError, format_help, load_config
-from .lifecycle import run
+from .lifecycle import RunStopped, run
 
 __all__ = ["main", "resolve_recipe", "shipped_recipes"]
 
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     Raises:
         SystemExit: status 2 for a bad recipe, key, value, output directory or missing or unreadable data
-            (one line on stderr); 130 on Ctrl-C.
+            (one line on stderr); 3 for a loss that is not finite; 130 on Ctrl-C.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a in ("-h", "--help") for a in argv):
@@ -71,6 +73,10 @@ def main(argv: list[str] | None = None) -> dict | None:
         prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
         print(f"{prefix}error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except RunStopped as exc:  # every rank stopped at the same point: rank 0 says it once
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{'error: ' if exc.error else ''}{exc}", file=sys.stderr, flush=True)
+        raise SystemExit(exc.exit_status) from None
     except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":
             print("\ninterrupted; add resume=true to continue from the last finished epoch", file=sys.stderr)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -36,6 +37,7 @@ __all__ = [
     "save_config",
     "list_keys",
     "format_help",
+    "check_values",
     "DEFAULT_WORKERS",
 ]
 
@@ -51,11 +53,15 @@ class ConfigError(RecipeError, ValueError):
     """An unknown key or a value of the wrong type in a recipe or an override."""
 
 
-def _f(default, help: str, choices: tuple | None = None):
-    """A dataclass field carrying its help line and, optionally, its allowed values."""
+def _f(default, help: str, choices: tuple | None = None, *, ge=None, gt=None, le=None, lt=None):
+    """A dataclass field carrying its help line and, optionally, its allowed values: ``choices``, or bounds
+    (``ge`` >=, ``gt`` >, ``le`` <=, ``lt`` <) that every number of the value must keep."""
     meta = {"help": help}
     if choices is not None:
         meta["choices"] = choices
+    bounds = {op: b for op, b in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if b is not None}
+    if bounds:
+        meta["bounds"] = bounds
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -68,57 +74,63 @@ class DataConfig:
     )
     root: str | None = _f(None, "where the data set lives (null: the reader's default location)")
     val_size: int = _f(
-        0, "hold out this many training images (the first ones) for validation; 0: validate on the test set"
+        0, "hold out this many training images (the first ones) for validation; 0: validate on the test set",
+        ge=0,
     )
-    img_size: int | None = _f(None, "image folders: training crop and evaluation size (null: 224)")
-    crop_pct: float = _f(0.875, "image folders: evaluation center-crop fraction (resize: img_size/crop_pct)")
+    img_size: int | None = _f(None, "image folders: training crop and evaluation size (null: 224)", ge=1)
+    crop_pct: float = _f(0.875, "image folders: evaluation center-crop fraction (resize: img_size/crop_pct)",
+                         gt=0, le=1)
     augment: str = _f(
         "none",
         "training augmentation: none, flip, crop_flip (pad + random crop + flip), rrc_flip "
         "(random-resized-crop + flip, image folders)",
         ("none", "flip", "crop_flip", "rrc_flip"),
     )
-    pad: int = _f(4, "crop_flip: zero padding on each side before the random crop")
-    scale: list[float] = _f([0.08, 1.0], "rrc_flip: range of the cropped area fraction")
+    pad: int = _f(4, "crop_flip: zero padding on each side before the random crop", ge=0)
+    scale: list[float] = _f([0.08, 1.0], "rrc_flip: range of the cropped area fraction", gt=0, le=1)
     mean: list[float] | None = _f(None, "per-channel mean in [0, 1] units (null: the data set's usual one)")
-    std: list[float] | None = _f(None, "per-channel std in [0, 1] units (null: the data set's usual one)")
-    workers: int = _f(DEFAULT_WORKERS, "image folders: data loader worker processes per rank")
+    std: list[float] | None = _f(None, "per-channel std in [0, 1] units (null: the data set's usual one)",
+                                 gt=0)
+    workers: int = _f(DEFAULT_WORKERS, "image folders: data loader worker processes per rank", ge=0)
     skip_corrupt: bool = _f(
         False, "image folders: skip unreadable or corrupt files (counted in the log and summary) instead of "
         "stopping with an error naming the file"
     )
-    train_subset: int = _f(0, "train on a random subset of this many images (0: all); seeded by data.seed")
+    train_subset: int = _f(0, "train on a random subset of this many images (0: all); seeded by data.seed",
+                           ge=0)
     label_noise: float = _f(
-        0.0, "replace this fraction of training labels by a different random class (seeded by data.seed)"
+        0.0, "replace this fraction of training labels by a different random class (seeded by data.seed)",
+        ge=0, lt=1,
     )
     seed: int = _f(0, "seed of the data split, the subset and the label noise (fixed across runs)")
 
 
 @dataclass
 class MixupConfig:
-    alpha: float = _f(0.2, "mixup Beta(alpha, alpha); 0 with cutmix_alpha 0 trains plain ERM")
-    cutmix_alpha: float = _f(0.0, "CutMix Beta(alpha, alpha); 0: off")
-    cutmix_minmax: list[float] | None = _f(None, "CutMix box size bounds, image fractions (overrides alpha)")
-    prob: float = _f(1.0, "probability of mixing a batch (or element)")
-    switch_prob: float = _f(0.5, "probability of CutMix instead of mixup when both are on")
+    alpha: float = _f(0.2, "mixup Beta(alpha, alpha); 0 with cutmix_alpha 0 trains plain ERM", ge=0)
+    cutmix_alpha: float = _f(0.0, "CutMix Beta(alpha, alpha); 0: off", ge=0)
+    cutmix_minmax: list[float] | None = _f(None, "CutMix box size bounds, image fractions (overrides alpha)",
+                                           gt=0, le=1)
+    prob: float = _f(1.0, "probability of mixing a batch (or element)", ge=0, le=1)
+    switch_prob: float = _f(0.5, "probability of CutMix instead of mixup when both are on", ge=0, le=1)
     mode: str = _f("batch", "one lam per batch, per pair or per element", ("batch", "pair", "elem"))
     pairing: str = _f(
         "flip", "partner of sample i: flip (B-1-i, in place) or random (a permutation)", ("flip", "random")
     )
     correct_lam: bool = _f(True, "CutMix: lam is the kept area after clipping the box")
-    label_smoothing: float = _f(0.0, "label smoothing applied to the mixed targets")
-    off_epoch: int = _f(0, "stop mixing from this epoch on (0: never)")
+    label_smoothing: float = _f(0.0, "label smoothing applied to the mixed targets", ge=0, lt=1)
+    off_epoch: int = _f(0, "stop mixing from this epoch on (0: never)", ge=0)
 
 
 @dataclass
 class OptimConfig:
     opt: str = _f("adamw", "timm optimizer name (sgd is Nesterov in timm; momentum is plain SGD)")
-    lr: float | None = _f(0.003, "learning rate (null: lr_base * global batch / lr_base_size)")
-    lr_base: float = _f(0.1, "learning rate for a global batch of lr_base_size")
-    lr_base_size: int = _f(256, "global batch size at which lr_base applies")
-    momentum: float = _f(0.9, "SGD momentum (optimizers without one ignore it)")
-    weight_decay: float = _f(0.05, "weight decay")
-    eps: float | None = _f(None, "optimizer epsilon (null: the optimizer's default)")
+    lr: float | None = _f(0.003, "learning rate (null: lr_base * global batch / lr_base_size)", ge=0)
+    lr_base: float = _f(0.1, "learning rate for a global batch of lr_base_size", ge=0)
+    lr_base_size: int = _f(256, "global batch size at which lr_base applies", ge=1)
+    momentum: float = _f(0.9, "SGD momentum (optimizers without one ignore it)", ge=0, lt=1)
+    weight_decay: float = _f(0.05, "weight decay", ge=0)
+    eps: float | None = _f(None, "optimizer epsilon (null: the optimizer's default)", gt=0)
     filter_bias_and_bn: bool = _f(True, "exempt biases and norm weights from weight decay")
 
 
@@ -129,25 +141,27 @@ class SchedConfig:
         "learning-rate schedule, updated every step",
         ("cosine", "multistep", "step", "constant", "none"),
     )
-    warmup_epochs: int = _f(0, "linear warm-up length in epochs, from warmup_lr to lr")
-    warmup_lr: float = _f(0.0, "learning rate at the start of the warm-up")
-    milestones: list[int] = _f([30, 60, 80], "multistep: epochs from which lr is multiplied by decay_rate")
-    decay_epochs: int = _f(30, "step: decay every this many epochs")
-    decay_rate: float = _f(0.1, "multistep/step: lr multiplier at each decay")
-    min_lr: float = _f(0.0, "cosine: final learning rate")
+    warmup_epochs: int = _f(0, "linear warm-up length in epochs, from warmup_lr to lr", ge=0)
+    warmup_lr: float = _f(0.0, "learning rate at the start of the warm-up", ge=0)
+    milestones: list[int] = _f([30, 60, 80], "multistep: epochs from which lr is multiplied by decay_rate",
+                               ge=1)
+    decay_epochs: int = _f(30, "step: decay every this many epochs", ge=1)
+    decay_rate: float = _f(0.1, "multistep/step: lr multiplier at each decay", gt=0)
+    min_lr: float = _f(0.0, "cosine: final learning rate", ge=0)
 
 
 @dataclass
 class Config:
     model: str = _f("digits_cnn", "model name: one of mixrecipe.models or any timm model")
     pretrained: bool = _f(False, "timm models: start from pretrained weights")
-    epochs: int = _f(30, "training epochs")
-    batch_size: int = _f(64, "batch size per process (the global batch is this times the world size)")
+    epochs: int = _f(30, "training epochs", ge=1)
+    batch_size: int = _f(64, "batch size per process (the global batch is this times the world size)", ge=1)
     drop_last: bool = _f(True, "drop the last incomplete training batch")
     seed: int = _f(0, "seed of the model init, shuffling, augmentation and mixup")
     output: str | None = _f(None, "run directory (null: runs/<recipe name>)")
     resume: bool = _f(False, "continue the run in output from its last checkpoint")
-    overwrite: bool = _f(False, "start over even if output holds an unfinished run")
+    overwrite: bool = _f(False, "start over even if output holds a run, finished or not (its files are "
+                         "replaced)")
     device: str = _f("auto", "auto (CUDA when available), cpu or cuda", ("auto", "cpu", "cuda"))
     amp: bool = _f(True, "CUDA: bf16 autocast")
     channels_last: bool | None = _f(None, "channels_last memory format (null: on CUDA only)")
@@ -282,6 +296,50 @@ def _check_choice(value, fld: dataclasses.Field, key: str):
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}{hint}")
 
 
+_OPS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
+        "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
+
+
+def _check_bounds(value, fld: dataclasses.Field, key: str) -> None:
+    """Every number of ``value`` (a number or a list of them) finite and within the field's bounds."""
+    bounds = fld.metadata.get("bounds", {})
+    for v in value if isinstance(value, list) else [value]:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if not math.isfinite(v):
+            raise ConfigError(f"{key}: expected a finite number, got {v}")
+        if not all(_OPS[op][1](v, b) for op, b in bounds.items()):
+            rule = " and ".join(f"{_OPS[op][0]} {b:g}" for op, b in bounds.items())
+            raise ConfigError(f"{key}: must be {rule}, got {v:g}")
+
+
+def _check_pair(value: list | None, key: str) -> None:
+    if value is not None and (len(value) != 2 or value[0] > value[1]):
+        raise ConfigError(f"{key}: expected two numbers [min, max] with min <= max, got {value}")
+
+
+def check_values(cfg: Config) -> Config:
+    """Check every value of ``cfg`` against its allowed values and range, before anything is built.
+
+    The one place values are checked: what the data loader, optimizer, schedule or policy would reject
+    later (``batch_size=0``, a negative lr, ``momentum=1.5``, ``mixup.alpha=-1``...) stops here, with the
+    key named, before the run directory is touched.
+
+    Returns:
+        ``cfg`` itself.
+
+    Raises:
+        ConfigError: naming the key, the rule and the value.
+    """
+    values = _flatten(config_to_dict(cfg, include_private=True))
+    for key, (_, fld) in _leaves(Config).items():
+        _check_choice(values[key], fld, key)
+        _check_bounds(values[key], fld, key)
+    _check_pair(cfg.data.scale, "data.scale")
+    _check_pair(cfg.mixup.cutmix_minmax, "mixup.cutmix_minmax")
+    return cfg
+
+
 # ----------------------------------------------------------------------------------------------------
 # Building, merging, saving
 
@@ -400,7 +458,8 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple = ()) ->
         The validated Config. ``output`` defaults to ``runs/<recipe file stem>``.
 
     Raises:
-        ConfigError: unknown key, wrong type or value outside its choices.
+        ConfigError: unknown key, wrong type, or a value outside its choices or range
+            (:func:`check_values`).
         RecipeError: the recipe file does not exist.
     """
     cfg = Config()
@@ -411,7 +470,7 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple = ()) ->
     cfg = apply_overrides(cfg, list(overrides))
     if cfg.output is None:
         cfg.output = os.path.join("runs", stem)
-    return cfg
+    return check_values(cfg)
 
 
 def save_config(cfg: Config, path: str) -> None:

@@ -15,8 +15,8 @@ import torch.distributed as dist
 from .config import Config, RecipeError
 
 __all__ = [
-    "DistContext", "wants_cuda", "setup_distributed", "all_sum", "all_max", "broadcast_buffers",
-    "shutdown_distributed",
+    "DistContext", "wants_cuda", "setup_distributed", "all_sum", "all_max", "all_max_tensor",
+    "gather_objects", "broadcast_buffers", "shutdown_distributed",
 ]
 
 
@@ -82,6 +82,23 @@ def all_max(value: float, d: DistContext) -> float:
     if d.enabled:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
+
+
+def all_max_tensor(t: torch.Tensor, d: DistContext) -> torch.Tensor:
+    """The element-wise maximum of ``t`` (on the run's device) over ranks, in place; ``t`` itself with one
+    process."""
+    if d.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def gather_objects(obj, d: DistContext) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` with one process."""
+    if not d.enabled:
+        return [obj]
+    out = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_buffers(model: torch.nn.Module, d: DistContext) -> None:

@@ -9,10 +9,17 @@ To add an engine: subclass :class:`Engine` in its own module, implement :meth:`E
 (and :meth:`Engine.predict` if plain evaluation of ``state.model`` is not right for it), and name the
 class in ``mixrecipe.lifecycle.ENGINES``. Engines import this module and the layers below it, never each
 other nor the lifecycle.
+
+Every engine reports each optimizer step to the epoch's :class:`EpochTally` (``state.tally``): it keeps
+the epoch's running loss on the device and stops the epoch between two steps, by raising
+:class:`TrainingStopped`, when a loss is not finite or the run was asked to stop (a signal); the
+lifecycle then reports, or saves the position inside the epoch.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -23,10 +30,47 @@ from torch import Tensor, nn
 
 from .config import Config
 from .data import DataBundle, normalize_batch
-from .distributed import DistContext
+from .distributed import DistContext, all_max, all_max_tensor, all_sum
 from .policy import Mixup
 
-__all__ = ["RunState", "Engine", "batch_to_device"]
+__all__ = ["RunState", "Engine", "EpochTally", "TrainingStopped", "NonFiniteLoss", "StopRequested",
+           "batch_to_device", "CHECK_EVERY_CUDA"]
+
+# On CUDA the tally reads its device flags back (a host sync) every this many steps and at the epoch's
+# end, not after every step; on CPU reading them costs nothing and happens after every step.
+CHECK_EVERY_CUDA = 16
+
+
+class TrainingStopped(Exception):
+    """The training epoch stopped between two steps: ``steps_done`` steps of ``epoch`` (0-based) are done."""
+
+    def __init__(self, epoch: int, steps_done: int):
+        super().__init__(f"training stopped in epoch {epoch + 1} after {steps_done} steps")
+        self.epoch, self.steps_done = epoch, steps_done
+
+
+class NonFiniteLoss(TrainingStopped):
+    """A training loss was NaN or infinite (on any rank).
+
+    Attributes:
+        step: 0-based index in the epoch of the first step whose loss was not finite.
+        loss: that loss (nan, inf or -inf); lr: the learning rate of that step.
+        last_finite: the last finite loss before it on this rank (None: the epoch's first step).
+    """
+
+    def __init__(self, epoch: int, steps_done: int, step: int, loss: float, lr: float,
+                 last_finite: float | None):
+        super().__init__(epoch, steps_done)
+        self.step, self.loss, self.lr, self.last_finite = step, loss, lr, last_finite
+
+
+class StopRequested(TrainingStopped):
+    """The run was asked to stop (``signum``: SIGTERM, SIGINT) on some rank; every rank stops at the same
+    step boundary."""
+
+    def __init__(self, epoch: int, steps_done: int, signum: int):
+        super().__init__(epoch, steps_done)
+        self.signum = signum
 
 
 @dataclass
@@ -49,6 +93,10 @@ class RunState:
         mixup: the Mixup policy, or None for ERM; generator: its generator (reseeded every epoch).
         start_epoch, history, best_top1: the epochs done, their records and the best val top-1 so far.
         val_bins: the last validation's calibration sums, for reliability.png when there is no test set.
+        tally: the training epoch in progress (:class:`EpochTally`), set by the lifecycle for each epoch.
+        stop_signal: the number of a signal asking the run to stop (0: none), set by the lifecycle.
+        resume_step, resume_partial: where a run stopped inside an epoch continues (0: at an epoch's
+            start) and what each rank had summed there.
     """
 
     cfg: Config
@@ -75,10 +123,99 @@ class RunState:
     history: list[dict] = field(default_factory=list)
     best_top1: float = float("-inf")
     val_bins: Tensor | None = None
+    tally: EpochTally | None = None
+    stop_signal: int = 0
+    resume_step: int = 0
+    resume_partial: list | None = None
 
     def autocast(self):
         """bf16 autocast on CUDA with amp, else a no-op context."""
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
+
+
+class EpochTally:
+    """One training epoch on this rank: its running sums, and the checks made between two steps.
+
+    Engines call :meth:`after_step` once per optimizer step, with the step's loss tensor as the loop already
+    has it. The loss is added to the epoch's sum on the device, and two device values follow the first
+    non-finite loss and the last finite one before it, without reading anything back. At check points
+    (every step on CPU; every :data:`CHECK_EVERY_CUDA` steps and the epoch's last step on CUDA, where a
+    read is a sync) the flags are read, all-reduced over ranks in one small tensor so that every rank stops
+    at the same step, and the epoch stops by raising :class:`NonFiniteLoss` (first) or
+    :class:`StopRequested` (``state.stop_signal`` set on some rank, not at the epoch's last step: the
+    epoch then finishes and the lifecycle stops after recording it).
+
+    Args:
+        state: the run (its device, ranks, steps per epoch and ``stop_signal``).
+        epoch: the 0-based epoch.
+        step, loss_sum, seen, seconds: where a resumed epoch starts (steps done, their summed
+            ``loss * batch``, images, seconds of training).
+    """
+
+    def __init__(self, state: RunState, epoch: int, *, step: int = 0, loss_sum: float = 0.0, seen: int = 0,
+                 seconds: float = 0.0):
+        device = state.dist.device
+        self.state, self.epoch, self.steps = state, epoch, state.steps_per_epoch
+        self.step, self.seen, self.seconds_before = step, seen, seconds
+        self.loss_sum = torch.tensor(loss_sum, dtype=torch.float64, device=device)
+        self.lr = math.nan
+        self.every = CHECK_EVERY_CUDA if device.type == "cuda" else 1
+        # [first non-finite step (inf: none yet), its loss, the last finite loss (nan: none yet)]
+        self.flags = torch.tensor([math.inf, 0.0, math.nan], dtype=torch.float64, device=device)
+        self.lrs: dict[int, float] = {}  # step -> lr since the last check
+        self.start = time.perf_counter()
+
+    def after_step(self, loss: Tensor, batch: int, lr: float) -> None:
+        """Count one finished step: its (0-d) mean loss over ``batch`` images at learning rate ``lr``.
+
+        Raises:
+            NonFiniteLoss, StopRequested: at a check point (see the class docstring).
+        """
+        loss = loss.detach().double()
+        self.loss_sum += loss * batch
+        clean = torch.isinf(self.flags[0])
+        bad = clean & ~torch.isfinite(loss)
+        self.flags = torch.where(torch.stack([bad, bad, clean & ~bad]),
+                                 torch.stack([torch.full_like(loss, self.step), loss, loss]), self.flags)
+        self.lrs[self.step] = lr
+        self.step += 1
+        self.seen += batch
+        self.lr = lr
+        if self.step % self.every == 0 or self.step == self.steps:
+            self.check()
+
+    def check(self) -> None:
+        """Read the flags (all ranks agreeing) and raise if the epoch must stop here."""
+        d = self.state.dist
+        shared = torch.stack([-self.flags[0], self.flags.new_tensor(float(self.state.stop_signal))])
+        neg_bad, signum = all_max_tensor(shared, d).tolist()  # max of -step: the earliest on any rank
+        if math.isfinite(neg_bad):
+            step = int(-neg_bad)
+            own, loss, last = self.flags.tolist()
+            if own != step:  # another rank went first: this rank's loss at that step was finite
+                loss = math.nan
+            raise NonFiniteLoss(self.epoch, self.step, step, loss, self.lrs.get(step, self.lr),
+                                None if math.isnan(last) else last)
+        self.lrs.clear()
+        if signum and self.step < self.steps:
+            raise StopRequested(self.epoch, self.step, int(signum))
+
+    def seconds(self) -> float:
+        """Seconds of training in this epoch so far (before a resume included)."""
+        return self.seconds_before + time.perf_counter() - self.start
+
+    def result(self) -> dict:
+        """The finished epoch's ``train_loss`` (mean over all ranks' images), ``lr`` and ``images_per_s``."""
+        d = self.state.dist
+        seconds = all_max(self.seconds(), d)
+        total_loss, total_seen = all_sum([self.loss_sum.item(), float(self.seen)], d)
+        return {"train_loss": total_loss / max(total_seen, 1), "lr": self.lr,
+                "images_per_s": total_seen / max(seconds, 1e-9)}
+
+    def snapshot(self) -> dict:
+        """What a checkpoint keeps of an unfinished epoch on this rank (the arguments of a resumed tally)."""
+        return {"step": self.step, "loss_sum": self.loss_sum.item(), "seen": self.seen,
+                "seconds": self.seconds()}
 
 
 def batch_to_device(x: Tensor, y: Tensor, state: RunState) -> tuple[Tensor, Tensor]:
@@ -98,7 +235,9 @@ class Engine(ABC):
             fastai Learner) but must train the parameters of ``state.model`` with ``state.optimizer``, step
             ``state.scheduler`` every batch (``step_update(epoch * steps_per_epoch + i)``) and use
             ``state.mixup`` (None: ERM) with ``mixup_cross_entropy``, so that runs are comparable across
-            engines.
+            engines. It must report every step to ``state.tally`` (:meth:`EpochTally.after_step`) and
+            start at step ``state.tally.step`` (not 0 in an epoch resumed inside: the loader then skips the
+            batches already trained).
     """
 
     name: str = "engine"
@@ -112,7 +251,10 @@ class Engine(ABC):
 
         Returns:
             ``{"train_loss": mean loss over all ranks' samples, "lr": the last step's lr,
-            "images_per_s": training throughput over all ranks}``.
+            "images_per_s": training throughput over all ranks}``: ``state.tally.result()``.
+
+        Raises:
+            TrainingStopped: from ``state.tally``, between two steps.
         """
 
     def eval_model(self) -> nn.Module:

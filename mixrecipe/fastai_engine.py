@@ -13,7 +13,6 @@ lifecycle evaluates every engine the same way. Single process only (use the torc
 from __future__ import annotations
 
 import sys
-import time
 
 import fastai.callback.progress  # noqa: F401  (Learner.no_bar, the progress bar)
 import torch
@@ -59,7 +58,8 @@ class _Normalize(Callback):
 
 
 class _EpochDriver(Callback):
-    """The run's epoch inside fastai: timm's per-step schedule, the training tallies, no validation pass."""
+    """The run's epoch inside fastai: timm's per-step schedule, every step reported to the run's tally,
+    no validation pass."""
 
     order = -10
 
@@ -67,26 +67,14 @@ class _EpochDriver(Callback):
         self.state = state
         self.run_epoch = 0  # the run's epoch (fastai's own counts from 0 in every fit(1))
 
-    def before_train(self):
-        self.t_train = time.perf_counter()
-        self.loss_sum = torch.zeros((), dtype=torch.float64)
-        self.n_seen = 0
-        self.last_lr = float("nan")
-
     def before_batch(self):
         scheduler = self.state.scheduler
-        if self.training and scheduler is not None:
-            scheduler.step_update(self.run_epoch * self.state.steps_per_epoch + self.iter)
+        if self.training and scheduler is not None:  # the tally's step: fastai's iter restarts at a resume
+            scheduler.step_update(self.run_epoch * self.state.steps_per_epoch + self.state.tally.step)
 
     def after_batch(self):
-        if self.training:
-            y = self.yb[0]
-            self.loss_sum += self.loss.detach().double().cpu() * y.shape[0]
-            self.n_seen += y.shape[0]
-            self.last_lr = self.opt.opt.param_groups[0]["lr"]
-
-    def after_train(self):
-        self.train_seconds = time.perf_counter() - self.t_train
+        if self.training:  # may stop the epoch here (NaN loss, a signal): the exception leaves fit()
+            self.state.tally.after_step(self.loss, self.yb[0].shape[0], self.opt.opt.param_groups[0]["lr"])
 
     def before_validate(self):
         raise CancelValidException  # the lifecycle evaluates, the same way for every engine
@@ -139,9 +127,7 @@ class FastaiEngine(Engine):
             else:
                 with learn.no_bar():
                     learn.fit(1, self.state.lr)
-        drv = self.driver
-        return {"train_loss": float(drv.loss_sum) / max(drv.n_seen, 1), "lr": drv.last_lr,
-                "images_per_s": drv.n_seen / max(drv.train_seconds, 1e-9)}
+        return self.state.tally.result()
 
     def eval_model(self):
         return self.learn.model

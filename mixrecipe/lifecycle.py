@@ -1,14 +1,20 @@
 """The run lifecycle, the same for every engine: prepare -> per epoch (train, evaluate, record) -> summary.
 
-- prepare: the run directory (checked writable, a previous run's files cleared or its checkpoint picked
-  up), the resolved config saved beside the run, data, model, optimizer, loaders, schedule, the Mixup
-  policy, and the state of a run being resumed (:func:`prepare`);
+- prepare: the run directory checked (writable; a run already there is resumed with ``resume=true``,
+  replaced with ``overwrite=true``, else refused), data, model, optimizer, loaders, schedule, the Mixup
+  policy and the state of a run being resumed; only then, every value accepted, is the directory
+  written: the resolved config saved beside the run (:func:`prepare`);
 - each epoch: every random stream (shuffling, augmentation, mixup, dropout) is re-seeded from
   (seed, epoch, rank), the engine trains one epoch, the lifecycle evaluates through the engine's
   ``predict`` (:func:`mixrecipe.scoring.evaluate`) and records the epoch (:func:`record`): a line in
   ``metrics.jsonl``, ``curves.png``, an atomic ``last.pt`` (and ``best.pt``), a console line;
 - summary: the test set (or the last validation), ``summary.json`` and ``reliability.png`` (the final
   model's confidence against its accuracy).
+
+A training loss that is not finite stops the run at that step on every rank (the engines report each
+step to an :class:`mixrecipe.engine.EpochTally`): the event goes into ``metrics.jsonl`` and
+``summary.json``, ``last.pt`` keeps the last good state, and :class:`RunStopped` carries one line and
+exit status :data:`EXIT_DIVERGED`.
 
 Because of the per-epoch reseeding and the end-of-epoch checkpoint, a run killed at any point and resumed
 with ``resume=true`` ends with the same metrics as one never interrupted (on CPU, with the same number of
@@ -31,7 +37,7 @@ import traceback
 import numpy as np
 import torch
 
-from .config import Config, RecipeError, config_to_dict, save_config
+from .config import Config, RecipeError, check_values, config_to_dict, save_config
 from .data import DataBundle, ImageTensors, build_data, count_unreadable
 from .distributed import (
     DistContext,
@@ -41,7 +47,7 @@ from .distributed import (
     setup_distributed,
     shutdown_distributed,
 )
-from .engine import Engine, RunState
+from .engine import Engine, EpochTally, NonFiniteLoss, RunState
 from .factories import build_mixup, create_optimizer, create_schedule, eval_loader, train_loader
 from .outputs import (
     CHECKPOINT_VERSION,
@@ -58,11 +64,27 @@ from .outputs import (
 )
 from .scoring import evaluate, memorization
 
-__all__ = ["ENGINES", "run", "prepare", "begin_epoch", "evaluate_epoch", "record", "summarize",
-           "write_preview", "write_reliability", "epoch_seed"]
+__all__ = ["ENGINES", "EXIT_DIVERGED", "RunStopped", "run", "prepare", "begin_epoch", "evaluate_epoch",
+           "record", "summarize", "write_preview", "write_reliability", "epoch_seed"]
 
 # engine name -> "module:class"; the module is imported only for runs that use it.
 ENGINES = {"torch": "mixrecipe.torch_engine:TorchEngine", "fastai": "mixrecipe.fastai_engine:FastaiEngine"}
+
+EXIT_DIVERGED = 3  # the exit status of a run stopped by a loss that is not finite
+
+
+class RunStopped(Exception):
+    """The run stopped before its end for a reason other than a bad setting (a diverged loss, a signal, a
+    dead loader worker). The message says what happened, what was kept and how to go on.
+
+    Attributes:
+        exit_status: the command's exit status.
+        error: whether the command line reports it as an error (``error: ...``).
+    """
+
+    def __init__(self, message: str, exit_status: int, error: bool = True):
+        super().__init__(message)
+        self.exit_status, self.error = exit_status, error
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -83,28 +105,21 @@ def _reseed(seed: int) -> None:
 def prepare(cfg: Config, d: DistContext) -> RunState:
     """Everything before the first epoch (see the module docstring).
 
+    Nothing is written to the run directory before every value has been accepted and the data, model,
+    optimizer, loaders, schedule and policy are built: a command that fails its checks leaves the
+    directory as it found it.
+
     Raises:
-        RecipeError: an unwritable output, an unfinished run without resume=true, missing data, bad
-            settings; all before any training step.
+        RecipeError: an unwritable output, a run already there without resume=true or overwrite=true,
+            missing data, bad settings; all before any training step.
     """
     from .models import create_model
 
     out = cfg.output
     if d.is_main:
         check_writable(out)
-    resume_from = resume_point(out, cfg.resume, cfg.overwrite)
+    resume_from = resume_point(out, cfg.resume, cfg.overwrite)  # refuses to replace a run
     bundle = build_data(cfg.data)
-    if d.enabled:
-        torch.distributed.barrier()  # every rank has looked at the output directory before rank 0 clears it
-    if d.is_main:
-        try:
-            os.makedirs(out, exist_ok=True)
-            if resume_from is None:
-                clear_run_files(out)
-            save_config(cfg, os.path.join(out, "config.yaml"))
-        except OSError as exc:
-            raise UnwritableOutputError(out, exc.strerror or type(exc).__name__) from None
-
     cuda = d.device.type == "cuda"
     if cuda:
         torch.backends.cudnn.benchmark = True
@@ -140,7 +155,18 @@ def prepare(cfg: Config, d: DistContext) -> RunState:
     )
     if resume_from is not None:
         _restore(state, load_checkpoint(resume_from))
-        if d.is_main:
+    # Only now, with every value accepted and everything built, is the run directory touched.
+    if d.enabled:
+        torch.distributed.barrier()  # every rank has looked at the output directory before rank 0 writes
+    if d.is_main:
+        try:
+            os.makedirs(out, exist_ok=True)
+            if resume_from is None:
+                clear_run_files(out)  # overwrite=true, or the leftovers of a run that never saved an epoch
+            save_config(cfg, os.path.join(out, "config.yaml"))
+        except OSError as exc:
+            raise UnwritableOutputError(out, exc.strerror or type(exc).__name__) from None
+        if resume_from is not None:
             print(f"resuming {out} after epoch {state.start_epoch}/{cfg.epochs}", file=sys.stderr)
     return state
 
@@ -206,13 +232,14 @@ def write_reliability(path: str, bins, cfg: Config) -> None:
 
 
 def begin_epoch(state: RunState, epoch: int) -> None:
-    """Re-seed every random stream from (seed, epoch, rank) and switch mixing for this epoch."""
+    """Re-seed every random stream from (seed, epoch, rank), start the epoch's tally and switch mixing."""
     cfg = state.cfg
     seed = epoch_seed(cfg.seed, epoch, state.dist.rank)
     _reseed(seed)
     state.bundle.train.reseed(seed)
     state.generator.manual_seed(seed)
     state.train_sampler.set_epoch(epoch)
+    state.tally = EpochTally(state, epoch)
     if state.mixup is not None:
         state.mixup.mixup_enabled = not (cfg.mixup.off_epoch and epoch >= cfg.mixup.off_epoch)
 
@@ -299,6 +326,32 @@ def summarize(state: RunState, engine: Engine) -> dict:
     return summary
 
 
+def _diverged(state: RunState, engine: Engine, stop: NonFiniteLoss) -> RunStopped:
+    """A loss that is not finite: the event goes into metrics.jsonl and summary.json (rank 0), last.pt is
+    left as it was (the diverged model is never saved), and the returned :class:`RunStopped` says where it
+    happened and what usually helps (exit status :data:`EXIT_DIVERGED`)."""
+    cfg, out = state.cfg, state.out
+    event = {"event": "non_finite_loss", "epoch": stop.epoch + 1, "step": stop.step + 1,
+             "steps": state.steps_per_epoch, "loss": str(stop.loss), "lr": stop.lr,
+             "last_finite_loss": stop.last_finite}
+    last = os.path.join(out, "last.pt")
+    if state.dist.is_main:
+        append_metrics(os.path.join(out, "metrics.jsonl"), event)
+        summary = dict(state.history[-1]) if state.history else {}
+        summary.update(stopped=event, best_val_top1=state.best_top1 if state.history else None, output=out,
+                       engine=engine.name)
+        write_summary(os.path.join(out, "summary.json"), summary)
+    what = "nan" if math.isnan(stop.loss) else f"{stop.loss:g}"
+    before = "none" if stop.last_finite is None else f"{stop.last_finite:.4g}"
+    kept = (f"{last} is untouched (saved before the loss went bad)" if os.path.exists(last)
+            else "no checkpoint was saved (no epoch had finished)")
+    return RunStopped(
+        f"the training loss is {what} at epoch {stop.epoch + 1}/{cfg.epochs}, step {stop.step + 1}/"
+        f"{state.steps_per_epoch} (lr {stop.lr:.3g}, last finite loss {before}); the run stopped there and "
+        f"{kept}. Usual fixes: a lower optim.lr, a warm-up (sched.warmup_epochs=1 or more), amp=false",
+        EXIT_DIVERGED)
+
+
 def _engine_class(name: str) -> type[Engine]:
     module, cls = ENGINES[name].split(":")
     try:
@@ -339,6 +392,8 @@ def _train(cfg: Config, d: DistContext, holder: list) -> dict:
                 raise
             raise RecipeError(f"{exc}; then resume=true continues after epoch {epoch}/{cfg.epochs} "
                               f"({os.path.join(state.out, 'last.pt')})") from None
+        except NonFiniteLoss as stop:
+            raise _diverged(state, engine, stop) from None
         metrics["seconds"] = all_max(time.perf_counter() - t0, d)
         record(state, engine, metrics)
     return summarize(state, engine)
@@ -349,7 +404,10 @@ def run(cfg: Config) -> dict:
 
     Raises:
         RecipeError: bad settings, an unusable output directory or missing data (before any training step).
+        RunStopped: the run stopped early (a loss that is not finite, ...); its message says why and how
+            to go on.
     """
+    check_values(cfg)  # a config built in code is checked as the command line's is
     d = setup_distributed(cfg)
     holder: list[Engine] = []
     try:

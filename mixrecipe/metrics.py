@@ -51,7 +51,9 @@ def calibration_bins(probs: Tensor, target: Tensor, n_bins: int = 15) -> Tensor:
 
     Bin b holds the predictions whose confidence c satisfies b/n_bins < c <= (b+1)/n_bins; a confidence of
     exactly 0 (impossible for a softmax) goes to the first bin. The sums of two batches add up to the sums
-    of their union, so they can be accumulated over batches and all-reduced over processes.
+    of their union, so they can be accumulated over batches and all-reduced over processes. Rows that are
+    not finite (a diverged model) count in the first bin and make its confidence sum NaN: the ECE is then
+    NaN, not a number that looks fine.
 
     Args:
         probs: (N, K) class probabilities (rows sum to 1); a tensor or an array-like.
@@ -64,8 +66,9 @@ def calibration_bins(probs: Tensor, target: Tensor, n_bins: int = 15) -> Tensor:
     probs = probs.detach().double()
     conf, pred = probs.max(dim=1)
     correct = (pred == target).double()
-    # (lo, hi]: ceil(c * n) - 1; c = 0 lands in bin 0
-    idx = (torch.ceil(conf * n_bins) - 1).clamp(0, n_bins - 1).long()
+    # (lo, hi]: ceil(c * n) - 1; c = 0 lands in bin 0. A NaN confidence (a diverged model) is binned
+    # as 0 so the sums stay indexable; its NaN then makes the confidence sum, and the ECE, NaN.
+    idx = (torch.ceil(conf.nan_to_num(0.0) * n_bins) - 1).clamp(0, n_bins - 1).long()
     out = torch.zeros(3, n_bins, dtype=torch.float64, device=probs.device)
     out[0].index_add_(0, idx, torch.ones_like(conf))
     out[1].index_add_(0, idx, conf)

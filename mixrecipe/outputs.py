@@ -109,23 +109,47 @@ def check_writable(out: str) -> None:
                 break
 
 
-def resume_point(out: str, resume: bool, overwrite: bool) -> str | None:
-    """The checkpoint to resume from, or None for a fresh run; refuses to clobber an unfinished run."""
+def _describe_run(out: str) -> str | None:
+    """What a run directory holds, in words (``a finished run (30/30 epochs)``), or None when it holds no
+    run: only the files of a run that stopped before its first checkpoint (config.yaml, an empty
+    metrics.jsonl, the preview) are no run worth keeping."""
     last = os.path.join(out, "last.pt")
-    if not os.path.isfile(last):
+    if os.path.isfile(last):
+        state = torch.load(last, map_location="cpu", weights_only=True, mmap=True)  # mmap: no tensor is read
+        done, planned, step = state.get("epoch", 0), state.get("epochs", 0), state.get("step", 0)
+        where = f", stopped at step {step}/{state.get('steps', '?')} of epoch {done + 1}" if step else ""
+        return f"{'a finished' if done >= planned else 'an unfinished'} run ({done}/{planned} epochs{where})"
+    metrics = os.path.join(out, "metrics.jsonl")
+    kept = [name for name in ("best.pt", "summary.json") if os.path.isfile(os.path.join(out, name))]
+    if os.path.isfile(metrics) and os.path.getsize(metrics) > 0:
+        kept.append("metrics.jsonl")
+    return f"a run's {', '.join(kept)}" if kept else None
+
+
+def resume_point(out: str, resume: bool, overwrite: bool) -> str | None:
+    """The checkpoint to resume from, or None for a fresh run.
+
+    A fresh run never replaces what a directory holds, finished or not: without ``overwrite`` it refuses
+    (nothing has been written yet when this is called).
+
+    Raises:
+        RecipeError: ``out`` holds a run and neither ``resume`` nor ``overwrite`` was asked for; the
+            message names the three ways on.
+    """
+    last = os.path.join(out, "last.pt")
+    if resume and os.path.isfile(last):
+        return last
+    held = _describe_run(out) if os.path.isdir(out) else None
+    if held is None or overwrite:
         if resume:
             print(f"note: no checkpoint in {out}; starting a new run", file=sys.stderr)
         return None
-    if resume:
-        return last
-    state = torch.load(last, map_location="cpu", weights_only=True, mmap=True)  # mmap: no tensor is read
-    done, planned = state.get("epoch", 0), state.get("epochs", 0)
-    if done < planned and not overwrite:
-        raise RecipeError(
-            f"{out} holds an unfinished run ({done}/{planned} epochs): pass resume=true to continue "
-            "it, overwrite=true to start over, or output=DIR for a new run"
-        )
-    return None
+    if not os.path.isfile(last):  # nothing to resume from
+        raise RecipeError(f"{out} holds {held}: pass overwrite=true to replace it, or output=DIR for a new "
+                          "run")
+    action = "report it again" if held.startswith("a finished") else "continue it"
+    raise RecipeError(f"{out} holds {held}: pass resume=true to {action}, overwrite=true to start over "
+                      "(its files are replaced), or output=DIR for a new run")
 
 
 def clear_run_files(out: str) -> None:

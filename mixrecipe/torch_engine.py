@@ -8,13 +8,11 @@ against the two labels, backward, optimizer step; the schedule is updated before
 from __future__ import annotations
 
 import sys
-import time
 
 import torch
 from torch import nn
 
 from .data import normalize_batch
-from .distributed import all_max, all_sum
 from .engine import Engine, RunState, batch_to_device
 from .loss import mixup_cross_entropy
 
@@ -44,15 +42,12 @@ class TorchEngine(Engine):
         from tqdm import tqdm
 
         state, cfg, d = self.state, self.state.cfg, self.state.dist
-        optimizer, scheduler, mixup = state.optimizer, state.scheduler, state.mixup
+        optimizer, scheduler, mixup, tally = state.optimizer, state.scheduler, state.mixup, state.tally
         steps = state.steps_per_epoch
         self.net.train()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
-        seen, lr = 0, optimizer.param_groups[0]["lr"]
-        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not self.show_progress,
-                   leave=False, dynamic_ncols=True)
-        start = time.perf_counter()
-        for i, (x, y) in enumerate(state.train_loader):
+        bar = tqdm(total=steps, initial=tally.step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not self.show_progress, leave=False, dynamic_ncols=True)
+        for i, (x, y) in enumerate(state.train_loader, start=tally.step):
             if scheduler is not None:
                 scheduler.step_update(epoch * steps + i)
             lr = optimizer.param_groups[0]["lr"]
@@ -69,17 +64,13 @@ class TorchEngine(Engine):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += loss.detach().double() * y.shape[0]
-            seen += y.shape[0]
             if self.show_progress and (i % 10 == 0 or i == steps - 1):
-                rate = seen * d.world / max(time.perf_counter() - start, 1e-9)
+                rate = tally.seen * d.world / max(tally.seconds(), 1e-9)
                 bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:,.0f}", refresh=False)
             bar.update(1)
+            tally.after_step(loss, y.shape[0], lr)  # may stop the epoch here (NaN loss, a signal)
         bar.close()
-        seconds = all_max(time.perf_counter() - start, d)
-        total_loss, total_seen = all_sum([loss_sum.item(), float(seen)], d)
-        return {"train_loss": total_loss / max(total_seen, 1), "lr": lr,
-                "images_per_s": total_seen / max(seconds, 1e-9)}
+        return tally.result()
 
     def close(self) -> None:
         self.net = self.fwd = None

@@ -104,8 +104,8 @@ def test_digits_default_end_to_end(tmp_path, capsys):
     state = load_checkpoint(str(out / "last.pt"))
     assert state["epoch"] == 2 and state["history"] == records
     assert json.loads((out / "summary.json").read_text())["test_top1"] == result["test_top1"]
-    # A finished run may be started over in the same place.
-    again = train.main([f"output={out}", "epochs=1", *QUICK])
+    # A finished run is only started over in the same place when asked to (test_run_safety.py: refusals).
+    again = train.main([f"output={out}", "epochs=1", "overwrite=true", *QUICK])
     assert len(_metrics(out)) == 1 and again["epoch"] == 1
     # Resuming a finished run trains nothing and reports the same numbers.
     done = train.main([f"output={out}", "epochs=1", "resume=true", *QUICK])
