@@ -5,15 +5,25 @@
 ``record_launches(as_gpu=True)``: the launchers pick a GPU's block sizes, warps and switches, and nothing
 runs. ``main_paths`` records the launches a training loop makes at ImageNet size. Used by
 tests/test_gpu_compile.py and bench/ptx_report.py.
+
+Recording routes CPU tensors to the Triton launchers, which needs Triton's interpreter in the process. Where
+this process has none (a GPU machine, or ``TRITON_INTERPRET=0``), both functions record in a child process
+with ``TRITON_INTERPRET=1`` and return what it recorded.
 """
 
 import contextlib
 import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
 import mixrecipe
 from mixrecipe.backend import cpu_backend
+from mixrecipe.kernels import interpreting
 from mixrecipe.kernels._common import record_launches
 from mixrecipe.kernels.aot import describe
 
@@ -116,8 +126,23 @@ def _drive_loss(gen):
         mixrecipe.mixup_cross_entropy(logits, target, lam, perm, label_smoothing=smoothing).backward()
 
 
+def _in_interpreter(name: str, *args):
+    """``name(*args)`` of this module, run in a child process under Triton's interpreter (JSON results)."""
+    code = ("import json, sys\n"
+            f"sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
+            "import launches\n"
+            f"print(json.dumps(launches.{name}(*{args!r})))\n")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise RuntimeError(f"recording {name} under TRITON_INTERPRET=1 failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def record_public_api(full: bool = False) -> list[dict]:
     """Descriptions of every launch the public API makes over its option space, planned for a GPU."""
+    if not interpreting():
+        return _in_interpreter("record_public_api", full)
     gen = torch.Generator().manual_seed(0)
     with kernels_planned_for_gpu() as recorder:
         _drive_ops(gen, full)
@@ -132,6 +157,8 @@ IMAGE_PATHS = ("fp32 in-place flip", "bf16 in-place flip", "uint8 -> bf16 normal
 
 def main_paths() -> dict[str, list[dict]]:
     """The launches a training loop makes, at ImageNet size: name -> descriptions (the loss has two)."""
+    if not interpreting():
+        return _in_interpreter("main_paths")
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(4, 3, 224, 224, generator=gen)
     y = torch.randint(0, 1000, (4,), generator=gen)

@@ -66,14 +66,6 @@ def assert_matches(actual, expected, dtype):
     torch.testing.assert_close(grad.cpu().double(), ref_grad, rtol=rtol, atol=atol)
 
 
-def path_context(path):
-    """Path "triton" forces the Triton kernels (the interpreter on CPU), "eager" the plain-PyTorch CPU path;
-    "default" is the normal dispatch (on CPU: the numba rows for small float32 logits)."""
-    if path == "default":
-        return contextlib.nullcontext()
-    return cpu_backend(path)
-
-
 def make_batch(batch, classes, dtype, device, seed=0):
     gen = torch.Generator().manual_seed(seed)
     logits = (3 * torch.randn(batch, classes, generator=gen)).to(device=device, dtype=dtype)
@@ -102,64 +94,59 @@ def make_perm(kind, batch, gen, device):
 # ----------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["default", "eager", "triton"])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("perm_kind", ["flip", "random", "identity"])
 @pytest.mark.parametrize("lam_kind", ["float", "tensor0d", "per_sample"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_matches_dense_reference(device, dtype, lam_kind, perm_kind, smoothing, path):
+def test_matches_dense_reference(backend, dtype, lam_kind, perm_kind, smoothing):
+    device = backend.device
     logits, target, gen = make_batch(7, 37, dtype, device)
     lam = make_lam(lam_kind, 7, gen, device)
     perm = make_perm(perm_kind, 7, gen, device)
-    with path_context(path):
-        actual = run_loss(logits, target, lam, perm, smoothing)
+    actual = run_loss(logits, target, lam, perm, smoothing)
     assert_matches(actual, dense_reference(logits, target, lam, perm, smoothing), dtype)
 
 
-@pytest.mark.parametrize("path", ["default", "eager", "triton"])
 @pytest.mark.parametrize("batch, classes", [(1, 2), (1, 37), (2, 5), (7, 2), (6, 130), (3, 1)])
-def test_weird_shapes(device, batch, classes, path):
+def test_weird_shapes(backend, batch, classes):
+    device = backend.device
     logits, target, gen = make_batch(batch, classes, torch.float32, device, seed=batch * 1000 + classes)
     lam = torch.rand(batch, generator=gen).to(device)
-    with path_context(path):
-        actual = run_loss(logits, target, lam, smoothing=0.1)
+    actual = run_loss(logits, target, lam, smoothing=0.1)
     assert_matches(actual, dense_reference(logits, target, lam, None, 0.1), torch.float32)
 
 
-@pytest.mark.parametrize("path", ["default", "eager", "triton"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_reductions_and_upstream_gradient(device, reduction, path):
+def test_reductions_and_upstream_gradient(backend, reduction):
+    device = backend.device
     # Non-uniform upstream weights check that each row's gradient is scaled by its own grad_output.
     logits, target, gen = make_batch(5, 19, torch.float32, device)
     lam, perm = torch.rand(5, generator=gen).to(device), torch.randperm(5, generator=gen).to(device)
     weights = torch.rand(5, generator=gen).to(device) if reduction == "none" else None
-    with path_context(path):
-        actual = run_loss(logits, target, lam, perm, 0.1, reduction, weights)
+    actual = run_loss(logits, target, lam, perm, 0.1, reduction, weights)
     expected = dense_reference(logits, target, lam, perm, 0.1, reduction, weights)
     assert actual[0].shape == ((5,) if reduction == "none" else ())
     assert_matches(actual, expected, torch.float32)
 
 
-@pytest.mark.parametrize("path", ["default", "eager", "triton"])
-def test_strided_logits(device, path):
+def test_strided_logits(backend):
+    device = backend.device
     # A column slice (row stride > K) and a transposed (column-major) view must read the right logits.
     base, _, gen = make_batch(6, 50, torch.float32, device)
     target = torch.randint(0, 37, (6,), generator=gen).to(device)
     lam = torch.rand(6, generator=gen).to(device)
     for logits in (base[:, 3:40], base[:, :37].t().contiguous().t()):
         assert not logits.is_contiguous()
-        with path_context(path):
-            actual = run_loss(logits, target, lam, smoothing=0.1)
+        actual = run_loss(logits, target, lam, smoothing=0.1)
         assert_matches(actual, dense_reference(logits, target, lam, None, 0.1), torch.float32)
 
 
-@pytest.mark.parametrize("path", ["default", "eager", "triton"])
-def test_lam_one_and_zero_are_plain_cross_entropy(device, path):
+def test_lam_one_and_zero_are_plain_cross_entropy(backend):
+    device = backend.device
     logits, target, gen = make_batch(5, 11, torch.float32, device)
     perm = torch.randperm(5, generator=gen).to(device)
-    with path_context(path):
-        own = mixup_cross_entropy(logits, target, 1.0, perm, label_smoothing=0.1)
-        partner = mixup_cross_entropy(logits, target, 0.0, perm)
+    own = mixup_cross_entropy(logits, target, 1.0, perm, label_smoothing=0.1)
+    partner = mixup_cross_entropy(logits, target, 0.0, perm)
     torch.testing.assert_close(own, F.cross_entropy(logits, target, label_smoothing=0.1))
     torch.testing.assert_close(partner, F.cross_entropy(logits, target[perm]))
 
@@ -244,7 +231,8 @@ def kernel_run(logits, target, lam, perm, smoothing, block_k):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("classes", [5, 16, 37])  # below, equal to, not a multiple of the block
-def test_kernel_chunks_and_writes_everything(device, dtype, classes):
+def test_kernel_chunks_and_writes_everything(triton_device, dtype, classes):
+    device = triton_device
     logits, target, gen = make_batch(3, classes, dtype, device)
     lam = torch.rand(3, generator=gen).to(device)
     perm = torch.tensor([2, 2, 0], device=device)  # not a permutation: the kernel only gathers
@@ -255,7 +243,8 @@ def test_kernel_chunks_and_writes_everything(device, dtype, classes):
     assert_matches((loss, grad), (ref_loss, ref_grad), dtype)
 
 
-def test_kernel_is_deterministic(device):
+def test_kernel_is_deterministic(triton_device):
+    device = triton_device
     logits, target, gen = make_batch(4, 37, torch.bfloat16, device)
     lam = torch.rand(4, generator=gen).to(device)
     first = kernel_run(logits, target, lam, None, 0.1, block_k=16)
@@ -263,7 +252,8 @@ def test_kernel_is_deterministic(device):
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
-def test_kernel_out_of_range_indices_give_nan_not_garbage(device):
+def test_kernel_out_of_range_indices_give_nan_not_garbage(triton_device):
+    device = triton_device
     # On CUDA the wrapper does not check index values (that would sync): the kernel must not read out
     # of bounds and must flag the row instead.
     logits, target, _ = make_batch(4, 9, torch.float32, device)
@@ -303,17 +293,19 @@ def test_torch_compile_fullgraph_matches_eager():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_eager_and_kernel_rows_agree(dtype):
+def test_eager_and_kernel_rows_agree(triton_device, dtype):
     # Both implementations of the op return the per-row loss and the logsumexp the backward reads.
     logits, target, gen = make_batch(5, 37, dtype, "cpu")
     lam, perm = torch.rand(5, generator=gen), torch.randperm(5, generator=gen)
     rows_op = torch.ops.mixrecipe.mixup_cross_entropy_rows
-    eager = rows_op(logits, target, lam, perm, 0.1)
-    with cpu_backend("triton"):
-        kernel = rows_op(logits, target, lam, perm, 0.1)
+    with cpu_backend("eager"):
+        eager = rows_op(logits, target, lam, perm, 0.1)
+    on_kernel = [t.to(triton_device) for t in (logits, target, lam, perm)]
+    with cpu_backend("triton") if triton_device == "cpu" else contextlib.nullcontext():
+        kernel = rows_op(*on_kernel, 0.1)
     torch.testing.assert_close(eager[1], torch.logsumexp(logits.float(), 1), rtol=1e-6, atol=1e-6)
     for ours, theirs in zip(eager, kernel):
-        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ours, theirs.cpu(), rtol=1e-6, atol=1e-6)
 
 
 def test_custom_op_registration():

@@ -10,18 +10,12 @@ import torch
 from mixrecipe import ops
 from mixrecipe import reference as R
 from mixrecipe.backend import cpu_backend
-from mixrecipe.kernels import interpreting, mix_launch
+from mixrecipe.kernels import mix_launch
 
 HAS_CUDA = torch.cuda.is_available()
-needs_kernel = pytest.mark.skipif(not (interpreting() or HAS_CUDA),
-                                  reason="the Triton kernel needs a GPU or TRITON_INTERPRET=1")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Relative size of one unit in the last place: a result rounded once from fp32 math is within ~1 ulp.
 ULP = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
-
-
-def _device_for(backend):
-    return "cuda" if HAS_CUDA and backend == "triton" else "cpu"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -78,7 +72,7 @@ def make_boxes(batch, height, width, g, device):
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("perm_kind", ["flip", "random", "identity"])
 def test_mixup_matches_reference(backend, dtype, batch, layout, perm_kind):
-    device = _device_for(backend)
+    device = backend.device
     for lam_kind in ["scalar", "tensor0d", "per_sample"]:
         x, target, g = make_case(batch, dtype=dtype, layout=layout, device=device, seed=batch)
         lam = make_lam(lam_kind, batch, g, device)
@@ -95,7 +89,7 @@ def test_mixup_matches_reference(backend, dtype, batch, layout, perm_kind):
 @pytest.mark.parametrize("batch", [1, 4, 7])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_inplace_flip_matches_reference(backend, dtype, batch, layout):
-    device = _device_for(backend)
+    device = backend.device
     x, target, g = make_case(batch, dtype=dtype, layout=layout, device=device, seed=7)
     lam = torch.rand(batch, generator=g).to(device)
     ref, ref_soft = R.mix_reference(x, target, lam, num_classes=10)
@@ -110,7 +104,7 @@ def test_inplace_flip_matches_reference(backend, dtype, batch, layout):
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("perm_kind", ["flip", "random"])
 def test_cutmix_boxes_match_reference(backend, batch, layout, perm_kind):
-    device = _device_for(backend)
+    device = backend.device
     x, target, g = make_case(batch, shape=(3, 6, 9), layout=layout, device=device, seed=3)
     boxes = make_boxes(batch, 6, 9, g, device)
     perm = make_perm(perm_kind, batch, g, device)
@@ -124,7 +118,7 @@ def test_cutmix_boxes_match_reference(backend, batch, layout, perm_kind):
 
 
 def test_cutmix_box_comes_from_partner(backend):
-    device = _device_for(backend)
+    device = backend.device
     x, target, _ = make_case(4, shape=(2, 8, 8), device=device)
     box = torch.tensor([2, 5, 1, 7], device=device)
     out, _ = ops.mix(x, None, 1.0, None, None, box)
@@ -139,7 +133,7 @@ def test_cutmix_box_comes_from_partner(backend):
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("perm_kind", ["flip", "random"])
 def test_uint8_normalize_fused(backend, out_dtype, layout, perm_kind):
-    device = _device_for(backend)
+    device = backend.device
     g = torch.Generator().manual_seed(11)
     x = torch.randint(0, 256, (5, 3, 6, 5), dtype=torch.uint8, generator=g)
     if layout == "channels_last":
@@ -162,7 +156,7 @@ def test_uint8_normalize_fused(backend, out_dtype, layout, perm_kind):
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_normalization_any_channel_count(backend, channels, layout):
     """Up to 4 channels the kernel selects among scalar loads, beyond it gathers: both match the reference."""
-    device = _device_for(backend)
+    device = backend.device
     g = torch.Generator().manual_seed(channels)
     x = torch.randint(0, 256, (3, channels, 5, 7), dtype=torch.uint8, generator=g)
     if layout == "channels_last":
@@ -178,7 +172,7 @@ def test_normalization_any_channel_count(backend, channels, layout):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_float_input_with_normalization_and_out_dtype(backend, dtype):
-    device = _device_for(backend)
+    device = backend.device
     x, target, g = make_case(4, shape=(3, 4, 4), dtype=dtype, device=device)
     mean = torch.tensor([0.1, 0.2, 0.3], device=device)
     std = torch.tensor([1.5, 0.5, 2.0], device=device)
@@ -190,7 +184,7 @@ def test_float_input_with_normalization_and_out_dtype(backend, dtype):
 @pytest.mark.parametrize("shape", [(17,), (3, 100, 70), (1, 1, 1), (2, 130, 129)])
 def test_odd_shapes_and_multiple_blocks(backend, shape):
     """Sizes below, equal to and not a multiple of the block; 2-D (B, F) batches; several blocks per row."""
-    device = _device_for(backend)
+    device = backend.device
     for batch in (1, 3):
         x, target, g = make_case(batch, shape=shape, device=device)
         lam = torch.rand(batch, generator=g).to(device)
@@ -202,7 +196,7 @@ def test_odd_shapes_and_multiple_blocks(backend, shape):
 
 @pytest.mark.parametrize("num_classes", [1, 10, 1000, 20000])
 def test_soft_targets_index_and_dense(backend, num_classes):
-    device = _device_for(backend)
+    device = backend.device
     g = torch.Generator().manual_seed(num_classes)
     for batch in (1, 5):
         target = torch.randint(0, num_classes, (batch,), generator=g).to(device)
@@ -224,7 +218,7 @@ def test_soft_targets_index_and_dense(backend, num_classes):
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_exact_identities(backend, dtype):
-    device = _device_for(backend)
+    device = backend.device
     x, target, g = make_case(5, dtype=dtype, device=device)
     perm = torch.randperm(5, generator=g).to(device)
     for p in (None, perm):
@@ -240,7 +234,7 @@ def test_exact_identities(backend, dtype):
 
 
 def test_bitwise_deterministic(backend):
-    device = _device_for(backend)
+    device = backend.device
     x, target, g = make_case(6, shape=(3, 9, 9), dtype=torch.bfloat16, device=device)
     lam = torch.rand(6, generator=g).to(device)
     boxes = make_boxes(6, 9, 9, g, device)
@@ -249,12 +243,11 @@ def test_bitwise_deterministic(backend):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
-@needs_kernel
 @pytest.mark.parametrize("paired", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_kernel_writes_every_element(paired, dtype):
+def test_kernel_writes_every_element(triton_device, paired, dtype):
     """Poison the outputs with NaN, launch the kernel directly, and check every element was written."""
-    device = "cuda" if HAS_CUDA else "cpu"
+    device = triton_device
     x, target, g = make_case(5, shape=(3, 7, 11), dtype=dtype, device=device)
     out = torch.full_like(x, float("nan"))
     soft = torch.full((5, 13), float("nan"), device=device)
@@ -268,10 +261,9 @@ def test_kernel_writes_every_element(paired, dtype):
     torch.testing.assert_close(soft, ref_soft)
 
 
-@needs_kernel
-def test_kernel_poisons_rows_with_bad_indices_instead_of_reading_out_of_bounds():
+def test_kernel_poisons_rows_with_bad_indices_instead_of_reading_out_of_bounds(triton_device):
     """What the kernel does where the op cannot check on the host (CUDA): NaN rows, never garbage."""
-    device = "cuda" if HAS_CUDA else "cpu"
+    device = triton_device
     x, target, _ = make_case(4, shape=(2, 3, 3), device=device)
     target[1] = 99
     perm = torch.tensor([1, 0, 7, 2], device=device)
@@ -284,7 +276,7 @@ def test_kernel_poisons_rows_with_bad_indices_instead_of_reading_out_of_bounds()
 
 
 def test_nan_propagates(backend):
-    device = _device_for(backend)
+    device = backend.device
     x, target, _ = make_case(4, device=device)
     x[1, 0, 0, 0] = float("nan")
     out, _ = ops.mixup(x, None, 0.5)
@@ -293,7 +285,7 @@ def test_nan_propagates(backend):
 
 
 def test_non_contiguous_input_out_of_place(backend):
-    device = _device_for(backend)
+    device = backend.device
     x, _, _ = make_case(4, shape=(3, 8, 8), device=device)
     view = x[:, :, ::2, 1::2]
     out, _ = ops.mixup(view, None, 0.25)
@@ -308,7 +300,7 @@ def test_non_contiguous_input_out_of_place(backend):
 def test_matches_timm_mixup_target_and_images(backend, smoothing):
     from timm.data.mixup import mixup_target as timm_mixup_target
 
-    device = _device_for(backend)
+    device = backend.device
     x, target, _ = make_case(6, device=device)
     for lam in (0.0, 0.3, 0.77, 1.0):
         expect = timm_mixup_target(target, 10, lam, smoothing)
@@ -450,7 +442,7 @@ def test_eager_path_chunking(monkeypatch, chunk_elems, batch):
 
 
 def test_inplace_normalization_odd_batch_kernel(backend):
-    device = _device_for(backend)
+    device = backend.device
     x, _, g = make_case(5, shape=(3, 4, 4), device=device)
     y = x.clone()
     ops.mixup(y, None, 0.4, mean=(0.1, 0.2, 0.3), std=(0.5, 2.0, 1.0), inplace=True)
@@ -477,7 +469,7 @@ def test_tracing_sees_the_registered_op():
 def test_inplace_bumps_the_version_counter(backend):
     """The kernels write through raw pointers; autograd must still learn that x changed in place, so a
     graph that saved x refuses to backpropagate through stale values instead of giving wrong gradients."""
-    device = _device_for(backend)
+    device = backend.device
     x = torch.randn(6, 3, 4, 4, device=device)
     w = torch.ones(1, requires_grad=True, device=device)
     y = (w * x).sum()  # saves x for the gradient of w
@@ -499,7 +491,7 @@ def test_inputs_that_need_grad_take_the_registered_op():
 @pytest.mark.parametrize("perm_kind", ["flip", "random"])
 def test_out_buffer_gets_the_same_result(backend, layout, perm_kind):
     """out= writes what the allocating call returns, into the caller's (poisoned) buffer, every element."""
-    device = _device_for(backend)
+    device = backend.device
     g = torch.Generator().manual_seed(3)
     x = torch.randint(0, 256, (7, 3, 5, 6), dtype=torch.uint8, generator=g)
     if layout == "channels_last":

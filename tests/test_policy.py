@@ -6,8 +6,8 @@ Three kinds of checks:
   against timm's ``mixup_target`` and against the float64 reference ``mix_reference``;
 - the edges timm does not cover: odd batches, B=1, bf16, channels_last, uint8, random pairing, seeds.
 
-Images go through the fused op; on a machine without a GPU, through the Triton kernel under the
-interpreter (the ``backend`` fixture) as well as the eager CPU path.
+Images go through the fused op on every backend (the ``backend`` fixture): the compiled CPU kernel, the eager
+CPU path and the Triton kernel (CUDA tensors on a GPU machine, the interpreter on CPU tensors elsewhere).
 """
 
 import concurrent.futures
@@ -21,7 +21,6 @@ import scipy.stats
 import torch
 from timm.data import mixup as timm_mixup
 
-from mixrecipe.kernels import interpreting
 from mixrecipe.loss import SoftTargetCrossEntropy, mixup_cross_entropy
 from mixrecipe.policy import (
     MixedBatch,
@@ -39,7 +38,6 @@ from mixrecipe.reference import mix_reference, smooth_targets
 M = importlib.import_module("mixrecipe.policy")
 
 HAS_CUDA = torch.cuda.is_available()
-BACKENDS = ["eager", "triton"] if (interpreting() or HAS_CUDA) else ["eager"]
 K = 10
 P_MIN = 1e-3  # KS p-value floor: the seeds are fixed, so a pass is deterministic, and 1e-3 is no fishing
 
@@ -534,9 +532,9 @@ def test_matches_timm_with_the_same_draw(monkeypatch, backend, config, mode):
         draw, m = twin(seed, mode=mode, prob=0.8, label_smoothing=0.1, **CONFIGS[config])
         p = draw.sample(x.shape)
         x_timm, y_timm = timm_with_our_draw(monkeypatch, m, p, x, y)
-        x_ours, y_ours = m(x.clone(), y)
-        torch.testing.assert_close(x_ours, x_timm, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(y_ours, y_timm, rtol=1e-6, atol=1e-6)
+        x_ours, y_ours = m(x.clone().to(backend.device), y.to(backend.device))
+        torch.testing.assert_close(x_ours.cpu(), x_timm, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(y_ours.cpu(), y_timm, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("batch", [1, 3, 6])
@@ -590,15 +588,16 @@ def test_matches_reference(backend, batch, dtype, channels_last, mode, pairing, 
         draw, m = twin(seed, mode=mode, pairing=pairing, label_smoothing=0.1, **CONFIGS[config])
         p = draw.sample(x.shape)
         x_ref, y_ref = expected(x, y, p, 0.1)
-        x_in = x.clone(memory_format=torch.preserve_format)
-        x_out, soft = m(x_in, y)
-        assert_close_dtype(x_out, x_ref)
-        torch.testing.assert_close(soft, y_ref, rtol=1e-6, atol=1e-6)
+        x_in = x.to(backend.device).clone(memory_format=torch.preserve_format)
+        x_out, soft = m(x_in, y.to(backend.device))
+        assert x_out.device == x_in.device and soft.device == x_in.device
+        assert_close_dtype(x_out.cpu(), x_ref)
+        torch.testing.assert_close(soft.cpu(), y_ref, rtol=1e-6, atol=1e-6)
         assert x_out.is_contiguous(memory_format=torch.channels_last) == channels_last
         if pairing == "flip":  # timm's pairing mixes in place, like timm
             assert x_out.data_ptr() == x_in.data_ptr()
         else:
-            assert x_out.data_ptr() != x_in.data_ptr() and torch.equal(x_in, x)
+            assert x_out.data_ptr() != x_in.data_ptr() and torch.equal(x_in.cpu(), x)
 
 
 def test_odd_batch_keeps_the_middle_sample():
@@ -616,7 +615,8 @@ def test_cutmix_region_comes_from_the_partner(backend, pairing):
     x, y = make_batch(5, shape=(2, 8, 8))
     draw, m = twin(5, mixup_alpha=0.0, cutmix_alpha=1.0, mode="elem", pairing=pairing)
     p = draw.sample(x.shape)
-    x_out, _ = m(x.clone(), y)
+    x_out, _ = m(x.clone().to(backend.device), y.to(backend.device))
+    x_out = x_out.cpu()
     perm = torch.arange(4, -1, -1) if p.perm is None else p.perm
     assert bool((box_area(p.box) > 0).any())
     for i in range(5):
@@ -638,9 +638,10 @@ def test_uint8_with_mean_and_std(backend):
                        out_dtype=out_dtype)
         p = draw.sample(x.shape)
         x_ref, y_ref = expected(x, y, p, 0.1, mean=mean, std=std, out_dtype=out_dtype or torch.float32)
-        x_in = x.clone()
-        x_out, soft = m(x_in, y)
-        assert torch.equal(x_in, x)  # a new tensor: uint8 cannot hold the result
+        x_in = x.clone().to(backend.device)
+        x_out, soft = m(x_in, y.to(backend.device))
+        assert torch.equal(x_in.cpu(), x)  # a new tensor: uint8 cannot hold the result
+        x_out, soft = x_out.cpu(), soft.cpu()
         assert x_out.dtype == (out_dtype or torch.float32)
         if out_dtype is None:
             torch.testing.assert_close(x_out, x_ref, rtol=1e-5, atol=1e-5)
@@ -663,22 +664,24 @@ def test_mixing_without_image_dims():
 
 def test_mixup_disabled_returns_smoothed_unmixed_targets(backend):
     x, y = make_batch(5, shape=(3, 6, 6))
+    want = smooth_targets(y, K, 0.1).float()
+    torch.testing.assert_close(want, timm_mixup.mixup_target(y, K, 1.0, 0.1), rtol=0, atol=1e-7)
+    x, y = x.to(backend.device), y.to(backend.device)
     m = Mixup(mixup_alpha=1.0, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=K, generator=gen(8))
     m.mixup_enabled = False
     x_in = x.clone()
     x_out, soft = m(x_in, y)
     assert x_out is x_in and torch.equal(x_out, x)
-    torch.testing.assert_close(soft, smooth_targets(y, K, 0.1).float(), rtol=0, atol=1e-7)
-    torch.testing.assert_close(soft, timm_mixup.mixup_target(y, K, 1.0, 0.1), rtol=0, atol=1e-7)
+    torch.testing.assert_close(soft.cpu(), want, rtol=0, atol=1e-7)
     mb = m.mix_batch(x_in, y)
-    assert mb.x is x_in and torch.equal(mb.lam, torch.ones(5)) and mb.perm is None
+    assert mb.x is x_in and torch.equal(mb.lam.cpu(), torch.ones(5)) and mb.perm is None
     # uint8 still gets normalized and converted.
     x8 = torch.randint(0, 256, (5, 3, 6, 6), dtype=torch.uint8, generator=gen(8))
     m = Mixup(num_classes=K, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     m.mixup_enabled = False
-    x_out, soft = m(x8, y)
-    torch.testing.assert_close(x_out, (x8.float() / 255 - 0.5) / 0.25, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(soft, smooth_targets(y, K, 0.1).float(), rtol=0, atol=1e-7)
+    x_out, soft = m(x8.to(backend.device), y)
+    torch.testing.assert_close(x_out.cpu(), (x8.float() / 255 - 0.5) / 0.25, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(soft.cpu(), want, rtol=0, atol=1e-7)
 
 
 @pytest.mark.parametrize("mode", ["batch", "pair", "elem"])
@@ -756,8 +759,10 @@ def test_inplace_switch():
 # --------------------------------------------------------------------------------------------------
 def test_cutmix_with_a_given_box(backend):
     x, y = make_batch(5, shape=(2, 8, 8))
+    dev = backend.device
     box = torch.tensor([1, 5, 2, 6])
-    x_out, soft = cutmix(x.clone(), y, box=box, num_classes=K, label_smoothing=0.1)
+    x_out, soft = cutmix(x.clone().to(dev), y.to(dev), box=box.to(dev), num_classes=K, label_smoothing=0.1)
+    x_out, soft = x_out.cpu(), soft.cpu()
     x_ref, y_ref = mix_reference(x, y, 1.0, 1 - 16 / 64, None, box, num_classes=K, label_smoothing=0.1,
                                  out_dtype=torch.float32)
     assert torch.equal(x_out, x_ref)
@@ -766,7 +771,9 @@ def test_cutmix_with_a_given_box(backend):
     # Per-sample boxes, an explicit partner and an explicit label weight.
     boxes = torch.tensor([[0, 8, 0, 8], [0, 0, 0, 0], [2, 4, 2, 4], [0, 8, 0, 4], [7, 8, 7, 8]])
     perm = torch.tensor([1, 2, 3, 4, 0])
-    x_out, soft = cutmix(x.clone(), y, box=boxes, perm=perm, lam=torch.full((5,), 0.5), num_classes=K)
+    x_out, soft = cutmix(x.clone().to(dev), y.to(dev), box=boxes.to(dev), perm=perm.to(dev),
+                         lam=torch.full((5,), 0.5, device=dev), num_classes=K)
+    x_out, soft = x_out.cpu(), soft.cpu()
     x_ref, y_ref = mix_reference(x, y, 1.0, 0.5, perm, boxes, num_classes=K, out_dtype=torch.float32)
     assert torch.equal(x_out, x_ref) and torch.equal(x_out[0], x[1]) and torch.equal(x_out[1], x[1])
     torch.testing.assert_close(soft, y_ref)

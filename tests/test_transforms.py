@@ -42,8 +42,12 @@ def _both(ours, theirs, *inputs, seed=3):
 def test_same_seed_same_output_as_torchvision(ours, theirs, b, backend):
     x, y = _batch(b)
     for seed in range(3):
-        (gx, gy), (wx, wy) = _both(ours(alpha=0.7, num_classes=K), theirs(alpha=0.7, num_classes=K), x, y,
-                                   seed=seed)
+        torch.manual_seed(seed)
+        wx, wy = theirs(alpha=0.7, num_classes=K)(x.clone(), y)
+        torch.manual_seed(seed)  # both draw on the CPU, whichever device the batch is on
+        gx, gy = ours(alpha=0.7, num_classes=K)(x.clone().to(backend.device), y.to(backend.device))
+        assert gx.device.type == gy.device.type == backend.device
+        gx, gy = gx.cpu(), gy.cpu()
         torch.testing.assert_close(gx, wx, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(gy, wy, rtol=1e-6, atol=1e-7)
         assert gy.dtype == wy.dtype == torch.float32 and gx.dtype == x.dtype
@@ -132,7 +136,9 @@ def test_in_a_collate_fn_and_random_choice():
 def test_per_sample_mixup(backend):
     x, y = _batch(7)
     torch.manual_seed(11)
-    gx, gy = MixUp(alpha=0.5, num_classes=K, per_sample=True)(x.clone(), y)
+    mixup = MixUp(alpha=0.5, num_classes=K, per_sample=True)
+    gx, gy = mixup(x.clone().to(backend.device), y.to(backend.device))
+    gx, gy = gx.cpu(), gy.cpu()
     torch.manual_seed(11)
     lam = torch.distributions.Beta(torch.tensor([0.5]), torch.tensor([0.5])).sample((7,)).view(7)
     assert lam.unique().numel() == 7
@@ -145,7 +151,8 @@ def test_per_sample_cutmix_boxes_are_torchvisions_one_by_one(backend):
     b, h, w = 6, 9, 13
     x, y = _batch(b)
     torch.manual_seed(4)
-    gx, gy = CutMix(num_classes=K, per_sample=True)(x.clone(), y)
+    gx, gy = CutMix(num_classes=K, per_sample=True)(x.clone().to(backend.device), y.to(backend.device))
+    gx, gy = gx.cpu(), gy.cpu()
     torch.manual_seed(4)
     lam = torch.distributions.Beta(torch.tensor([1.0]), torch.tensor([1.0])).sample((b,)).view(b)
     r_x, r_y = torch.randint(w, size=(b,)), torch.randint(h, size=(b,))
@@ -166,11 +173,12 @@ def test_per_sample_cutmix_boxes_are_torchvisions_one_by_one(backend):
 
 @pytest.mark.parametrize("cls", [MixUp, CutMix])
 def test_flip_pairing_in_place_and_label_smoothing(cls, backend):
-    x, y = _batch(5)
-    orig = x.clone()
+    orig, y = _batch(5)
+    x, y_dev = orig.clone().to(backend.device), y.to(backend.device)
     torch.manual_seed(2)
-    gx, gy = cls(num_classes=K, pairing="flip", inplace=True, label_smoothing=0.1)(x, y)
+    gx, gy = cls(num_classes=K, pairing="flip", inplace=True, label_smoothing=0.1)(x, y_dev)
     assert gx.data_ptr() == x.data_ptr()  # written in place
+    gx, gy = gx.cpu(), gy.cpu()
     # torchvision's draws (same seed), timm's pairing and smoothing.
     torch.manual_seed(2)
     params = (v2.MixUp if cls is MixUp else v2.CutMix)(num_classes=K).make_params([orig])
