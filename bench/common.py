@@ -300,13 +300,20 @@ def count_aten_ops(fn: Callable[[], object]) -> int | None:
 # --------------------------------------------------------------------------------------------------
 # Peak memory of one call, above what was allocated before it.
 # --------------------------------------------------------------------------------------------------
-def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device,
+                      before: Callable[[], object] | None = None) -> int:
     """Peak bytes allocated during one call of ``fn`` above the allocation before it.
 
     CUDA: the caching allocator's ``max_memory_allocated``. CPU: the allocation and free events that
     torch.profiler records (``profile_memory=True``), summed in time order.
+
+    Args:
+        before: called after the warm-up call and before the measured one, e.g. to drop what the warm-up
+            left behind (a gradient) so that the measured call's own copy counts.
     """
     fn()  # warm: lazy initialization is not the call's footprint
+    if before is not None:
+        before()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -350,11 +357,13 @@ def write_csv(rows: list[dict], path: Path) -> None:
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
-    with open(path, "w", newline="") as f:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns)
         w.writeheader()
         for row in rows:
             w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
+    os.replace(tmp, path)  # whole or not at all: a run stopped mid-write keeps the previous file
 
 
 def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:

@@ -1,8 +1,9 @@
 """bench/gpu_check.py on a machine without a GPU: it refuses to run, and its parts work.
 
 The command itself needs CUDA; here we check what can go wrong before anyone gets there: the exit status
-and message without CUDA, the target table read from results files (met, missed, not measured), and that
-its training runs are valid command lines of the real loop on data in the real CIFAR format.
+and message without CUDA, the target table read from results files (met, missed, not measured), the time
+budget and its phases, that its training runs are valid command lines of the real loop on learnable data in
+the real CIFAR format, and that a run whose loss is not finite is reported as a failure, never a throughput.
 """
 
 import csv
@@ -73,12 +74,79 @@ def test_training_run_on_cifar_format_data(tmp_path):
     gpu_check.write_cifar_like(tmp_path / "data", 100, 20)
     (train_x, train_y), (test_x, _), classes = read_cifar10(str(tmp_path / "data"))
     assert train_x.shape == (100, 3, 32, 32) and test_x.shape[0] == 20 and len(classes) == 10
-    rows = gpu_check.train_throughput(tmp_path, tmp_path, epochs=1, n_train=200, device="cpu",
-                                      variants=("mixup+CutMix",), compile_modes=(False,),
-                                      extra=["model=digits_cnn"])  # small: the command line is the point
+    # Learnable: an image's mean colour names its class (what lets a throughput run's loss fall).
+    means = train_x.float().mean((2, 3))
+    for c in train_y.unique():
+        spread = means[train_y == c].std(0) if (train_y == c).sum() > 1 else torch.zeros(3)
+        assert float(spread.max()) < 5.0
+    rows = gpu_check.train_throughput(tmp_path, tmp_path, epochs=2, n_train=400, device="cpu",
+                                      variants=("mixup+CutMix",), extra=["model=digits_cnn"])
     (row,) = rows
     assert row["exit"] == 0, (tmp_path / "train-0.log").read_text()[-2000:]
+    assert row["verdict"] == "ok", row
     assert row["images_per_s"] > 0 and row["vs_off"] is None  # no "mixup off" run to compare with
     config = (tmp_path / "run-0" / "config.yaml").read_text()
-    assert "cutmix_alpha: 1.0" in config
-    assert json.loads((tmp_path / "run-0" / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 1
+    assert "cutmix_alpha: 1.0" in config and "lr: 0.01" in config
+    assert json.loads((tmp_path / "run-0" / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 2
+
+
+def test_a_diverging_run_is_a_failure_not_a_throughput(tmp_path):
+    rows = gpu_check.train_throughput(tmp_path, tmp_path, epochs=1, n_train=200, device="cpu",
+                                      variants=("mixup off",),
+                                      extra=["model=digits_cnn", "optim.lr=1e6", "batch_size=16"])
+    (row,) = rows
+    assert row["verdict"].startswith("failed") and row["images_per_s"] is None, row
+    gpu_check.plot_train(rows, tmp_path / "train.png", "a failed run")  # draws, marked "failed"
+    assert (tmp_path / "train.png").stat().st_size > 5000
+
+
+def _metrics(path: Path, losses) -> Path:
+    path.write_text("".join(json.dumps({"epoch": i + 1, "train_loss": v, "images_per_s": 100.0 * (i + 1)})
+                            + "\n" for i, v in enumerate(losses)))
+    return path
+
+
+def test_judge_run_counts_only_finite_falling_losses(tmp_path):
+    m = tmp_path / "metrics.jsonl"
+    assert gpu_check.judge_run(0, _metrics(m, [2.3, 1.9])) == ("ok", 200.0, [2.3, 1.9])
+    assert gpu_check.judge_run(0, _metrics(m, [2.3, float("nan")]))[:2] == ("failed: loss not finite", None)
+    assert gpu_check.judge_run(0, _metrics(m, [2.3, float("inf")]))[0] == "failed: loss not finite"
+    assert gpu_check.judge_run(0, _metrics(m, [2.3, 2.4]))[:2] == ("failed: loss did not fall", None)
+    assert gpu_check.judge_run(3, _metrics(m, [2.3, 1.0]))[0] == "failed: exit 3"
+    assert gpu_check.judge_run(124, _metrics(m, [2.3]))[0] == "failed: ran out of time"
+    assert gpu_check.judge_run(0, tmp_path / "missing.jsonl")[0] == "failed: exit 0"
+
+
+def test_budget_gives_each_phase_its_share_and_passes_unused_time_on():
+    now = [100.0]
+    clock = gpu_check.Clock(540, now=lambda: now[0])
+    shares = dict(gpu_check.PHASES)
+    assert abs(sum(shares.values()) - 1) < 1e-9
+    assert clock.left("tests") == 540 * shares["tests"]
+    now[0] += 30  # the tests finished early: the benchmarks get their share and what the tests left
+    assert clock.left("benchmarks") == 540 * (shares["tests"] + shares["benchmarks"]) - 30
+    now[0] += 1000  # far past the end: nothing left for anyone
+    assert clock.left("throughput") == 0.0
+
+
+def test_a_step_past_its_time_is_stopped_and_says_so(tmp_path):
+    code, text = gpu_check._run([sys.executable, "-c", "import time; print('started', flush=True); "
+                                 "time.sleep(30)"], tmp_path / "slow.log", timeout=2)
+    assert code == 124 and "timed out after 2 s" in (tmp_path / "slow.log").read_text()
+    code, _ = gpu_check._run([sys.executable, "-c", "pass"], tmp_path / "none.log", timeout=0.5)
+    assert code == 124 and "not started" in (tmp_path / "none.log").read_text()
+    assert gpu_check.test_summary(124, "") == "ran out of time"
+    assert gpu_check.test_summary(1, "== 3 failed, 40 passed in 9.1s ==") == "3 failed, 40 passed in 9.1s"
+
+
+def test_the_test_phase_selects_existing_files_and_kernel_tests():
+    cmd = gpu_check.test_command(workers=4)
+    assert cmd[-2:] == ["-n", "4"] and gpu_check.TEST_SELECTION in cmd
+    for path in gpu_check.TEST_FILES:
+        assert (ROOT / path).exists(), path
+    proc = subprocess.run([*gpu_check.test_command(workers=0), "--collect-only"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    collected = [line for line in proc.stdout.splitlines() if "::" in line]
+    assert any("[triton" in t or "-triton" in t for t in collected)  # the fixture's Triton cases
+    assert any("test_kernel_" in t for t in collected)  # the direct launches
