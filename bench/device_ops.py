@@ -5,8 +5,10 @@ call dispatches is seen by a ``TorchDispatchMode`` before it runs:
 
 - an op with a CUDA tensor among its inputs, or a factory asked for a CUDA tensor, is a *device op*: it
   would launch work on the GPU (or copy to it). Pure metadata and view ops (``view``, ``expand``,
-  ``as_strided``, ``detach``, ...) launch nothing and are left out. The fused op (``mixrecipe::*``, the one
-  Triton launch of ``mixrecipe.ops``) counts as one device op and runs its fake implementation only;
+  ``as_strided``, ``detach``, ...) launch nothing and are left out. A Triton launch (``triton:<kernel>``) is
+  one device op: the mixing ops run their eager body as on a GPU (``mixrecipe.ops`` is told the fake
+  tensors are plain ones), and the launcher's call is recorded by ``record_launches`` without running.
+  The loss's registered op (``mixrecipe::*``) counts as its one launch and runs its fake implementation;
 - an op that reads a device value on the host (``aten._local_scalar_dense`` of a CUDA tensor: ``.item()``,
   ``bool(t)``, ``.tolist()``; a copy from CUDA to the CPU) is a *host read*: a synchronization. It is recorded
   and given a placeholder (0) so the count can go on;
@@ -32,7 +34,9 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_flatten
 
 import mixrecipe
+from mixrecipe import ops as mix_ops
 from mixrecipe import transforms
+from mixrecipe.kernels._common import record_launches
 
 __all__ = ["DeviceOps", "count_device_ops", "fake_cuda", "CASES", "count_case"]
 
@@ -112,20 +116,31 @@ def fake_cuda(make):
         return make(), mode
 
 
-def count_device_ops(call, *fake_inputs) -> DeviceOps:
+def count_device_ops(call, *fake_inputs, warmup: bool = True) -> DeviceOps:
     """The device ops and host reads of ``call(*fake_inputs)``; the inputs are FakeTensors (see
-    :func:`fake_cuda`), all from one fake mode."""
-    result = DeviceOps()
+    :func:`fake_cuda`), all from one fake mode. ``warmup``: count a second call, after one uncounted."""
     fakes = [t for t in fake_inputs if isinstance(t, torch.Tensor)]
     mode = fakes[0].fake_mode if fakes else FakeTensorMode(allow_non_fake_inputs=True)
     patches = [mock.patch.object(m, "tracing", lambda: False) for m in _tracing_modules()]
+    # The op's direct (eager) call takes plain tensors only: fake CUDA tensors stand in for them here.
+    patches.append(mock.patch.object(mix_ops, "_direct_call", _direct_call_on_fakes))
     with contextlib.ExitStack() as stack:
         for p in patches:
             stack.enter_context(p)
         stack.enter_context(mode)
-        stack.enter_context(_Recorder(result))
+        launches = stack.enter_context(record_launches(as_gpu=True))  # recorded, never run
+        recorder = stack.enter_context(_Recorder(DeviceOps()))
+        launches.record = lambda kernel, grid, args, kwargs: recorder.result.launches.append(
+            f"triton:{kernel.fn.__name__}")
+        if warmup:  # a loop's steady state: first-call caches (constants on the device) are filled
+            call(*fake_inputs)
+        recorder.result = DeviceOps()
         call(*fake_inputs)
-    return result
+    return recorder.result
+
+
+def _direct_call_on_fakes(*tensors) -> bool:
+    return all(t is None or (isinstance(t, torch.Tensor) and not t.requires_grad) for t in tensors)
 
 
 # --------------------------------------------------------------------------------------------------
