@@ -5,9 +5,21 @@ The public API lives here and nothing else. Importing mixrecipe imports neither 
 name here shadows a submodule.
 """
 
-from .loss import SoftTargetCrossEntropy, mixup_cross_entropy
-from .ops import mix, mixup, mixup_target
-from .policy import (
+import os as _os
+
+# kernels/ and recipes/ are top-level folders of the repository that an install places inside the package
+# (mixrecipe.kernels, mixrecipe.recipes). Imported from a checkout's root while the package is installed
+# without -e, Python picks this folder, which holds neither: look for them beside it, in a checkout only.
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if (not _os.path.isdir(_os.path.join(__path__[0], "kernels"))
+        and _os.path.isfile(_os.path.join(_root, "pyproject.toml"))
+        and _os.path.isfile(_os.path.join(_root, "kernels", "mixup.py"))):
+    __path__.append(_root)
+del _os, _root
+
+from .loss import SoftTargetCrossEntropy, mixup_cross_entropy  # noqa: E402
+from .ops import mix, mixup, mixup_target  # noqa: E402
+from .policy import (  # noqa: E402
     MixedBatch,
     MixParams,
     Mixup,
