@@ -59,8 +59,8 @@ def _drive_ops(gen, full: bool = False):
     in_out = same + [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)]
     in_out += [(torch.uint8, d) for d in IMAGE_DTYPES]
     geometries = list(itertools.product(SHAPES, ("nchw", "channels_last")))
-    switches = itertools.product(("flip", "flip-inplace", "perm"), ("scalar", "per-sample"), (False, True),
-                                 (False, True), (None, "index", "dense"))
+    switches = itertools.product(("flip", "flip-inplace", "perm"), ("scalar", "per-sample"),
+                                 (None, "tensor", "ints"), (False, True), (None, "index", "dense"))
     for i, (pairing, lam_kind, with_box, norm, target_kind) in enumerate(switches):
         dtype_pairs = same if pairing == "flip-inplace" else in_out
         cases = (itertools.product(dtype_pairs, geometries) if full else
@@ -74,7 +74,8 @@ def _drive_ops(gen, full: bool = False):
                 target = torch.randint(0, NUM_CLASSES, (b,), generator=gen)
             elif target_kind == "dense":
                 target = torch.rand(b, NUM_CLASSES, generator=gen)
-            box = torch.tensor([1, 4, 2, 5]) if with_box else None
+            # One box as a tensor, or as four ints (the kernel's scalar box, a host-drawn policy box).
+            box = {None: None, "tensor": torch.tensor([1, 4, 2, 5]), "ints": (1, 4, 2, 5)}[with_box]
             mean, std = ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3)) if norm else (None, None)
             perm = torch.randperm(b, generator=gen) if pairing == "perm" else None
             mixrecipe.mix(x, target, lam, None if with_box else lam, perm, box, num_classes=NUM_CLASSES,

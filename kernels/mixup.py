@@ -42,13 +42,18 @@ def _row_lam(lam_ptr, lam_value, row, LAM_SCALAR: tl.constexpr):
 
 
 @triton.jit
-def _pixel_weight(lam, box_ptr, row, hh, ww, HAS_BOX: tl.constexpr):
-    # Inside the CutMix box the pixel comes from the partner (weight 0); outside it is lam.
+def _pixel_weight(lam, box_ptr, box_y0, box_y1, box_x0, box_x1, row, hh, ww, HAS_BOX: tl.constexpr,
+                  BOX_SCALAR: tl.constexpr):
+    # Inside the CutMix box the pixel comes from the partner (weight 0); outside it is lam. One box for the
+    # batch comes as four scalars (y0, y1, x0, x1): a host-drawn box needs no copy to the device.
     if HAS_BOX:
-        y0 = tl.load(box_ptr + row * 4 + 0)
-        y1 = tl.load(box_ptr + row * 4 + 1)
-        x0 = tl.load(box_ptr + row * 4 + 2)
-        x1 = tl.load(box_ptr + row * 4 + 3)
+        if BOX_SCALAR:
+            y0, y1, x0, x1 = box_y0, box_y1, box_x0, box_x1
+        else:
+            y0 = tl.load(box_ptr + row * 4 + 0)
+            y1 = tl.load(box_ptr + row * 4 + 1)
+            x0 = tl.load(box_ptr + row * 4 + 2)
+            x1 = tl.load(box_ptr + row * 4 + 3)
         inside = (hh >= y0) & (hh < y1) & (ww >= x0) & (ww < x1)
         w = tl.where(inside, 0.0, lam)
     else:
@@ -93,10 +98,11 @@ def _partner(perm_ptr, row_i, B, PAIRED: tl.constexpr):
 
 @triton.jit
 def _mix_images(
-    x_ptr, out_ptr, perm_ptr, lam_ptr, lam_value, box_ptr, mean_ptr, inv_std_ptr, in_scale,
+    x_ptr, out_ptr, perm_ptr, lam_ptr, lam_value, box_ptr, box_y0, box_y1, box_x0, box_x1, mean_ptr,
+    inv_std_ptr, in_scale,
     pid, B, N, C, H, W, stride_xb, stride_ob, stride_c, stride_h, stride_w, n_blocks,
-    PAIRED: tl.constexpr, LAM_SCALAR: tl.constexpr, HAS_BOX: tl.constexpr, HAS_NORM: tl.constexpr,
-    NORM_SELECT: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    PAIRED: tl.constexpr, LAM_SCALAR: tl.constexpr, HAS_BOX: tl.constexpr, BOX_SCALAR: tl.constexpr,
+    HAS_NORM: tl.constexpr, NORM_SELECT: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
     group = pid // n_blocks
     blk = (pid % n_blocks).to(tl.int32)  # in-sample offsets stay int32 (ops checks N < 2**31): cheap div/mod
@@ -121,14 +127,17 @@ def _mix_images(
     b = _load_normalized(x_ptr + row_j * stride_xb, offs, mask, mean, inv_std, in_scale, HAS_NORM)
 
     lam_i = _row_lam(lam_ptr, lam_value, row_i, LAM_SCALAR)
-    out_i = _lerp(b, a, _pixel_weight(lam_i, box_ptr, row_i, hh, ww, HAS_BOX))
+    w_i = _pixel_weight(lam_i, box_ptr, box_y0, box_y1, box_x0, box_x1, row_i, hh, ww, HAS_BOX, BOX_SCALAR)
+    out_i = _lerp(b, a, w_i)
     out_i = tl.where(valid, out_i, float("nan"))
     out_dtype = out_ptr.dtype.element_ty
     tl.store(out_ptr + row_i * stride_ob + offs, cast_to(out_i, out_dtype, ROUND_BF16), mask=mask)
     if PAIRED:
         # The partner row, from the same two loads: this is what makes the in-place pass safe.
         lam_j = _row_lam(lam_ptr, lam_value, row_j, LAM_SCALAR)
-        out_j = _lerp(a, b, _pixel_weight(lam_j, box_ptr, row_j, hh, ww, HAS_BOX))
+        w_j = _pixel_weight(lam_j, box_ptr, box_y0, box_y1, box_x0, box_x1, row_j, hh, ww, HAS_BOX,
+                            BOX_SCALAR)
+        out_j = _lerp(a, b, w_j)
         tl.store(out_ptr + row_j * stride_ob + offs, cast_to(out_j, out_dtype, ROUND_BF16), mask=mask)
 
 
@@ -168,14 +177,18 @@ def _mix_labels(
             tl.store(soft_ptr + row_j * stride_sb + ks, y_j, mask=kmask)
 
 
-@triton.jit
+# The scalar box's values change every call: specializing on them (== 1, multiples of 16) would compile
+# new variants as the boxes move.
+@triton.jit(do_not_specialize=["box_y0", "box_y1", "box_x0", "box_x1"])
 def _mix_fwd_kernel(
-    x_ptr, out_ptr, perm_ptr, lamx_ptr, lamx_value, box_ptr, mean_ptr, inv_std_ptr, in_scale,
+    x_ptr, out_ptr, perm_ptr, lamx_ptr, lamx_value, box_ptr, box_y0, box_y1, box_x0, box_x1,
+    mean_ptr, inv_std_ptr, in_scale,
     target_ptr, soft_ptr, lamy_ptr, lamy_value, off, keep,
     B, N, C, H, W, K, stride_xb, stride_ob, stride_c, stride_h, stride_w, stride_tb, stride_sb,
     n_blocks, n_image_programs,
     PAIRED: tl.constexpr, LAMX_SCALAR: tl.constexpr, LAMY_SCALAR: tl.constexpr, HAS_IMAGE: tl.constexpr,
-    HAS_BOX: tl.constexpr, HAS_NORM: tl.constexpr, NORM_SELECT: tl.constexpr, HAS_TARGET: tl.constexpr,
+    HAS_BOX: tl.constexpr, BOX_SCALAR: tl.constexpr, HAS_NORM: tl.constexpr, NORM_SELECT: tl.constexpr,
+    HAS_TARGET: tl.constexpr,
     TARGET_DENSE: tl.constexpr,
     ROUND_BF16: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -183,9 +196,10 @@ def _mix_fwd_kernel(
     if HAS_IMAGE:
         if pid < n_image_programs:
             _mix_images(
-                x_ptr, out_ptr, perm_ptr, lamx_ptr, lamx_value, box_ptr, mean_ptr, inv_std_ptr, in_scale,
+                x_ptr, out_ptr, perm_ptr, lamx_ptr, lamx_value, box_ptr, box_y0, box_y1, box_x0, box_x1,
+                mean_ptr, inv_std_ptr, in_scale,
                 pid, B, N, C, H, W, stride_xb, stride_ob, stride_c, stride_h, stride_w, n_blocks,
-                PAIRED, LAMX_SCALAR, HAS_BOX, HAS_NORM, NORM_SELECT, ROUND_BF16, BLOCK_SIZE,
+                PAIRED, LAMX_SCALAR, HAS_BOX, BOX_SCALAR, HAS_NORM, NORM_SELECT, ROUND_BF16, BLOCK_SIZE,
             )
     if HAS_TARGET:
         if pid >= n_image_programs:
@@ -214,7 +228,7 @@ def mix_launch(
     perm: torch.Tensor | None,
     lam_x: torch.Tensor | float,
     lam_y: torch.Tensor | float,
-    box: torch.Tensor | None,
+    box: torch.Tensor | tuple | None,
     mean: torch.Tensor | None,
     inv_std: torch.Tensor | None,
     in_scale: float,
@@ -232,7 +246,8 @@ def mix_launch(
         perm: (B,) int64 partners on the device, or None for the flip pairing i <-> B-1-i.
         lam_x: pixel weight of each sample itself: a float or a (B,) float32 tensor.
         lam_y: label weight, likewise.
-        box: (B, 4) int32 CutMix boxes (y0, y1, x0, x1), or None.
+        box: (B, 4) int32 CutMix boxes (y0, y1, x0, x1); or one box for every sample as four ints, passed
+            as scalars (no tensor, no host-device copy); or None.
         mean, inv_std: (C,) float32 per-channel normalization on dim 1, or None.
         in_scale: multiplies raw inputs before normalization (1/255 for uint8).
         label_off, label_keep: soft target = t * label_keep + label_off (timm smoothing).
@@ -266,12 +281,14 @@ def mix_launch(
     lamx_scalar = not isinstance(lam_x, torch.Tensor)
     lamy_scalar = not isinstance(lam_y, torch.Tensor)
     round_bf16 = has_image and out.dtype == torch.bfloat16 and plan_for_interpreter()
+    box_scalar = isinstance(box, tuple)
+    box_values = tuple(int(v) for v in box) if box_scalar else (0, 0, 0, 0)
 
     launch(
         _mix_fwd_kernel, (n_programs,),
         x if has_image else dummy, out if has_image else dummy, perm if perm is not None else dummy,
         dummy if lamx_scalar else lam_x, float(lam_x) if lamx_scalar else 0.0,
-        box if box is not None else dummy,
+        dummy if box is None or box_scalar else box, *box_values,
         mean if mean is not None else dummy, inv_std if inv_std is not None else dummy, float(in_scale),
         target if has_target else dummy, soft if has_target else dummy,
         dummy if lamy_scalar else lam_y, float(lam_y) if lamy_scalar else 0.0,
@@ -281,8 +298,8 @@ def mix_launch(
         target.stride(0) if has_target else 0, soft.stride(0) if has_target else 0,
         n_blocks, n_image_programs,
         PAIRED=paired, LAMX_SCALAR=lamx_scalar, LAMY_SCALAR=lamy_scalar, HAS_IMAGE=has_image,
-        HAS_BOX=box is not None, HAS_NORM=mean is not None, NORM_SELECT=mean is not None and channels <= 4,
-        HAS_TARGET=has_target,
+        HAS_BOX=box is not None, BOX_SCALAR=box_scalar, HAS_NORM=mean is not None,
+        NORM_SELECT=mean is not None and channels <= 4, HAS_TARGET=has_target,
         TARGET_DENSE=has_target and target.ndim == 2, ROUND_BF16=round_bf16,
         BLOCK_SIZE=block, BLOCK_K=block_k, num_warps=warps,
     )

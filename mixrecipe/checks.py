@@ -341,11 +341,15 @@ def check_out(out, x: Tensor, out_dtype: torch.dtype, inplace: bool) -> Tensor |
 
 
 def check_box(box, x: Tensor, device):
-    """CutMix boxes -> int32 (B, 4) (y0, y1, x0, x1), or None."""
+    """CutMix boxes -> int32 (B, 4) (y0, y1, x0, x1), or None. One box given as four Python ints stays four
+    ints, a tuple: the fused kernel takes it as scalars, with no tensor made or copied to the device."""
     if box is None:
         return None
     if x.ndim != 4:
         raise ValueError(f"box needs x of shape (B, C, H, W), got {tuple(x.shape)}")
+    if (isinstance(box, (tuple, list)) and len(box) == 4
+            and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in box)):
+        return tuple(int(v) for v in box)
     if not isinstance(box, Tensor):
         box = torch.tensor(box, dtype=torch.int32, device=device)
     if box.is_floating_point() or box.shape not in ((4,), (x.shape[0], 4)):

@@ -149,8 +149,14 @@ def _mix_labels_eager(target, soft, perm, lam_y, label_smoothing):
     soft.copy_(torch.lerp(partner, s, w))
 
 
+def _box_tensor(box: tuple, x: Tensor) -> Tensor:
+    """One box given as four ints, as the CPU paths and the registered ops take it: int32 (B, 4)."""
+    return torch.tensor(box, dtype=torch.int32, device=x.device).expand(x.shape[0], 4).contiguous()
+
+
 def _run(x, out, target, soft, perm, lam_x, lam_y, box, mean, std, num_classes, label_smoothing):
-    """The work on checked arguments; returns the CPU kernel's plan when it ran (else None)."""
+    """The work on checked arguments; returns the CPU kernel's plan when it ran (else None). ``box`` may be
+    four ints (one box for the batch), which the Triton kernel takes as scalars."""
     ref = x if x is not None else target
     off = label_smoothing / num_classes if target is not None else 0.0
     keep = 1.0 - label_smoothing
@@ -161,6 +167,8 @@ def _run(x, out, target, soft, perm, lam_x, lam_y, box, mean, std, num_classes, 
             box=box, mean=norm[0], inv_std=norm[1], in_scale=norm[2], label_off=off, label_keep=keep,
         )
         return
+    if isinstance(box, tuple):
+        box = _box_tensor(box, x)
     if _use_cpu_kernel(ref):
         return cpu_kernel.mix_cpu(x, out, target, soft, perm=perm, lam_x=lam_x, lam_y=lam_y, box=box,
                                   mean=norm[0], inv_std=norm[1], in_scale=norm[2], label_off=off,
@@ -374,7 +382,8 @@ def mix(
         perm: None for timm's flip pairing (sample i with B-1-i), or a permutation of range(B).
         box: None, or CutMix boxes (y0, y1, x0, x1), half-open, in pixels: (4,) for the whole batch
             or (B, 4) per sample; x must then be 4-D (B, C, H, W). Inside the box the pixels come from
-            the partner; outside they are mixed with ``lam_x`` (pure CutMix: ``lam_x=1``).
+            the partner; outside they are mixed with ``lam_x`` (pure CutMix: ``lam_x=1``). One box as four
+            Python ints (a tuple or list) reaches the GPU kernel as scalars: no tensor, no copy.
         num_classes: K; required for class-index targets.
         label_smoothing: timm's smoothing: off = smoothing / K, on = 1 - smoothing + off.
         mean, std: per-channel (dim 1) normalization applied before mixing; uint8 inputs are scaled
@@ -416,6 +425,8 @@ def mix(
     perm = check_perm(perm, batch, device)
     box = check_box(box, x, device)
     out = check_out(out, x, out_dtype, inplace)
+    if isinstance(box, tuple) and not _direct_call(x, target, lam_x_t, lam_y_t, perm, out):
+        box = _box_tensor(box, x)  # the registered ops take tensors
     if out is not None:
         soft = _call(_mix_out_op, _mix_out_body, x, out, target, lam_x_t, lam_x_v, lam_y_t, lam_y_v, perm,
                      box, mean, std, num_classes, label_smoothing, mutated=out)
@@ -428,7 +439,7 @@ def mix(
         as_given = x is given[0] and target is given[1] and (lam_x_t is None or lam_x_t is lam_x)
         if signature is not None and as_given and _direct_call(x, target, lam_x_t):
             torch.autograd.graph.increment_version(x)  # _call's direct call, keeping the kernel's plan
-            if given[2] is not None and _use_cpu_kernel(x):
+            if isinstance(given[2], Tensor) and _use_cpu_kernel(x):
                 box = given[2].view(1, 4)  # the caller's box, which the kernel reads for every row
             soft, plan = _mix_out_planned(x, x, target, lam_x_t, lam_x_v, lam_y_t, lam_y_v, None, box, None,
                                           None, num_classes, label_smoothing)

@@ -18,7 +18,11 @@ Small sampling helpers come first (``sample_beta``, ``rand_box``, ``rand_box_min
 
 Random draws happen on the generator's device (a CPU ``torch.Generator()`` by default when one is given;
 without one, on the batch's device with that device's default generator, seeded by ``torch.manual_seed``)
-and the results are moved to the batch's device with ``non_blocking=True``.
+and the results are moved to the batch's device with ``non_blocking=True``. Mode ``"batch"`` (one λ, coin,
+switch and box per call) draws on the host whenever the generator is a CPU one or None (then the CPU
+default generator, also seeded by ``torch.manual_seed``; timm draws from numpy's): the values reach the
+kernel as numbers, so a CUDA call issues the fused launch and nothing else, and a CUDA batch gets the values a
+CPU batch gets from the same generator.
 """
 
 from __future__ import annotations
@@ -551,7 +555,9 @@ class Mixup:
         multi_label: dense (B, K) multi-label targets, smoothed towards 0.5 (timm's ``multi_label``).
         pairing: ``"flip"`` or ``"random"`` (see above).
         generator: ``torch.Generator`` for all draws (on its device; results move to the batch's device
-            without synchronizing). None: the batch device's default generator (``torch.manual_seed``).
+            without synchronizing). None: the batch device's default generator (``torch.manual_seed``),
+            except in mode ``"batch"``, which draws its few numbers on the host from the CPU default
+            generator (a CUDA call then launches the fused kernel alone).
         mean, std: per-channel normalization fused into the pass (uint8 batches; in [0, 1] units).
         out_dtype: dtype of the mixed images (default: the input's; float32 for uint8).
         inplace: with flip pairing and an unchanged dtype, mix into the input tensor like timm does.
@@ -621,7 +627,7 @@ class Mixup:
         """timm's ``_params_per_batch`` / ``_params_per_elem`` as tensors of shape ``size`` on ``device``.
 
         Returns (lam_x, lam_y, box) in float64/float64/int32; box is None when CutMix is inactive. One draw
-        on the CPU comes as Python floats and a (4,) box: the same draws and values
+        on the CPU comes as Python floats and a box of four ints: the same draws and values
         (:meth:`_float_params`), without the dozens of tiny tensor ops that cost more than mixing a CIFAR
         batch.
         """
@@ -631,7 +637,7 @@ class Mixup:
         if size == () and device.type == "cpu" and not tracing():  # the same draws, on floats
             lam_x, lam_y, box = self._float_params(img_shape)
             if cutmix_on:  # no box this call: the tensor path's all-zero box
-                box = torch.tensor(box or (0, 0, 0, 0), dtype=torch.int32)
+                box = box or (0, 0, 0, 0)
             return lam_x, lam_y, box
         apply = None if always else _uniform(size, g, device) < self.mix_prob
         if mixup_on and cutmix_on:
@@ -716,6 +722,8 @@ class Mixup:
         """
         device = torch.device(device) if device is not None else torch.device("cpu")
         lam_x, lam_y, perm, box = self._sample(x_shape, device)
+        if isinstance(box, tuple):
+            box = torch.tensor(box, dtype=torch.int32, device=device)
         if isinstance(lam_x, float):
             same = lam_y is lam_x
             lam_x = torch.tensor(lam_x, dtype=torch.float32, device=device)
@@ -724,13 +732,18 @@ class Mixup:
 
     def _sample(self, x_shape, device: torch.device) -> tuple:
         """:meth:`sample` as a plain tuple (lam_x, lam_y, perm, box), except that one λ drawn on the CPU
-        stays a Python float (see :meth:`_draw`)."""
+        stays a Python float and its box four ints (see :meth:`_draw`).
+
+        Mode "batch" draws on the host whenever the generator is a CPU one or None (then the CPU default
+        generator, seeded by ``torch.manual_seed``, as timm draws from numpy's): a CUDA batch gets numbers,
+        the values a CPU batch gets from the same generator, and its call issues the fused launch alone."""
         batch = int(x_shape[0])
         if batch < 1:
             raise ValueError("the batch must hold at least one sample")
         if self.cutmix_alpha > 0.0 and len(x_shape) != 4:
             raise ValueError(f"CutMix needs a batch of shape (B, C, H, W), got {tuple(x_shape)}")
-        draw = _gen_device(self.generator, device)
+        # Mode "batch" draws one λ and box: on the host, so they reach the kernel as numbers (no device op).
+        draw = _gen_device(self.generator, "cpu" if self.mode == "batch" else device)
         perm = None
         per_row = self.mode == "elem" or (self.mode == "pair" and self.pairing == "flip")
         if (per_row and self.cutmix_alpha == 0.0 and draw.type == "cpu" and device.type == "cpu"
@@ -835,6 +848,8 @@ class Mixup:
                                   inplace=self.inplace and same_dtype and dense and out is None, out=out)
             return x_out, soft, target, smoothing, 1.0, None
         lam_x, lam_y, perm, box = self._sample(x.shape, x.device)
+        if type(box) is tuple and not any(box):  # cuts nothing this call: no box (the same result)
+            box = None
         inplace = self.inplace and perm is None and same_dtype and dense and out is None
         x_out, soft = ops.mix(
             x, op_target, lam_x, None if lam_y is lam_x else lam_y, perm, box,

@@ -40,8 +40,8 @@ def test_every_public_launch_compiles_for_sm80_and_sm90(tmp_path):
     assert kernels == {"_mix_fwd_kernel", "_mixup_ce_fwd_kernel", "_mixup_ce_bwd_kernel"}, kernels
     switches = {k for d in descs for k, v in d["kwargs"].items() if v == {"const": True}}
     # The recording really spans the option space: every switch of the fused kernel was on somewhere.
-    for name in ("PAIRED", "LAMX_SCALAR", "LAMY_SCALAR", "HAS_BOX", "HAS_NORM", "TARGET_DENSE", "HAS_PERM",
-                 "HAS_SMOOTHING"):
+    for name in ("PAIRED", "LAMX_SCALAR", "LAMY_SCALAR", "HAS_BOX", "BOX_SCALAR", "HAS_NORM", "TARGET_DENSE",
+                 "HAS_PERM", "HAS_SMOOTHING"):
         assert name in switches, name
     # Planned for a GPU: no hand rounding of bf16 (the GPU rounds), GPU block sizes.
     assert not any(d["kwargs"].get("ROUND_BF16") == {"const": True} for d in descs)

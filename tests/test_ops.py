@@ -109,12 +109,31 @@ def test_cutmix_boxes_match_reference(backend, batch, layout, perm_kind):
     boxes = make_boxes(batch, 6, 9, g, device)
     perm = make_perm(perm_kind, batch, g, device)
     lam_y = R.cutmix_lam(boxes, 6, 9).float().to(device)
-    for lam_x, box in [(1.0, boxes), (torch.rand(batch, generator=g).to(device), boxes), (1.0, boxes[0])]:
+    one_box = tuple(boxes[0].tolist())  # four ints: scalars to the kernel, a tensor for the CPU paths
+    for lam_x, box in [(1.0, boxes), (torch.rand(batch, generator=g).to(device), boxes), (1.0, boxes[0]),
+                       (0.3, one_box)]:
+        if isinstance(box, tuple):  # the reference takes the box it stands for
+            lam_y = R.cutmix_lam(boxes[:1].expand(batch, 4), 6, 9).float().to(device)
         out, soft = ops.mix(x, target, lam_x, lam_y, perm, box, num_classes=10, label_smoothing=0.2)
-        ref, ref_soft = R.mix_reference(x, target, lam_x, lam_y, perm, box, num_classes=10,
+        ref, ref_soft = R.mix_reference(x, target, lam_x, lam_y, perm,
+                                        boxes[0] if isinstance(box, tuple) else box, num_classes=10,
                                         label_smoothing=0.2)
         assert_matches_reference(out, ref, x.abs().max().double(), torch.float32)
         torch.testing.assert_close(soft, ref_soft, rtol=1e-6, atol=1e-7)
+
+
+def test_one_box_as_ints_is_the_box_as_a_tensor(backend):
+    """A box of four ints (the policy's host-drawn box, the kernel's scalar path) mixes as its tensor does,
+    in place too."""
+    device = backend.device
+    x, target, _ = make_case(5, shape=(3, 8, 8), device=device)
+    want = ops.mix(x, target, 0.4, 0.7, None, torch.tensor([1, 6, 2, 5], device=device), num_classes=10)
+    for box in ((1, 6, 2, 5), [1, 6, 2, 5]):
+        got = ops.mix(x, target, 0.4, 0.7, None, box, num_classes=10)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        y = x.clone()
+        ops.mix(y, target, 0.4, 0.7, None, box, num_classes=10, inplace=True)
+        assert torch.equal(y, want[0])
 
 
 def test_cutmix_box_comes_from_partner(backend):
