@@ -379,7 +379,10 @@ def mix(
         target: (B,) int64 class indices, (B, K) float targets, or None (then no labels are returned).
         lam_x: the weight of each sample's own pixels: a float, a 0-d tensor or a (B,) tensor in [0, 1].
         lam_y: the weight of each sample's own label; defaults to ``lam_x`` (differs for CutMix).
-        perm: None for timm's flip pairing (sample i with B-1-i), or a permutation of range(B).
+        perm: None for timm's flip pairing (sample i with B-1-i), or a permutation of range(B). Checked
+            on CPU tensors (ValueError); on CUDA reading it would cost a synchronization, so the kernel
+            checks each index as it reads it: a row whose partner lies outside [0, B) (or whose class
+            index is out of range) is written as NaN, never read from outside the batch.
         box: None, or CutMix boxes (y0, y1, x0, x1), half-open, in pixels: (4,) for the whole batch
             or (B, 4) per sample; x must then be 4-D (B, C, H, W). Inside the box the pixels come from
             the partner; outside they are mixed with ``lam_x`` (pure CutMix: ``lam_x=1``). One box as four
@@ -476,7 +479,8 @@ def mixup(
         x: (B, ...) images: float32/float16/bfloat16, or uint8 with a float ``out_dtype``.
         target: (B,) class indices, (B, K) float targets, or None.
         lam: the weight of each sample itself: a float, 0-d tensor or (B,) tensor in [0, 1].
-        perm: None for timm's flip pairing (i <-> B-1-i, may run in place), or a permutation of range(B).
+        perm: None for timm's flip pairing (i <-> B-1-i, may run in place), or a permutation of range(B);
+            on CUDA (unchecked on the host: no sync) a row whose partner lies outside [0, B) comes out NaN.
         num_classes: K, required for class-index targets.
         label_smoothing: timm's label smoothing, applied before mixing.
         mean, std: per-channel normalization fused into the pass (uint8 is scaled to [0, 1] first).

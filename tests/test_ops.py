@@ -4,6 +4,8 @@ On a machine without a GPU the kernel runs through the Triton interpreter (conft
 selected with ``mixrecipe.backend.cpu_backend("triton")``; the eager CPU path is tested on the same cases.
 """
 
+import contextlib
+
 import pytest
 import torch
 
@@ -292,6 +294,30 @@ def test_kernel_poisons_rows_with_bad_indices_instead_of_reading_out_of_bounds(t
                inv_std=None, in_scale=1.0, label_off=0.0, label_keep=1.0)
     assert out[2].isnan().all() and not out[[0, 1, 3]].isnan().any()
     assert soft[[0, 1, 2]].isnan().all() and not soft[3].isnan().any()  # rows 0, 1 touch class 99
+
+
+def test_public_ops_poison_rows_of_bad_partners_they_cannot_check(triton_device):
+    """Where values cannot be read without a sync (CUDA; here: a dispatch mode watching, so nothing is
+    inspected), mix, mixup_target and the loss accept an out-of-range partner and write NaN for its rows."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mixrecipe import mixup_cross_entropy
+
+    class Watching(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    device = triton_device
+    x, target, _ = make_case(4, shape=(2, 3, 3), device=device)
+    perm = torch.tensor([1, 0, 7, -2], device=device)
+    with cpu_backend("triton") if device == "cpu" else contextlib.nullcontext(), Watching():
+        out, soft = ops.mixup(x, target, 0.5, perm, num_classes=10)
+        soft_only = ops.mixup_target(target, 10, 0.5, perm)
+        loss = mixup_cross_entropy(torch.randn(4, 10, device=device), target, 0.5, perm, reduction="none")
+    assert out[2:].isnan().all() and not out[:2].isnan().any()
+    assert soft[2:].isnan().all() and not soft[:2].isnan().any()
+    assert torch.equal(soft_only.isnan(), soft.isnan())
+    assert loss[2:].isnan().all() and not loss[:2].isnan().any()
 
 
 def test_nan_propagates(backend):
