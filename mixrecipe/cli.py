@@ -5,7 +5,8 @@ the files of the repository's ``recipes/``, installed as ``mixrecipe.recipes``).
 YAML. Every problem the user can fix (a bad key or value, missing or unreadable data, an output directory
 that cannot be written or that holds a run) ends with one line on stderr naming it and exit status 2, never
 a traceback. A run that stops early says why and how to go on in one line, with an exit status of its own:
-3 for a loss that is not finite (:data:`mixrecipe.lifecycle.EXIT_DIVERGED`).
+3 for a loss that is not finite, 4 for a data loader worker that died, 143 / 130 after SIGTERM / SIGINT
+(the position inside the epoch saved for ``resume=true``).
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     Raises:
         SystemExit: status 2 for a bad recipe, key, value, output directory or missing or unreadable data
-            (one line on stderr); 3 for a loss that is not finite; 130 on Ctrl-C.
+            (one line on stderr); 3 for a loss that is not finite; 4 for a dead data loader worker;
+            143 / 130 for a run stopped by SIGTERM / SIGINT (Ctrl-C) and saved for resume=true.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a in ("-h", "--help") for a in argv):

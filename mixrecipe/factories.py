@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
+
+import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from .config import Config, RecipeError
 from .data import ImageTensors, loader_collate
 from .distributed import DistContext
 
-__all__ = ["build_mixup", "create_optimizer", "create_schedule", "train_loader", "eval_loader"]
+__all__ = ["build_mixup", "create_optimizer", "create_schedule", "train_loader", "eval_loader",
+           "SkippingBatchSampler"]
 
 
 def build_mixup(cfg: Config, num_classes: int, *, mean=None, std=None, out_dtype=None, generator=None):
@@ -76,10 +80,32 @@ def _loader(ds, cfg: Config, d: DistContext, **kwargs) -> DataLoader:
                       pin_memory=d.device.type == "cuda", **kwargs)
 
 
+class SkippingBatchSampler(BatchSampler):
+    """A BatchSampler whose passes start at batch ``skip`` (0: all of them): an epoch resumed after its
+    first ``skip`` steps gets the rest of the same batches, in the same order, without loading the others.
+
+    ``len()`` counts the batches a pass yields, ``skip`` excluded.
+    """
+
+    def __init__(self, sampler, batch_size: int, drop_last: bool):
+        super().__init__(sampler, batch_size, drop_last)
+        self.skip = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self) -> int:
+        return super().__len__() - self.skip
+
+
 def train_loader(ds, cfg: Config, d: DistContext) -> tuple[DataLoader, DistributedSampler]:
-    """Shuffled by a seeded DistributedSampler (also with one process, so the order is the same anywhere)."""
+    """Shuffled by a seeded DistributedSampler (also with one process, so the order is the same anywhere),
+    batched by a :class:`SkippingBatchSampler` (``loader.batch_sampler.skip``). The loader draws its worker
+    seeds from its own ``generator`` (reseeded each epoch by the lifecycle), not from torch's global one,
+    so that where the global stream stands inside an epoch does not depend on when the loader started."""
     sampler = DistributedSampler(ds, num_replicas=d.world, rank=d.rank, shuffle=True, seed=cfg.seed)
-    return _loader(ds, cfg, d, batch_size=cfg.batch_size, sampler=sampler, drop_last=cfg.drop_last), sampler
+    batches = SkippingBatchSampler(sampler, cfg.batch_size, cfg.drop_last)
+    return _loader(ds, cfg, d, batch_sampler=batches, generator=torch.Generator()), sampler
 
 
 def eval_loader(ds, cfg: Config, d: DistContext) -> DataLoader:

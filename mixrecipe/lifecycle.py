@@ -18,19 +18,27 @@ exit status :data:`EXIT_DIVERGED`.
 
 Because of the per-epoch reseeding and the end-of-epoch checkpoint, a run killed at any point and resumed
 with ``resume=true`` ends with the same metrics as one never interrupted (on CPU, with the same number of
-threads and processes). Under ``torchrun`` every rank runs this; only rank 0 writes files.
+threads and processes). SIGTERM or SIGINT does better than a kill: the step in progress finishes, every
+rank stops at the same step, and ``last.pt`` gets the position inside the epoch (the steps done, every
+rank's random streams and partial sums); ``resume=true`` re-seeds that epoch, restores the streams, skips
+the batches done and goes on, to the same metrics (exit status 128 + the signal: 143, 130). A data loader
+worker that dies ends the run with one line and exit status :data:`EXIT_LOADER_DIED`, ``last.pt`` as it
+was. Under ``torchrun`` every rank runs this; only rank 0 writes files.
 
 Engines are looked up by name in :data:`ENGINES` and imported only when used (fastai is optional).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 import traceback
 
@@ -42,12 +50,14 @@ from .data import DataBundle, ImageTensors, build_data, count_unreadable
 from .distributed import (
     DistContext,
     all_max,
+    all_max_tensor,
     all_sum,
     broadcast_buffers,
+    gather_objects,
     setup_distributed,
     shutdown_distributed,
 )
-from .engine import Engine, EpochTally, NonFiniteLoss, RunState
+from .engine import Engine, EpochTally, NonFiniteLoss, RunState, StopRequested
 from .factories import build_mixup, create_optimizer, create_schedule, eval_loader, train_loader
 from .outputs import (
     CHECKPOINT_VERSION,
@@ -64,13 +74,15 @@ from .outputs import (
 )
 from .scoring import evaluate, memorization
 
-__all__ = ["ENGINES", "EXIT_DIVERGED", "RunStopped", "run", "prepare", "begin_epoch", "evaluate_epoch",
-           "record", "summarize", "write_preview", "write_reliability", "epoch_seed"]
+__all__ = ["ENGINES", "EXIT_DIVERGED", "EXIT_LOADER_DIED", "RunStopped", "run", "prepare", "begin_epoch",
+           "continue_epoch", "evaluate_epoch", "record", "summarize", "write_preview", "write_reliability",
+           "epoch_seed"]
 
 # engine name -> "module:class"; the module is imported only for runs that use it.
 ENGINES = {"torch": "mixrecipe.torch_engine:TorchEngine", "fastai": "mixrecipe.fastai_engine:FastaiEngine"}
 
 EXIT_DIVERGED = 3  # the exit status of a run stopped by a loss that is not finite
+EXIT_LOADER_DIED = 4  # ... by a data loader worker process that died (killed, out of memory)
 
 
 class RunStopped(Exception):
@@ -96,6 +108,43 @@ def _reseed(seed: int) -> None:
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed % (2**32))
+
+
+def _rng_state(state: RunState) -> dict:
+    """Every random stream a training step draws from, as tensors and plain data (a weights_only
+    checkpoint): torch's (CPU and this rank's GPU: dropout...), Python's, NumPy's, the Mixup policy's and
+    the training set's augmentation generator."""
+    key = np.random.get_state(legacy=False)
+    numpy_state = {"key": torch.from_numpy(key["state"]["key"].astype(np.int64)),
+                   "pos": int(key["state"]["pos"]), "has_gauss": int(key["has_gauss"]),
+                   "gauss": float(key["gauss"])}
+    saved = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "mixup": state.generator.get_state(), "numpy": numpy_state}
+    if state.dist.device.type == "cuda":
+        saved["cuda"] = torch.cuda.get_rng_state(state.dist.device)
+    augment = getattr(state.bundle.train, "generator", None)
+    if isinstance(augment, torch.Generator):
+        saved["data"] = augment.get_state()
+    return saved
+
+
+def _set_rng_state(state: RunState, saved: dict) -> None:
+    """Put back what :func:`_rng_state` took."""
+    torch.set_rng_state(saved["torch"])
+    random.setstate(_as_tuples(saved["python"]))
+    state.generator.set_state(saved["mixup"])
+    n = saved["numpy"]
+    np.random.set_state({"bit_generator": "MT19937", "has_gauss": n["has_gauss"], "gauss": n["gauss"],
+                         "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]}})
+    if "cuda" in saved:
+        torch.cuda.set_rng_state(saved["cuda"], state.dist.device)
+    if "data" in saved:
+        state.bundle.train.generator.set_state(saved["data"])
+
+
+def _as_tuples(value):
+    """random.setstate wants the tuples getstate gave (a checkpoint may hand lists back)."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -167,7 +216,9 @@ def prepare(cfg: Config, d: DistContext) -> RunState:
         except OSError as exc:
             raise UnwritableOutputError(out, exc.strerror or type(exc).__name__) from None
         if resume_from is not None:
-            print(f"resuming {out} after epoch {state.start_epoch}/{cfg.epochs}", file=sys.stderr)
+            inside = (f", at step {state.resume_step}/{steps} of epoch {state.start_epoch + 1}"
+                      if state.resume_step else "")
+            print(f"resuming {out} after epoch {state.start_epoch}/{cfg.epochs}{inside}", file=sys.stderr)
     return state
 
 
@@ -179,6 +230,15 @@ def _restore(state: RunState, checkpoint: dict) -> None:
     state.start_epoch = checkpoint["epoch"]
     state.history = list(checkpoint["history"])
     state.best_top1 = checkpoint.get("best_top1", -math.inf)
+    state.resume_step = checkpoint.get("step", 0)  # > 0: stopped inside epoch start_epoch + 1
+    if state.resume_step:
+        partial, saved_steps = checkpoint["partial"], checkpoint["steps"]
+        if len(partial) != state.dist.world or saved_steps != state.steps_per_epoch:
+            raise RecipeError(
+                f"{state.resume_from} stopped inside an epoch of {saved_steps} steps with {len(partial)} "
+                f"process(es); this run has {state.steps_per_epoch} steps per epoch with {state.dist.world}: "
+                "resume it with the same processes, batch_size and data, or pass overwrite=true")
+        state.resume_partial = partial
 
 
 def write_preview(path: str, bundle: DataBundle, cfg: Config, rows: int = 4, cols: int = 4) -> None:
@@ -239,9 +299,23 @@ def begin_epoch(state: RunState, epoch: int) -> None:
     state.bundle.train.reseed(seed)
     state.generator.manual_seed(seed)
     state.train_sampler.set_epoch(epoch)
+    state.train_loader.generator.manual_seed(seed)  # the loader's worker seeds
+    state.train_loader.batch_sampler.skip = 0
     state.tally = EpochTally(state, epoch)
     if state.mixup is not None:
         state.mixup.mixup_enabled = not (cfg.mixup.off_epoch and epoch >= cfg.mixup.off_epoch)
+
+
+def continue_epoch(state: RunState, epoch: int) -> None:
+    """After :func:`begin_epoch`, for a run stopped inside this epoch: put back every random stream as it
+    was after the steps already done, have the loader skip their batches and the tally start from their
+    sums. The epoch then goes on as if it had never stopped."""
+    saved = state.resume_partial[state.dist.rank]
+    _set_rng_state(state, saved["rng"])
+    state.train_loader.batch_sampler.skip = saved["step"]
+    state.tally = EpochTally(state, epoch, step=saved["step"], loss_sum=saved["loss_sum"], seen=saved["seen"],
+                             seconds=saved["seconds"])
+    state.resume_step, state.resume_partial = 0, None
 
 
 def evaluate_epoch(engine: Engine, state: RunState) -> dict:
@@ -260,6 +334,17 @@ def evaluate_epoch(engine: Engine, state: RunState) -> dict:
     return metrics
 
 
+def _checkpoint(state: RunState, engine: Engine, epoch: int) -> dict:
+    """What last.pt and best.pt hold after ``epoch`` finished epochs."""
+    return {
+        "version": CHECKPOINT_VERSION, "epoch": epoch, "epochs": state.cfg.epochs, "engine": engine.name,
+        "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
+        "history": state.history, "best_top1": state.best_top1, "config": config_to_dict(state.cfg),
+        "classes": list(state.bundle.classes),
+    }
+
+
 def record(state: RunState, engine: Engine, metrics: dict) -> None:
     """Add one epoch's metrics to the history; on rank 0 write metrics.jsonl, curves.png, last.pt (and
     best.pt when val top-1 improved) and print the epoch's line.
@@ -273,13 +358,7 @@ def record(state: RunState, engine: Engine, metrics: dict) -> None:
     if not state.dist.is_main:
         return
     cfg, out = state.cfg, state.out
-    checkpoint = {
-        "version": CHECKPOINT_VERSION, "epoch": metrics["epoch"], "epochs": cfg.epochs, "engine": engine.name,
-        "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
-        "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
-        "history": state.history, "best_top1": state.best_top1, "config": config_to_dict(cfg),
-        "classes": list(state.bundle.classes),
-    }
+    checkpoint = _checkpoint(state, engine, metrics["epoch"])
     save_checkpoint(checkpoint, os.path.join(out, "last.pt"))
     if improved:
         save_checkpoint(checkpoint, os.path.join(out, "best.pt"))
@@ -352,6 +431,77 @@ def _diverged(state: RunState, engine: Engine, stop: NonFiniteLoss) -> RunStoppe
         EXIT_DIVERGED)
 
 
+def _save_inside_epoch(state: RunState, engine: Engine, stop: StopRequested) -> RunStopped:
+    """A stop asked for by a signal, between two steps: last.pt (atomically, rank 0) gets the model,
+    optimizer and schedule, the position inside the epoch and, for every rank, its random streams and the
+    epoch's partial sums; the returned :class:`RunStopped` says how to continue (exit 128 + signal)."""
+    d, cfg = state.dist, state.cfg
+    partial = gather_objects({"rng": _rng_state(state), **state.tally.snapshot()}, d)
+    last = os.path.join(state.out, "last.pt")
+    if d.is_main:
+        checkpoint = _checkpoint(state, engine, stop.epoch)
+        checkpoint.update(step=stop.steps_done, steps=state.steps_per_epoch, partial=partial)
+        save_checkpoint(checkpoint, last)
+    return RunStopped(
+        f"stopped by {signal.Signals(stop.signum).name} at epoch {stop.epoch + 1}/{cfg.epochs}, step "
+        f"{stop.steps_done}/{state.steps_per_epoch}: saved {last} with the position inside the epoch; rerun "
+        "the same command with resume=true to continue from there", 128 + stop.signum, error=False)
+
+
+def _stop_between_epochs(state: RunState, epoch: int) -> RunStopped | None:
+    """A stop asked for (on any rank) while the epoch finished, evaluated or was recorded: its last.pt is
+    written, so stop here."""
+    signum = int(all_max_tensor(torch.tensor([float(state.stop_signal)], device=state.dist.device),
+                                state.dist).item())
+    if not signum:
+        return None
+    return RunStopped(
+        f"stopped by {signal.Signals(signum).name} after epoch {epoch + 1}/{state.cfg.epochs}: saved "
+        f"{os.path.join(state.out, 'last.pt')}; rerun the same command with resume=true to continue",
+        128 + signum, error=False)
+
+
+def _worker_died(exc: BaseException) -> bool:
+    """Whether torch's DataLoader raised for a worker process that died (killed, out of memory...)."""
+    return isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc)
+
+
+def _loader_died(state: RunState, phase: str, exc: BaseException) -> RunStopped:
+    """One line for a dead loader worker: which loader, the likely cause, and the checkpoint left whole."""
+    last = os.path.join(state.out, "last.pt")
+    kept = (f"{last} is intact (not written since): fix the cause, then resume=true continues"
+            if os.path.exists(last) else "no checkpoint had been saved yet")
+    reason = str(exc).strip().splitlines()[0].rstrip(".")
+    return RunStopped(
+        f"a worker process of the {phase} data loader died ({reason}): most often the system killed it for "
+        f"lack of memory (see dmesg); lower data.workers (now {state.cfg.data.workers}) or batch_size, or "
+        f"give the job more memory. {kept}", EXIT_LOADER_DIED)
+
+
+@contextlib.contextmanager
+def _stop_on_signals(state: RunState):
+    """While training: SIGTERM and SIGINT ask the run to stop at the next step boundary
+    (``state.stop_signal``; the loader's worker processes inherit this and keep serving); a second one
+    stops at once, without saving."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def ask(signum, frame):
+        if state.stop_signal:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
+        state.stop_signal = signum
+
+    previous = {s: signal.signal(s, ask) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def _engine_class(name: str) -> type[Engine]:
     module, cls = ENGINES[name].split(":")
     try:
@@ -380,23 +530,47 @@ def _train(cfg: Config, d: DistContext, holder: list) -> dict:
         if cfg.preview and (state.resume_from is None or not os.path.exists(preview)):
             write_preview(preview, state.bundle, cfg)
         _announce(state, engine)
-    for epoch in range(state.start_epoch, cfg.epochs):
-        t0 = time.perf_counter()
-        begin_epoch(state, epoch)
-        metrics = {"epoch": epoch + 1}
-        try:
-            metrics.update(engine.train_epoch(epoch))
-            metrics.update(evaluate_epoch(engine, state))
-        except RecipeError as exc:  # bad data found mid-epoch: the last checkpoint is whole, say so
-            if epoch == 0:
-                raise
-            raise RecipeError(f"{exc}; then resume=true continues after epoch {epoch}/{cfg.epochs} "
-                              f"({os.path.join(state.out, 'last.pt')})") from None
-        except NonFiniteLoss as stop:
-            raise _diverged(state, engine, stop) from None
-        metrics["seconds"] = all_max(time.perf_counter() - t0, d)
-        record(state, engine, metrics)
-    return summarize(state, engine)
+    with _stop_on_signals(state):
+        for epoch in range(state.start_epoch, cfg.epochs):
+            _train_epoch(state, engine, epoch)
+            if epoch + 1 < cfg.epochs and (stop := _stop_between_epochs(state, epoch)) is not None:
+                raise stop
+    try:
+        return summarize(state, engine)
+    except RuntimeError as exc:
+        if _worker_died(exc):
+            raise _loader_died(state, "test", exc) from None
+        raise
+
+
+def _train_epoch(state: RunState, engine: Engine, epoch: int) -> None:
+    """One epoch: train (from where a stopped run left it), evaluate, record; each way of stopping early
+    turned into its report."""
+    cfg, d = state.cfg, state.dist
+    t0 = time.perf_counter()
+    begin_epoch(state, epoch)
+    if state.resume_step:
+        continue_epoch(state, epoch)
+    metrics, phase = {"epoch": epoch + 1}, "training"
+    try:
+        metrics.update(engine.train_epoch(epoch))
+        phase = "validation"
+        metrics.update(evaluate_epoch(engine, state))
+    except RecipeError as exc:  # bad data found mid-epoch: the last checkpoint is whole, say so
+        if epoch == 0:
+            raise
+        raise RecipeError(f"{exc}; then resume=true continues after epoch {epoch}/{cfg.epochs} "
+                          f"({os.path.join(state.out, 'last.pt')})") from None
+    except NonFiniteLoss as stop:
+        raise _diverged(state, engine, stop) from None
+    except StopRequested as stop:
+        raise _save_inside_epoch(state, engine, stop) from None
+    except RuntimeError as exc:
+        if _worker_died(exc):
+            raise _loader_died(state, phase, exc) from None
+        raise
+    metrics["seconds"] = all_max(time.perf_counter() - t0, d)
+    record(state, engine, metrics)
 
 
 def run(cfg: Config) -> dict:

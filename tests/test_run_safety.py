@@ -9,6 +9,7 @@ as real processes.
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -192,3 +193,161 @@ def test_metrics_and_plots_take_nan_and_inf(tmp_path):
     history = [{"epoch": 1, "train_loss": nan, "val_loss": float("inf"), "val_top1": 10.0, "val_top5": nan}]
     plot_curves(history, str(tmp_path / "curves.png"))
     assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "reliability.png").stat().st_size > 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. SIGTERM / SIGINT: the step finishes, the position inside the epoch is saved, resume=true is exact
+
+# The CLI in a process whose training loss, at step N (on rank SIGNAL_RANK), either waits for a signal
+# from outside ("wait": prints READY and reads a line the parent writes once it has sent the signal) or
+# sends one to itself. The loss functions of both engines are wrapped here, in the test: nothing of this
+# ships in the package.
+SIGNAL_AT_STEP = """
+import os, signal, sys
+import mixrecipe.fastai as fastai_callbacks
+import mixrecipe.torch_engine as torch_engine
+step, how = int(sys.argv[1]), sys.argv[2]
+calls = []
+def at_step(loss):
+    def counted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == step and os.environ.get("RANK", "0") == os.environ.get("SIGNAL_RANK", "0"):
+            if how == "wait":
+                print("READY", flush=True)
+                sys.stdin.readline()  # the parent writes it after its signal: the signal came first
+            else:
+                os.kill(os.getpid(), getattr(signal, how))
+        return loss(*args, **kwargs)
+    return counted
+torch_engine.mixup_cross_entropy = at_step(torch_engine.mixup_cross_entropy)
+fastai_callbacks.mixup_cross_entropy = at_step(fastai_callbacks.mixup_cross_entropy)
+from mixrecipe.cli import main
+main(sys.argv[3:])
+"""
+TIMING = ("images_per_s", "seconds")
+# Augmentation (the data set's generator), per-element mixup and CutMix (the policy's generator): every
+# random stream of a step is in play.
+RANDOM = ["epochs=2", "data.augment=crop_flip", "mixup.mode=elem", "mixup.cutmix_alpha=1.0", *SMALL]
+
+
+def _strip(records):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+def _same_run(ref: Path, cut: Path):
+    assert _strip(_lines(cut / "metrics.jsonl")) == _strip(_lines(ref / "metrics.jsonl"))
+    a, b = (json.loads((p / "summary.json").read_text()) for p in (ref, cut))
+    assert {k: a[k] for k in ("test_top1", "test_loss", "train_loss")} == \
+        {k: b[k] for k in ("test_top1", "test_loss", "train_loss")}
+    ref_model, cut_model = (load_checkpoint(str(p / "last.pt"))["model"] for p in (ref, cut))
+    assert all(torch.equal(ref_model[k], cut_model[k]) for k in ref_model)
+
+
+def test_sigterm_mid_epoch_saves_the_position_and_resume_matches_an_uninterrupted_run(tmp_path, capsys):
+    train.main([f"output={tmp_path / 'ref'}", *RANDOM])
+    cut = tmp_path / "cut"
+    child = subprocess.Popen([sys.executable, "-c", SIGNAL_AT_STEP, "11", "wait", f"output={cut}", *RANDOM],
+                             cwd=REPO, env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        for line in child.stdout:  # the parent sends the signal while step 11 (epoch 2, step 3) runs
+            if line.strip() == "READY":
+                child.send_signal(signal.SIGTERM)
+                child.stdin.write("sent\n")
+                child.stdin.flush()
+                break
+        _, err = child.communicate(timeout=240)
+    finally:
+        child.kill()
+    assert child.returncode == 143, err
+    assert "Traceback" not in err and "error" not in err
+    assert "stopped by SIGTERM at epoch 2/2, step 3/8" in err and "resume=true" in err
+    state = load_checkpoint(str(cut / "last.pt"))
+    assert (state["epoch"], state["step"], len(state["partial"])) == (1, 3, 1)
+    assert state["partial"][0]["seen"] == 3 * 32 and not list(cut.glob("*.tmp"))
+    assert [r["epoch"] for r in _lines(cut / "metrics.jsonl")] == [1]
+    with pytest.raises(SystemExit) as info:  # not replaced unasked
+        train.main([f"output={cut}", *RANDOM])
+    assert info.value.code == 2 and "step 3/8 of epoch 2" in capsys.readouterr().err
+    train.main([f"output={cut}", "resume=true", *RANDOM])
+    assert "at step 3/8 of epoch 2" in capsys.readouterr().err
+    _same_run(tmp_path / "ref", cut)
+
+
+def test_sigint_mid_epoch_with_the_fastai_engine_resumes_exactly(tmp_path, capsys):
+    args = ["engine=fastai", *RANDOM]
+    train.main([f"output={tmp_path / 'ref'}", *args])
+    cut = tmp_path / "cut"
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_AT_STEP, "5", "SIGINT", f"output={cut}", *args],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr
+    assert "stopped by SIGINT at epoch 1/2, step 5/8" in proc.stderr  # no epoch finished yet
+    assert load_checkpoint(str(cut / "last.pt"))["step"] == 5
+    train.main([f"output={cut}", "resume=true", *args])
+    _same_run(tmp_path / "ref", cut)
+
+
+def test_a_signal_on_one_torchrun_rank_stops_both_at_the_same_step_and_resumes_exactly(tmp_path):
+    def torchrun(out, *script, resume=()):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               *(script or ["-m", "mixrecipe.train"]), f"output={out}", *SMALL, "epochs=2", *resume]
+        env = {**ENV, "SIGNAL_RANK": "1"}
+        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    assert torchrun(ref).returncode == 0
+    script = tmp_path / "signal_at_step.py"
+    script.write_text(SIGNAL_AT_STEP)
+    proc = torchrun(cut, str(script), "2", "SIGTERM")  # only rank 1 gets it, at its step 2 (4 per epoch)
+    assert proc.returncode != 0
+    assert proc.stderr.count("stopped by SIGTERM at epoch 1/2, step 2/4") == 1, proc.stderr  # rank 0 says it
+    assert "mixrecipe/" not in proc.stderr  # no rank's traceback (torchrun's agent prints its own)
+    state = load_checkpoint(str(cut / "last.pt"))
+    assert state["step"] == 2 and [p["step"] for p in state["partial"]] == [2, 2]  # both ranks stopped there
+    assert torchrun(cut, resume=["resume=true"]).returncode == 0
+    _same_run(ref, cut)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. A data loader worker that dies
+
+# The CLI in a process whose image folder reader SIGKILLs the loader worker process reading the N-th image
+# read in any worker (counted in a file shared by the workers).
+KILL_WORKER = """
+import os, signal, sys
+import torch.utils.data
+import mixrecipe.data as data
+counter, n = sys.argv[1], int(sys.argv[2])
+read = data.ImageFiles.__getitem__
+def dies_at_read_n(self, i):
+    if torch.utils.data.get_worker_info() is not None:
+        with open(counter, "a") as fh:
+            fh.write(".")
+        if os.path.getsize(counter) >= n:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return read(self, i)
+data.ImageFiles.__getitem__ = dies_at_read_n
+from mixrecipe.cli import main
+main(sys.argv[3:])
+"""
+
+
+def test_a_killed_loader_worker_ends_the_run_with_one_line_and_the_checkpoint_intact(tmp_path):
+    from test_data import write_imagefolder
+
+    root = write_imagefolder(str(tmp_path / "inet"), n_train=4, n_val=2)  # 12 + 6 images, 3 steps/epoch
+    out = tmp_path / "run"
+    args = ["imagenet", f"data.root={root}", f"output={out}", "model=digits_cnn", "data.img_size=16",
+            "batch_size=4", "data.workers=1", "epochs=2", *QUICK]
+    # Epoch 1 reads 12 + 6 images in workers; the 20th read is in epoch 2's training.
+    proc = subprocess.run([sys.executable, "-c", KILL_WORKER, str(tmp_path / "reads"), "20", *args],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=240)
+    err = proc.stderr
+    assert proc.returncode == lifecycle.EXIT_LOADER_DIED == 4, err
+    assert "Traceback" not in err and err.count("\n") == 1 and err.startswith("error: "), err
+    for w in ("training data loader", "exited unexpectedly", "memory", "data.workers", "is intact",
+              "resume=true"):
+        assert w in err, w
+    state = load_checkpoint(str(out / "last.pt"))
+    assert state["epoch"] == 1 and state.get("step", 0) == 0 and not list(out.glob("*.tmp"))
+    assert [r["epoch"] for r in _lines(out / "metrics.jsonl")] == [1]
