@@ -173,6 +173,45 @@ def test_a_nan_loss_leaves_the_last_good_checkpoint_untouched(tmp_path, capsys, 
     assert summary["stopped"] == records[1] and summary["epoch"] == 1 and summary["engine"] == engine
 
 
+def _tally(steps, every):
+    from types import SimpleNamespace
+
+    from mixrecipe.distributed import DistContext
+    from mixrecipe.engine import EpochTally
+
+    state = SimpleNamespace(dist=DistContext(0, 1, 0, torch.device("cpu"), False), steps_per_epoch=steps,
+                            stop_signal=0)
+    tally = EpochTally(state, epoch=4)
+    tally.every = every  # what a CUDA run does: read the device flags back only every `every` steps
+    return tally, state
+
+
+def test_a_deferred_check_still_names_the_first_non_finite_step():
+    from mixrecipe.engine import NonFiniteLoss, StopRequested
+
+    tally, state = _tally(steps=40, every=16)
+    losses = [2.0 - 0.01 * i for i in range(21)] + [float("inf"), 1.0, float("nan")] + [1.0] * 16
+    with pytest.raises(NonFiniteLoss) as info:
+        for i, loss in enumerate(losses):
+            tally.after_step(torch.tensor(loss), 8, lr=0.1 * i)
+    stop = info.value
+    assert tally.step == 32 and stop.steps_done == 32  # found at the check point after step 32...
+    assert (stop.epoch, stop.step, stop.loss) == (4, 21, float("inf"))  # ...named where it happened
+    assert stop.lr == pytest.approx(2.1) and stop.last_finite == pytest.approx(1.8)
+    # A signal stops at the next check point, but never at the epoch's last step (the epoch then finishes).
+    tally, state = _tally(steps=20, every=16)
+    state.stop_signal = signal.SIGTERM
+    with pytest.raises(StopRequested) as info:
+        for _ in range(20):
+            tally.after_step(torch.tensor(1.0), 8, lr=0.1)
+    assert info.value.steps_done == 16 and info.value.signum == signal.SIGTERM
+    tally, state = _tally(steps=16, every=16)
+    state.stop_signal = signal.SIGTERM
+    for _ in range(16):
+        tally.after_step(torch.tensor(1.5), 4, lr=0.1)
+    assert tally.result()["train_loss"] == 1.5
+
+
 def test_metrics_and_plots_take_nan_and_inf(tmp_path):
     from mixrecipe.distributed import DistContext
     from mixrecipe.metrics import calibration_bins, ece_from_bins, expected_calibration_error
