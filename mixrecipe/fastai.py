@@ -46,7 +46,7 @@ try:
 except ImportError as _exc:  # pragma: no cover - exercised only without fastai
     raise ImportError(
         "mixrecipe.fastai needs fastai, which is an optional dependency: "
-        'pip install "mixrecipe[fastai]"  (or: pip install fastai)'
+        'pip install fastai  (from a mixrecipe checkout: pip install ".[fastai]")'
     ) from _exc
 
 import torch

@@ -62,7 +62,7 @@ def _callback_bases() -> tuple[type, ...]:
             continue
     if not bases:
         raise ImportError('mixrecipe.lightning needs Lightning, an optional dependency: '
-                          'pip install "mixrecipe[lightning]"  (or: pip install lightning)')
+                          'pip install lightning  (from a mixrecipe checkout: pip install ".[lightning]")')
     return tuple(bases)
 
 

@@ -131,7 +131,7 @@ def test_missing_fastai_says_how_to_install():
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
                          env={**os.environ, "PYTHONWARNINGS": "ignore"}).stdout
-    assert 'pip install "mixrecipe[fastai]"' in out and "pip install fastai" in out
+    assert 'pip install ".[fastai]"' in out and "pip install fastai" in out
 
 
 # --------------------------------------------------------------------------------------------------
