@@ -137,13 +137,13 @@ class EpochTally:
     """One training epoch on this rank: its running sums, and the checks made between two steps.
 
     Engines call :meth:`after_step` once per optimizer step, with the step's loss tensor as the loop already
-    has it. The loss is added to the epoch's sum on the device, and two device values follow the first
-    non-finite loss and the last finite one before it, without reading anything back. At check points
-    (every step on CPU; every :data:`CHECK_EVERY_CUDA` steps and the epoch's last step on CUDA, where a
-    read is a sync) the flags are read, all-reduced over ranks in one small tensor so that every rank stops
-    at the same step, and the epoch stops by raising :class:`NonFiniteLoss` (first) or
-    :class:`StopRequested` (``state.stop_signal`` set on some rank, not at the epoch's last step: the
-    epoch then finishes and the lifecycle stops after recording it).
+    has it. The tally only keeps a reference to it (no device operation, nothing read back). At check
+    points (every step on CPU; every :data:`CHECK_EVERY_CUDA` steps and the epoch's last step on CUDA,
+    where a read is a sync) the losses kept since the last check are read in one go and added to the
+    epoch's sums on the host, the first non-finite one (its step) and the stop signal are all-reduced over
+    ranks in one small tensor so that every rank stops at the same step, and the epoch stops by raising
+    :class:`NonFiniteLoss` (first) or :class:`StopRequested` (``state.stop_signal`` set on some rank, not
+    at the epoch's last step: the epoch then finishes and the lifecycle stops after recording it).
 
     Args:
         state: the run (its device, ranks, steps per epoch and ``stop_signal``).
@@ -154,15 +154,13 @@ class EpochTally:
 
     def __init__(self, state: RunState, epoch: int, *, step: int = 0, loss_sum: float = 0.0, seen: int = 0,
                  seconds: float = 0.0):
-        device = state.dist.device
         self.state, self.epoch, self.steps = state, epoch, state.steps_per_epoch
         self.step, self.seen, self.seconds_before = step, seen, seconds
-        self.loss_sum = torch.tensor(loss_sum, dtype=torch.float64, device=device)
+        self.loss_sum = loss_sum
         self.lr = math.nan
-        self.every = CHECK_EVERY_CUDA if device.type == "cuda" else 1
-        # [first non-finite step (inf: none yet), its loss, the last finite loss (nan: none yet)]
-        self.flags = torch.tensor([math.inf, 0.0, math.nan], dtype=torch.float64, device=device)
-        self.lrs: dict[int, float] = {}  # step -> lr since the last check
+        self.last_finite: float | None = None  # the last finite loss read so far
+        self.every = CHECK_EVERY_CUDA if state.dist.device.type == "cuda" else 1
+        self.pending: list[tuple[Tensor, int, float]] = []  # (loss, batch, lr) of the steps since the check
         self.start = time.perf_counter()
 
     def after_step(self, loss: Tensor, batch: int, lr: float) -> None:
@@ -171,32 +169,40 @@ class EpochTally:
         Raises:
             NonFiniteLoss, StopRequested: at a check point (see the class docstring).
         """
-        loss = loss.detach().double()
-        self.loss_sum += loss * batch
-        clean = torch.isinf(self.flags[0])
-        bad = clean & ~torch.isfinite(loss)
-        self.flags = torch.where(torch.stack([bad, bad, clean & ~bad]),
-                                 torch.stack([torch.full_like(loss, self.step), loss, loss]), self.flags)
-        self.lrs[self.step] = lr
+        self.pending.append((loss.detach(), batch, lr))
         self.step += 1
         self.seen += batch
         self.lr = lr
-        if self.step % self.every == 0 or self.step == self.steps:
+        if len(self.pending) >= self.every or self.step == self.steps:
             self.check()
 
+    def _read_pending(self) -> tuple[tuple[int, float] | None, dict[int, float]]:
+        """Fold the kept losses into the sums. Returns (step, loss) of the first that is not finite (None
+        if all are) and the learning rate of each step read."""
+        first_step = self.step - len(self.pending)
+        lrs = {first_step + k: lr for k, (_, _, lr) in enumerate(self.pending)}
+        values = torch.stack([loss for loss, _, _ in self.pending]).double().tolist() if self.pending else []
+        bad = None
+        for k, (value, (_, batch, _)) in enumerate(zip(values, self.pending)):  # values: the one read
+            if not math.isfinite(value):
+                bad = (first_step + k, value)
+                break
+            self.loss_sum += value * batch
+            self.last_finite = value
+        self.pending.clear()
+        return bad, lrs
+
     def check(self) -> None:
-        """Read the flags (all ranks agreeing) and raise if the epoch must stop here."""
-        d = self.state.dist
-        shared = torch.stack([-self.flags[0], self.flags.new_tensor(float(self.state.stop_signal))])
-        neg_bad, signum = all_max_tensor(shared, d).tolist()  # max of -step: the earliest on any rank
+        """Read the kept losses (all ranks agreeing) and raise if the epoch must stop here."""
+        bad, lrs = self._read_pending()
+        shared = torch.tensor([-math.inf if bad is None else -float(bad[0]), float(self.state.stop_signal)],
+                              dtype=torch.float64, device=self.state.dist.device)
+        neg_bad, signum = all_max_tensor(shared, self.state.dist).tolist()  # max of -step: the earliest
         if math.isfinite(neg_bad):
             step = int(-neg_bad)
-            own, loss, last = self.flags.tolist()
-            if own != step:  # another rank went first: this rank's loss at that step was finite
-                loss = math.nan
-            raise NonFiniteLoss(self.epoch, self.step, step, loss, self.lrs.get(step, self.lr),
-                                None if math.isnan(last) else last)
-        self.lrs.clear()
+            # Another rank went first: this rank's loss at that step was finite (its lr is every rank's).
+            loss = bad[1] if bad is not None and bad[0] == step else math.nan
+            raise NonFiniteLoss(self.epoch, self.step, step, loss, lrs.get(step, self.lr), self.last_finite)
         if signum and self.step < self.steps:
             raise StopRequested(self.epoch, self.step, int(signum))
 
@@ -208,13 +214,14 @@ class EpochTally:
         """The finished epoch's ``train_loss`` (mean over all ranks' images), ``lr`` and ``images_per_s``."""
         d = self.state.dist
         seconds = all_max(self.seconds(), d)
-        total_loss, total_seen = all_sum([self.loss_sum.item(), float(self.seen)], d)
+        self._read_pending()  # normally none left: the epoch's last step is a check point
+        total_loss, total_seen = all_sum([self.loss_sum, float(self.seen)], d)
         return {"train_loss": total_loss / max(total_seen, 1), "lr": self.lr,
                 "images_per_s": total_seen / max(seconds, 1e-9)}
 
     def snapshot(self) -> dict:
         """What a checkpoint keeps of an unfinished epoch on this rank (the arguments of a resumed tally)."""
-        return {"step": self.step, "loss_sum": self.loss_sum.item(), "seen": self.seen,
+        return {"step": self.step, "loss_sum": self.loss_sum, "seen": self.seen,
                 "seconds": self.seconds()}
 
 
