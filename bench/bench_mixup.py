@@ -662,13 +662,18 @@ def main(argv=None) -> None:
         wanted = [s.strip() for s in args.cases.split(",")]
         selected = [c for w in wanted for c in selected if w in c.name]
         selected = list(dict.fromkeys(selected))
-    args.out.mkdir(parents=True, exist_ok=True)
+        if not selected:
+            names = ", ".join(c.name for c in cases(args.quick))
+            sys.exit(f"--cases {args.cases!r} matches no case; the cases: {names}")
     stem = common.stem(args, device, "mixup")
+    # The rows so far go to <stem>.partial.csv after every case: a run stopped early leaves what it measured
+    # there, and the results of an earlier finished run untouched.
+    partial = stem.with_suffix(".partial.csv")
     rows = []
     for case in selected:
         case_rows = run_case(case, device, args, with_compile)
         rows += case_rows
-        common.write_csv(rows, stem.with_suffix(".csv"))  # after every case: a stopped run keeps its rows
+        common.write_csv(rows, partial)
         print()
         print(common.markdown_table(case_rows, COLUMNS), flush=True)
     checks = target_checks(rows, device)
@@ -685,9 +690,11 @@ def main(argv=None) -> None:
     if any(r["mode"] == "graph" for r in rows):
         md += ["## Summary: time / copy (CUDA-graph mode)", "", summary_table(rows, "graph"), ""]
     md += ["## All rows", "", common.markdown_table(rows, COLUMNS), ""]
+    common.write_csv(rows, stem.with_suffix(".csv"))
     common.write_text("\n".join(md), stem.with_suffix(".md"))
     plot(rows, stem.with_suffix(".png"),
          f"mixup, time relative to a copy of the batch: {common.device_name(device)}")
+    partial.unlink(missing_ok=True)
     print(f"\nwrote {stem}.csv, .md, .png")
 
 

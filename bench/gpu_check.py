@@ -11,8 +11,8 @@ each writing its results file as soon as it is done, so a run stopped at any poi
    exercise the kernels, on CUDA tensors, in parallel with pytest-xdist where it is installed ->
    ``<gpu>-tests.txt``.
 2. benchmarks (0.40): ``bench_mixup.py`` on the cases the targets read (ImageNet 256 fp32/bf16/uint8, CIFAR
-   128 fp32/bf16; its CSV is rewritten after every case), ``bench_loss.py``, ``bench_step.py`` ->
-   ``<gpu>-{mixup,loss,step}.*``.
+   128 fp32/bf16; the rows so far go to ``<gpu>-mixup.partial.csv`` after every case, which the targets
+   read when the script was stopped), ``bench_loss.py``, ``bench_step.py`` -> ``<gpu>-{mixup,loss,step}.*``.
 3. throughput (0.25): the real loop (``python -m mixrecipe.train cifar10``) on learnable CIFAR-format data
    (each class its own colour, plus noise) at lr 0.01, mixup off / mixup / mixup+CutMix. A run counts only
    if every epoch's training loss is finite and the last is below the first; otherwise the table says why
@@ -88,11 +88,14 @@ TARGETS = (
 )
 
 
-def _rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path) as f:
-        return list(csv.DictReader(f))
+def _rows(results: Path, prefix: str, source: str) -> list[dict]:
+    """The rows of ``<prefix>-<source>.csv``; those of ``<prefix>-<source>.partial.csv`` instead where it
+    exists (a benchmark deletes it when it finishes: the last run stopped early, and these are its rows)."""
+    for path in (results / f"{prefix}-{source}.partial.csv", results / f"{prefix}-{source}.csv"):
+        if path.exists():
+            with open(path) as f:
+                return list(csv.DictReader(f))
+    return []
 
 
 def _measure(target: Target, rows: list[dict]) -> float | None:
@@ -118,7 +121,7 @@ def evaluate_targets(results: Path, prefix: str) -> list[dict]:
     cache: dict[str, list[dict]] = {}
     out = []
     for t in TARGETS:
-        rows = cache.setdefault(t.source, _rows(results / f"{prefix}-{t.source}.csv"))
+        rows = cache.setdefault(t.source, _rows(results, prefix, t.source))
         value = _measure(t, rows)
         ok = None if value is None else (value <= t.limit if t.at_most else value >= t.limit)
         out.append({"target": t.name, "measured": value, "limit": f"{'<=' if t.at_most else '>='} "
@@ -203,7 +206,7 @@ def test_summary(code: int, text: str) -> str:
     return found[-1] if found else f"exit {code}"
 
 
-# In order of what they carry: bench_mixup writes its CSV after every case, so a stopped run has the first.
+# In order of what they carry: bench_mixup keeps its rows after every case, so a stopped run has the first.
 MIXUP_CASES = ("imagenet-256 fp32 NCHW", "cifar-128 fp32 NCHW", "imagenet-256 bf16 NCHW",
                "imagenet-256 u8->bf16 NCHW", "cifar-128 bf16 NCHW")
 BENCHMARKS = (("bench_mixup.py", ["--cases", ",".join(MIXUP_CASES)], 0.65),

@@ -47,7 +47,9 @@ def _positive(value: str) -> bool:
 def test_bench_mixup_quick(tmp_path, device):
     extra = ["--no-compile"] if device == "cuda" else []  # compiling each tiny case would dominate
     rows = _run("bench_mixup.py", tmp_path, device, *extra)
-    assert (tmp_path / f"{common.results_prefix(torch.device(device))}-mixup.png").stat().st_size > 10_000
+    prefix = common.results_prefix(torch.device(device))
+    assert (tmp_path / f"{prefix}-mixup.png").stat().st_size > 10_000
+    assert not (tmp_path / f"{prefix}-mixup.partial.csv").exists()  # a finished run leaves no partial rows
     cases = {r["case"] for r in rows}
     assert len(cases) == 3 and any("u8->bf16" in c for c in cases)
     for case in cases:
@@ -72,6 +74,14 @@ def test_bench_mixup_quick(tmp_path, device):
     assert int(r["min_bytes"]) == 8 * 3 * 16 * 16 * 3
     r = next(r for r in rows if r["provider"] == "ours-op-flip" and "fp32" in r["case"])
     assert int(r["min_bytes"]) == 8 * 3 * 16 * 16 * 8 + 8 * 8 + 8 * 10 * 4
+
+
+def test_bench_mixup_refuses_cases_that_match_nothing_and_writes_nothing(tmp_path):
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_mixup.py"), "--quick", "--cases", "no-such-case",
+           "--out", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "matches no case" in proc.stderr and "tiny-8" in proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -68,6 +68,16 @@ def test_targets_read_from_results(tmp_path):
     assert step["measured"] is None and step["ok"] is None  # no step results: not measured, not failed
     table = gpu_check.targets_table(list(got.values()))
     assert "MISSED" in table and "met" in table and "not measured" in table
+    # A benchmark stopped early leaves its rows in a .partial.csv beside the earlier finished file: the
+    # targets of this check read the partial rows.
+    _write(tmp_path / "gpu-mixup.partial.csv", [
+        {"case": "imagenet-256 fp32 NCHW", "provider": "ours-op-flip", "mode": "eager", "x_copy": "1.3",
+         "vs_timm-batch": "", "vs_compile-lerp": ""},
+    ])
+    got = {e["target"]: e for e in gpu_check.evaluate_targets(tmp_path, "gpu")}
+    fp32 = got["in-place flip pass vs dst.copy_ (ImageNet 256, fp32)"]
+    assert fp32["measured"] == 1.3 and fp32["ok"] is False
+    assert got["Mixup policy vs timm's Mixup (ImageNet 256, fp32)"]["measured"] is None
 
 
 def test_training_run_on_cifar_format_data(tmp_path):
