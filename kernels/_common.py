@@ -1,4 +1,5 @@
-"""What more than one kernel needs: the interpreter flag, fp32 -> bf16 rounding, and the launch point.
+"""What more than one kernel needs: the interpreter flag, fp32 -> bf16 rounding, lerp, per-channel
+constants and the launch point.
 
 Every launch goes through ``launch`` so that ``mixrecipe.kernels.aot`` can record the exact arguments the
 public API passes (and, while planning for a GPU, skip running them): the compile-for-GPU test derives its
@@ -13,7 +14,8 @@ import os
 import triton
 import triton.language as tl
 
-__all__ = ["interpreting", "plan_for_interpreter", "launch", "record_launches", "to_bf16_rne", "cast_to"]
+__all__ = ["interpreting", "plan_for_interpreter", "launch", "record_launches", "to_bf16_rne", "cast_to",
+           "lerp", "per_channel"]
 
 _launch_recorder = None  # the active LaunchRecorder, if any
 
@@ -85,3 +87,25 @@ def cast_to(v, dtype: tl.constexpr, ROUND_BF16: tl.constexpr):
     else:
         r = v.to(dtype)
     return r
+
+
+@triton.jit
+def lerp(start, end, w):
+    # torch.lerp's two-sided formula: exact at w == 0 (start) and w == 1 (end), so lam=1 returns x bitwise.
+    diff = end - start
+    return tl.where(w < 0.5, start + w * diff, end - diff * (1.0 - w))
+
+
+@triton.jit
+def per_channel(ptr, ch, C, mask, other, SELECT: tl.constexpr):
+    # Up to 4 channels: 4 uniform scalar loads and 3 selects per element. A gather would issue one load
+    # instruction per element per table (mean and inv_std), more than the image itself needs.
+    if SELECT:
+        v0 = tl.load(ptr)
+        v1 = tl.load(ptr + 1, mask=C > 1, other=other)
+        v2 = tl.load(ptr + 2, mask=C > 2, other=other)
+        v3 = tl.load(ptr + 3, mask=C > 3, other=other)
+        v = tl.where(ch == 0, v0, tl.where(ch == 1, v1, tl.where(ch == 2, v2, v3)))
+    else:
+        v = tl.load(ptr + ch, mask=mask, other=other)
+    return v

@@ -18,16 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cast_to, launch, plan_for_interpreter
+from ._common import cast_to, launch, lerp, per_channel, plan_for_interpreter
 
 __all__ = ["mix_launch"]
-
-
-@triton.jit
-def _lerp(start, end, w):
-    # torch.lerp's two-sided formula: exact at w == 0 (start) and w == 1 (end), so lam=1 returns x bitwise.
-    diff = end - start
-    return tl.where(w < 0.5, start + w * diff, end - diff * (1.0 - w))
 
 
 # Helpers below assign in both branches of a constexpr `if` and return once: `triton.compile` rejects a
@@ -59,21 +52,6 @@ def _pixel_weight(lam, box_ptr, box_y0, box_y1, box_x0, box_x1, row, hh, ww, HAS
     else:
         w = lam
     return w
-
-
-@triton.jit
-def _per_channel(ptr, ch, C, mask, other, SELECT: tl.constexpr):
-    # Up to 4 channels: 4 uniform scalar loads and 3 selects per element. A gather would issue one load
-    # instruction per element per table (mean and inv_std), more than the image itself needs.
-    if SELECT:
-        v0 = tl.load(ptr)
-        v1 = tl.load(ptr + 1, mask=C > 1, other=other)
-        v2 = tl.load(ptr + 2, mask=C > 2, other=other)
-        v3 = tl.load(ptr + 3, mask=C > 3, other=other)
-        v = tl.where(ch == 0, v0, tl.where(ch == 1, v1, tl.where(ch == 2, v2, v3)))
-    else:
-        v = tl.load(ptr + ch, mask=mask, other=other)
-    return v
 
 
 @triton.jit
@@ -117,8 +95,8 @@ def _mix_images(
     ww = offs
     if HAS_NORM:
         ch = (offs // stride_c) % C
-        mean = _per_channel(mean_ptr, ch, C, mask, 0.0, NORM_SELECT)
-        inv_std = _per_channel(inv_std_ptr, ch, C, mask, 1.0, NORM_SELECT)
+        mean = per_channel(mean_ptr, ch, C, mask, 0.0, NORM_SELECT)
+        inv_std = per_channel(inv_std_ptr, ch, C, mask, 1.0, NORM_SELECT)
     if HAS_BOX:
         hh = (offs // stride_h) % H
         ww = (offs // stride_w) % W
@@ -128,7 +106,7 @@ def _mix_images(
 
     lam_i = _row_lam(lam_ptr, lam_value, row_i, LAM_SCALAR)
     w_i = _pixel_weight(lam_i, box_ptr, box_y0, box_y1, box_x0, box_x1, row_i, hh, ww, HAS_BOX, BOX_SCALAR)
-    out_i = _lerp(b, a, w_i)
+    out_i = lerp(b, a, w_i)
     out_i = tl.where(valid, out_i, float("nan"))
     out_dtype = out_ptr.dtype.element_ty
     tl.store(out_ptr + row_i * stride_ob + offs, cast_to(out_i, out_dtype, ROUND_BF16), mask=mask)
@@ -137,7 +115,7 @@ def _mix_images(
         lam_j = _row_lam(lam_ptr, lam_value, row_j, LAM_SCALAR)
         w_j = _pixel_weight(lam_j, box_ptr, box_y0, box_y1, box_x0, box_x1, row_j, hh, ww, HAS_BOX,
                             BOX_SCALAR)
-        out_j = _lerp(a, b, w_j)
+        out_j = lerp(a, b, w_j)
         tl.store(out_ptr + row_j * stride_ob + offs, cast_to(out_j, out_dtype, ROUND_BF16), mask=mask)
 
 
@@ -170,10 +148,10 @@ def _mix_labels(
         kmask = ks < K
         s_i = _smoothed(target_ptr, stride_tb, row_i, ks, kmask, off, keep, TARGET_DENSE)
         s_j = _smoothed(target_ptr, stride_tb, row_j, ks, kmask, off, keep, TARGET_DENSE)
-        y_i = tl.where(valid, _lerp(s_j, s_i, lam_i), float("nan"))
+        y_i = tl.where(valid, lerp(s_j, s_i, lam_i), float("nan"))
         tl.store(soft_ptr + row_i * stride_sb + ks, y_i, mask=kmask)
         if PAIRED:
-            y_j = tl.where(valid, _lerp(s_i, s_j, lam_j), float("nan"))
+            y_j = tl.where(valid, lerp(s_i, s_j, lam_j), float("nan"))
             tl.store(soft_ptr + row_j * stride_sb + ks, y_j, mask=kmask)
 
 
