@@ -141,8 +141,17 @@ class SchedConfig:
         "learning-rate schedule, updated every step",
         ("cosine", "multistep", "step", "constant", "none"),
     )
-    warmup_epochs: int = _f(0, "linear warm-up length in epochs, from warmup_lr to lr", ge=0)
-    warmup_lr: float = _f(0.0, "learning rate at the start of the warm-up", ge=0)
+    warmup_epochs: int = _f(
+        0, "linear warm-up length in epochs, from its start (warmup_start_factor or warmup_lr) up to lr", ge=0
+    )
+    warmup_start_factor: float | None = _f(
+        None, "warm-up start as a fraction of lr (the batch-scaled lr when optim.lr is null), so the warm-up "
+        "rises at every batch size; null: start at warmup_lr", ge=0, le=1,
+    )
+    warmup_lr: float = _f(
+        0.0, "absolute learning rate at the start of the warm-up (when warmup_start_factor is null); must "
+        "not exceed lr", ge=0,
+    )
     milestones: list[int] = _f([30, 60, 80], "multistep: epochs from which lr is multiplied by decay_rate",
                                ge=1)
     decay_epochs: int = _f(30, "step: decay every this many epochs", ge=1)

@@ -13,8 +13,8 @@ from .config import Config, RecipeError
 from .data import ImageTensors, loader_collate
 from .distributed import DistContext
 
-__all__ = ["build_mixup", "create_optimizer", "create_schedule", "train_loader", "eval_loader",
-           "SkippingBatchSampler"]
+__all__ = ["build_mixup", "create_optimizer", "create_schedule", "warmup_start", "train_loader",
+           "eval_loader", "SkippingBatchSampler"]
 
 
 def build_mixup(cfg: Config, num_classes: int, *, mean=None, std=None, out_dtype=None, generator=None):
@@ -36,26 +36,54 @@ def build_mixup(cfg: Config, num_classes: int, *, mean=None, std=None, out_dtype
         raise RecipeError(f"mixup: {exc}") from None
 
 
+def warmup_start(cfg: Config, lr: float) -> float:
+    """The learning rate the warm-up starts from, for a run whose (batch-scaled) learning rate is ``lr``.
+
+    ``sched.warmup_start_factor`` f gives f * lr, so the warm-up rises from the same fraction of the lr at
+    every batch size; without it ``sched.warmup_lr`` is the start as an absolute value, which must not exceed
+    ``lr`` (a warm-up running downwards is refused, naming the key that scales).
+
+    Raises:
+        RecipeError: both keys set, or an absolute start above ``lr``.
+    """
+    s = cfg.sched
+    if s.warmup_start_factor is not None:
+        if s.warmup_lr != 0:
+            raise RecipeError(f"sched.warmup_start_factor={s.warmup_start_factor:g} and sched.warmup_lr="
+                              f"{s.warmup_lr:g} both set the warm-up's start: keep one (warmup_lr=0 to use "
+                              "the factor)")
+        return s.warmup_start_factor * lr
+    if s.warmup_epochs > 0 and s.warmup_lr > lr:
+        scaled = " (optim.lr: null scales it to the global batch)" if cfg.optim.lr is None else ""
+        raise RecipeError(f"sched.warmup_lr={s.warmup_lr:g} is above the learning rate {lr:g}{scaled}: the "
+                          "warm-up would run downwards; set sched.warmup_start_factor (the start as a "
+                          "fraction of the lr, e.g. 0.25) and sched.warmup_lr=0, or a lower sched.warmup_lr")
+    return s.warmup_lr
+
+
 def create_schedule(optimizer, cfg: Config, steps_per_epoch: int):
     """A timm scheduler updated every step (``step_update(step)``), or None for a constant lr.
 
-    ``multistep`` milestones are epochs from which the lr is decayed (the paper's "divide by 10 at 30, 60,
-    80"); timm's MultiStepLRScheduler applies milestone m at index m - 1, hence the +1 below.
+    The warm-up starts from :func:`warmup_start` of the optimizer's learning rate. ``multistep`` milestones
+    are epochs from which the lr is decayed (the paper's "divide by 10 at 30, 60, 80"); timm's
+    MultiStepLRScheduler applies milestone m at index m - 1, hence the +1 below.
     """
     from timm.scheduler import MultiStepLRScheduler, create_scheduler_v2
 
     s = cfg.sched
     if s.name == "none":
         return None
+    group = optimizer.param_groups[0]
+    start = warmup_start(cfg, group.get("initial_lr", group["lr"]))
     if s.name == "multistep":
         return MultiStepLRScheduler(
             optimizer, decay_t=[m * steps_per_epoch + 1 for m in s.milestones], decay_rate=s.decay_rate,
-            warmup_t=s.warmup_epochs * steps_per_epoch, warmup_lr_init=s.warmup_lr, warmup_prefix=False,
+            warmup_t=s.warmup_epochs * steps_per_epoch, warmup_lr_init=start, warmup_prefix=False,
             t_in_epochs=False,
         )
     scheduler, _ = create_scheduler_v2(
         optimizer, sched=s.name, num_epochs=cfg.epochs, decay_epochs=s.decay_epochs, decay_rate=s.decay_rate,
-        min_lr=s.min_lr, warmup_lr=s.warmup_lr, warmup_epochs=s.warmup_epochs, step_on_epochs=False,
+        min_lr=s.min_lr, warmup_lr=start, warmup_epochs=s.warmup_epochs, step_on_epochs=False,
         updates_per_epoch=steps_per_epoch,
     )
     return scheduler
