@@ -92,6 +92,10 @@ class DataConfig:
     std: list[float] | None = _f(None, "per-channel std in [0, 1] units (null: the data set's usual one)",
                                  gt=0)
     workers: int = _f(DEFAULT_WORKERS, "image folders: data loader worker processes per rank", ge=0)
+    decoder: str = _f(
+        "torchvision", "image folders: torchvision (torchvision.io decodes JPEG/PNG/GIF/WebP, v2 transforms "
+        "on uint8 tensors) or pil (PIL and timm's transforms)", ("torchvision", "pil"),
+    )
     skip_corrupt: bool = _f(
         False, "image folders: skip unreadable or corrupt files (counted in the log and summary) instead of "
         "stopping with an error naming the file"
