@@ -1,6 +1,7 @@
 """Data set readers that hand out uint8 images, and the splits the recipes need.
 
-Every reader returns uint8 (N, C, H, W) images (or image files decoded to uint8 by timm's transforms):
+Every reader returns uint8 (N, C, H, W) images (or image files decoded to uint8 tensors by torchvision.io
+and augmented on them by torchvision's v2 transforms, or by PIL and timm's transforms: ``data.decoder``):
 normalization happens on the training device, fused with mixup in one pass (``Mixup(mean=, std=)``), so
 loader workers never touch floats. Readers:
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +37,9 @@ __all__ = [
     "DataBundle",
     "ImageTensors",
     "ImageFiles",
+    "decode_file",
+    "tensor_transform",
+    "DECODERS",
     "build_data",
     "read_idx",
     "read_cifar10",
@@ -60,6 +65,7 @@ DEFAULT_STATS = {
     "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # timm's IMAGENET_DEFAULT_*
 }
 DIGITS_TEST_SIZE = 360
+DECODERS = ("torchvision", "pil")  # how image files are decoded (data.decoder)
 
 
 class DataNotFoundError(RecipeError):
@@ -149,7 +155,16 @@ def loader_collate(ds):
 
 
 class ImageFiles(Dataset):
-    """Image files decoded by PIL and transformed by timm to uint8 (C, H, W) tensors.
+    """Image files decoded to uint8 (C, H, W) tensors and transformed, without any float math.
+
+    Two decoders (``data.decoder``):
+
+    - ``"torchvision"`` (the default): JPEG, PNG, GIF and WebP files are decoded by ``torchvision.io``
+      (libjpeg-turbo, straight to a uint8 tensor) and augmented by torchvision's v2 transforms on that
+      tensor (random-resized-crop crops before it resizes, so only the kept region is resampled); files in
+      other formats (BMP, TIFF, PPM...) are decoded by PIL and then take the same tensor transforms.
+    - ``"pil"``: PIL decodes and timm's transforms augment (``create_transform(..., use_prefetcher=True)``),
+      as before.
 
     An unreadable or corrupt file raises :class:`UnreadableImageError` naming it; with ``skip_corrupt`` the
     item is None instead (:func:`collate_readable` drops it from its batch) and the file is remembered in
@@ -158,13 +173,18 @@ class ImageFiles(Dataset):
     Args:
         paths: image file paths.
         targets: (N,) int64 labels, or (N, 2) (given label, true label).
-        transform: PIL image -> uint8 tensor (timm's ``create_transform(..., use_prefetcher=True)``).
+        transform: uint8 (3, H, W) tensor -> uint8 tensor (decoder "torchvision"), or PIL image -> uint8
+            tensor (decoder "pil").
         skip_corrupt: skip unreadable files instead of stopping.
+        decoder: "torchvision" or "pil".
     """
 
-    def __init__(self, paths: list[str], targets: Tensor, transform, skip_corrupt: bool = False):
+    def __init__(self, paths: list[str], targets: Tensor, transform, skip_corrupt: bool = False,
+                 decoder: str = "torchvision"):
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
         self.paths, self.targets, self.transform = list(paths), targets, transform
-        self.skip_corrupt = skip_corrupt
+        self.skip_corrupt, self.decoder = skip_corrupt, decoder
         self.bad = torch.zeros(len(self.paths), dtype=torch.uint8).share_memory_()
 
     def unreadable(self) -> list[str]:
@@ -178,20 +198,82 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        from PIL import Image
-
         try:
-            with Image.open(self.paths[i]) as img:
-                x = self.transform(img.convert("RGB"))
-        except (OSError, ValueError, SyntaxError) as exc:  # what PIL raises for truncated or garbled files
+            if self.decoder == "torchvision":
+                x = self.transform(decode_file(self.paths[i]))
+            else:
+                from PIL import Image
+
+                with Image.open(self.paths[i]) as img:
+                    x = self.transform(img.convert("RGB"))
+        except _DECODE_ERRORS as exc:
             if self.skip_corrupt:
                 self.bad[i] = 1
                 return None
             raise UnreadableImageError(
-                f"cannot read image {self.paths[i]} ({type(exc).__name__}: {exc}): replace or delete the "
-                "file, or set data.skip_corrupt=true to skip unreadable images"
+                f"cannot read image {self.paths[i]} ({type(exc).__name__}: {_short(exc)}): replace or delete "
+                "the file, or set data.skip_corrupt=true to skip unreadable images"
             ) from None
         return x, self.targets[i]
+
+
+# What decoding a truncated or garbled file raises: PIL's OSError / ValueError / SyntaxError, torchvision.io's
+# RuntimeError (libjpeg-turbo, libpng: "Image is incomplete or truncated", "Not a JPEG file", ...).
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, RuntimeError)
+# File signatures torchvision.io decodes itself (the rest go through PIL).
+_TORCHVISION_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a")
+
+
+def _short(exc: BaseException) -> str:
+    """An exception's message without torchvision's C++ source ("decode_jpeg, .../x.cpp:171, ...")."""
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    parts = [p.strip() for p in msg.split(", ")]
+    if len(parts) >= 3 and re.search(r"\.(cpp|h):\d+$", parts[1]):
+        return ", ".join(parts[2:])
+    return msg
+
+
+def decode_file(path: str) -> Tensor:
+    """An image file as a uint8 (3, H, W) RGB tensor: torchvision.io for JPEG, PNG, GIF and WebP, PIL for
+    the other formats.
+
+    Raises:
+        OSError, RuntimeError, ValueError, SyntaxError: the file cannot be read or decoded.
+    """
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
+    with open(path, "rb") as fh:
+        head = fh.read(12)
+    if head.startswith(_TORCHVISION_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return decode_image(read_file(path), mode=ImageReadMode.RGB)
+    from PIL import Image
+
+    with Image.open(path) as img:
+        arr = np.asarray(img.convert("RGB"))
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def tensor_transform(size: int, train: bool, scale=(0.08, 1.0), crop_pct: float = 0.875):
+    """torchvision v2 transforms on uint8 (C, H, W) tensors, the same operations as timm's PIL ones.
+
+    Training: random-resized-crop to ``size`` (area fraction in ``scale``, aspect ratio in [3/4, 4/3],
+    bilinear, antialiased) and a horizontal flip with p = 0.5. Evaluation: resize the shorter side to
+    ``floor(size / crop_pct)`` and center-crop ``size`` (timm's eval transform). Random draws come from
+    torch's global generator, which the data loader seeds in every worker.
+    """
+    import math
+
+    from torchvision.transforms import InterpolationMode, v2
+
+    bilinear = InterpolationMode.BILINEAR
+    if train:
+        return v2.Compose([
+            v2.RandomResizedCrop(size, scale=tuple(scale), ratio=(3 / 4, 4 / 3), interpolation=bilinear,
+                                 antialias=True),
+            v2.RandomHorizontalFlip(0.5),
+        ])
+    return v2.Compose([v2.Resize(math.floor(size / crop_pct), interpolation=bilinear, antialias=True),
+                       v2.CenterCrop(size)])
 
 
 def collate_readable(batch):
@@ -220,7 +302,7 @@ def _select(ds, idx: Tensor, targets: Tensor | None = None, plain: Dataset | Non
     if isinstance(ds, ImageTensors):
         return ImageTensors(ds.images[idx], targets, "none" if plain is not None else ds.augment, ds.pad)
     transform = plain.transform if plain is not None else ds.transform
-    return ImageFiles([ds.paths[i] for i in idx.tolist()], targets, transform, ds.skip_corrupt)
+    return ImageFiles([ds.paths[i] for i in idx.tolist()], targets, transform, ds.skip_corrupt, ds.decoder)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -494,17 +576,23 @@ def build_data(cfg: DataConfig) -> DataBundle:
         raise RecipeError(f"unknown data set {cfg.name!r}")
 
     if files:
-        from timm.data import create_transform
-
         size = cfg.img_size or 224
-        common = dict(interpolation="bilinear", use_prefetcher=True)  # uint8 out, no float math in workers
-        eval_tf = create_transform(size, is_training=False, crop_pct=cfg.crop_pct, **common)
-        train_tf = eval_tf
-        if cfg.augment == "rrc_flip":
-            train_tf = create_transform(size, is_training=True, scale=tuple(cfg.scale), hflip=0.5,
-                                        color_jitter=None, **common)
-        train_full = ImageFiles(tx, ty, train_tf, cfg.skip_corrupt)
-        test = ImageFiles(vx, vy, eval_tf, cfg.skip_corrupt)
+        train_tf = eval_tf = None
+        if cfg.decoder == "pil":
+            from timm.data import create_transform
+
+            common = dict(interpolation="bilinear", use_prefetcher=True)  # uint8 out, no float math
+            eval_tf = create_transform(size, is_training=False, crop_pct=cfg.crop_pct, **common)
+            train_tf = eval_tf
+            if cfg.augment == "rrc_flip":
+                train_tf = create_transform(size, is_training=True, scale=tuple(cfg.scale), hflip=0.5,
+                                            color_jitter=None, **common)
+        else:
+            eval_tf = tensor_transform(size, train=False, crop_pct=cfg.crop_pct)
+            train_tf = tensor_transform(size, train=True, scale=cfg.scale) if cfg.augment == "rrc_flip" \
+                else eval_tf
+        train_full = ImageFiles(tx, ty, train_tf, cfg.skip_corrupt, cfg.decoder)
+        test = ImageFiles(vx, vy, eval_tf, cfg.skip_corrupt, cfg.decoder)
         in_chans, input_size = 3, (size, size)
     else:
         if cfg.img_size is not None and cfg.img_size != tx.shape[-1]:

@@ -284,3 +284,72 @@ def test_normalize_batch_matches_the_reference():
     torch.testing.assert_close(out.double(), reference_normalize(x, mean, std), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="uint8"):
         normalize_batch(x.float(), mean, std)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Image files: torchvision.io decoding and v2 transforms on uint8 tensors (data.decoder)
+
+
+def test_torchvision_decoder_matches_pil_and_timm(tmp_path):
+    """The default decoder gives what PIL + timm give: the same uint8 shapes, the same evaluation view (up to
+    the two libraries' resampling), random crops that differ per draw and replay under the same seed."""
+    root = write_imagefolder(str(tmp_path / "inet"), size=(60, 80))
+    tv = build_data(DataConfig(name="imagefolder", root=root, img_size=32, augment="rrc_flip"))
+    pil = build_data(DataConfig(name="imagefolder", root=root, img_size=32, augment="rrc_flip",
+                                decoder="pil"))
+    assert tv.train.decoder == "torchvision" and pil.train.decoder == "pil"
+    for i in range(len(tv.val)):
+        a, b = tv.val[i][0], pil.val[i][0]
+        assert a.dtype == b.dtype == torch.uint8 and a.shape == b.shape == (3, 32, 32)
+        assert (a.int() - b.int()).abs().float().mean() < 4.0  # libjpeg-turbo vs PIL's libjpeg, resamplers
+    torch.manual_seed(0)
+    x1 = tv.train[0][0]
+    torch.manual_seed(0)
+    assert torch.equal(tv.train[0][0], x1)  # the loader seeds torch's generator in each worker
+    assert x1.dtype == torch.uint8 and x1.shape == (3, 32, 32)
+    assert any(not torch.equal(tv.train[0][0], x1) for _ in range(5))
+
+
+def test_torchvision_decoder_reads_every_format_pil_reads(tmp_path):
+    """PNG and grayscale JPEGs through torchvision.io; BMP, TIFF and the rest through PIL: all RGB uint8."""
+    from PIL import Image
+
+    from mixrecipe.data import decode_file
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (20, 30, 3)).astype(np.uint8)
+    for ext, img in ((".png", Image.fromarray(rgb)), (".bmp", Image.fromarray(rgb)),
+                     (".tif", Image.fromarray(rgb)), (".jpg", Image.fromarray(rgb[..., 0]))):
+        path = str(tmp_path / f"img{ext}")
+        img.save(path)
+        x = decode_file(path)
+        assert x.dtype == torch.uint8 and x.shape == (3, 20, 30), ext
+        with Image.open(path) as ref:
+            expected = torch.from_numpy(np.asarray(ref.convert("RGB")).copy()).permute(2, 0, 1)
+        if ext == ".jpg":  # grayscale: three equal channels, as PIL's convert("RGB")
+            assert torch.equal(x[0], x[1]) and (x.int() - expected.int()).abs().max() <= 2
+        else:  # lossless formats decode to the same pixels
+            assert torch.equal(x, expected), ext
+
+
+@pytest.mark.parametrize("decoder", ["torchvision", "pil"])
+def test_a_corrupt_file_is_named_or_skipped(tmp_path, decoder):
+    from mixrecipe.data import UnreadableImageError, collate_readable
+
+    root = write_imagefolder(str(tmp_path / "inet"), n_train=2, n_val=1)
+    b = build_data(DataConfig(name="imagefolder", root=root, img_size=16, augment="rrc_flip",
+                              decoder=decoder))
+    bad = b.train.paths[1]
+    with open(bad, "rb") as fh:
+        data = fh.read()
+    with open(bad, "wb") as fh:
+        fh.write(data[: len(data) // 3])
+    with pytest.raises(UnreadableImageError) as info:
+        b.train[1]
+    msg = str(info.value)
+    assert bad in msg and "data.skip_corrupt=true" in msg and ".cpp" not in msg, msg
+    skip = build_data(DataConfig(name="imagefolder", root=root, img_size=16, augment="rrc_flip",
+                                 decoder=decoder, skip_corrupt=True))
+    assert skip.train[1] is None and skip.train.unreadable() == [bad]
+    x, y = collate_readable([skip.train[0], skip.train[1], skip.train[2]])
+    assert x.shape == (2, 3, 16, 16)
