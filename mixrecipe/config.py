@@ -96,6 +96,11 @@ class DataConfig:
         "torchvision", "image folders: torchvision (torchvision.io decodes JPEG/PNG/GIF/WebP, v2 transforms "
         "on uint8 tensors) or pil (PIL and timm's transforms)", ("torchvision", "pil"),
     )
+    on_device: bool | None = _f(
+        None, "in-memory data sets: keep the training set on the training device as uint8 and make each "
+        "batch there, gather + crop/flip + normalize + mix in one kernel (torch engine); null: on for CUDA "
+        "when the set fits in a quarter of the free device memory"
+    )
     skip_corrupt: bool = _f(
         False, "image folders: skip unreadable or corrupt files (counted in the log and summary) instead of "
         "stopping with an error naming the file"
