@@ -13,7 +13,7 @@ Providers (every one gets its own tensor of the same shape, dtype and layout, ma
   ``dst_bf16.copy_(x_uint8)``, the floor of the uint8 -> bf16 rows.
 - ``convert-alloc`` (loader cases): ``x_uint8.to(torch.bfloat16)``, the conversion into a fresh tensor
   from torch's allocator, which pays new pages (faulted in and zeroed by the OS) on every call at this
-  size; ``ours-op-flip``'s large CPU outputs come from reused pages instead (``mixrecipe.cpu_memory``).
+  size, as ``ours-op-flip``'s fresh outputs do.
 - ``scale-inplace``: ``x.mul_(1.0)`` on the same buffer, the floor for in-place passes (float cases):
   one ATen op that reads and writes the same bytes an in-place mixup does; ``t / in-place`` is the time
   over it. On the CPU the copy's time depends on where its two buffers landed (1.7 or 3.0 ms for the same
@@ -22,17 +22,6 @@ Providers (every one gets its own tensor of the same shape, dtype and layout, ma
   timm's flip pairing, one λ, in place (loader cases: uint8 -> normalized bf16, out of place).
 - ``ours-op-out`` (loader cases): ``ours-op-flip`` writing into a warm preallocated buffer (``out=``), as
   a loader that reuses its batch buffers calls it; the same conditions as the ``copy`` floor.
-- ``ours-kernel`` (CPU float cases): a ``mixrecipe.cpu_kernel.MixPlan`` made once and launched every call,
-  the numba kernel and its launcher alone on already-checked tensors, into a warm soft-target buffer:
-  what ``ours-op-flip`` runs once its call signature passed the checks, without the op around it (the
-  signature lookup, the soft-target allocation), so the table splits a call's time into the pass, the op
-  around it and the policy's draw around that.
-- ``ours-bound`` (CPU float cases): the least a ``Mixup`` call can cost under the policy's semantics, with
-  nothing around it: one Beta(α, α) draw from torch's generator (the one op the policy dispatches: for
-  α = 1 an in-place ``uniform_`` in a kept tensor, otherwise ``_standard_gamma``, its formula in floats), a
-  fresh soft-target tensor, and ``ours-kernel``'s plan launched on
-  them. No argument checks and no signature lookup: the op cannot skip those (a tensor of another shape,
-  dtype or layout would run a stale plan), so the policy's rows cannot reach this one.
 - ``ours-op-perm``: ``mixrecipe.mixup(x, t, lam, perm, ...)`` with a random permutation and per-sample
   λ, out of place: the same work as ``eager-lerp``.
 - ``ours-Mixup-batch`` / ``-pair`` / ``-elem``: the policy ``mixrecipe.Mixup`` with timm's arguments
@@ -75,7 +64,6 @@ ATen operators it dispatches on CPU (each a dispatch and, for big tensors, an Op
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,7 +72,6 @@ import common
 import torch
 
 import mixrecipe
-from mixrecipe import cpu_kernel
 from mixrecipe.reference import mix_reference
 
 MEAN = (0.485, 0.456, 0.406)  # timm's IMAGENET_DEFAULT_MEAN / STD, in [0, 1] units
@@ -92,7 +79,7 @@ STD = (0.229, 0.224, 0.225)
 SMOOTHING = 0.1
 LAM = 0.7
 PEERS = ("eager-lerp", "timm-batch", "timm-elem", "compile-lerp")
-ORDER = ("copy", "convert-alloc", "scale-inplace", "ours-kernel", "ours-bound", "ours-op-flip", "ours-op-out",
+ORDER = ("copy", "convert-alloc", "scale-inplace", "ours-op-flip", "ours-op-out",
          "ours-Mixup-batch", "ours-Mixup-pair", "ours-Mixup-elem", "ours-MixCut-batch", "ours-op-perm",
          "eager-lerp", "compile-lerp", "timm-batch", "timm-elem", "timm-MixCut-batch", "ours-tv-MixUp",
          "tv-MixUp", "ours-tv-CutMix", "tv-CutMix")
@@ -193,14 +180,6 @@ def draws(case: Case, batch: int, device: torch.device, gen: torch.Generator):
     return perm, lam_vec
 
 
-def _logistic(d: float) -> float:
-    """1 / (1 + exp(-d)) without overflow: a Beta(α, α) draw from log Gamma(α) differences."""
-    if d >= 0.0:
-        return 1.0 / (1.0 + math.exp(-d))
-    e = math.exp(d)
-    return e / (1.0 + e)
-
-
 def providers(case: Case, x0: torch.Tensor, target: torch.Tensor, perm: torch.Tensor, lam_vec: torch.Tensor,
               device: torch.device, *, with_compile: bool) -> list[Provider]:
     """The providers of one case. Each in-place one gets its own clone of ``x0`` (same values)."""
@@ -220,38 +199,6 @@ def providers(case: Case, x0: torch.Tensor, target: torch.Tensor, perm: torch.Te
     if not case.loader:
         x_scale = own()
         out.append(Provider("scale-inplace", lambda: x_scale.mul_(1.0), False, True, x_scale))
-
-    if device.type == "cpu" and not case.loader and cpu_kernel.available():
-        x_kernel, soft_buf = own(), torch.empty(batch, k)
-        plan = cpu_kernel.plan_mix(x_kernel, x_kernel, target, soft_buf, perm=None, lam_x=LAM, lam_y=LAM,
-                                   box=None, mean=None, inv_std=None, in_scale=1.0, label_off=off,
-                                   label_keep=on - off)
-
-        def kernel():  # what ours-op-flip launches once its call signature passed the checks
-            plan.launch(x_kernel, x_kernel, target, soft_buf, LAM)
-            return x_kernel, soft_buf
-
-        out.append(Provider("ours-kernel", kernel, False, True, x_kernel))
-        a = case.alpha  # sample_beta's draws: a uniform for a = 1, Gamma(a) twice for a > 1, else
-        x_bound = own()  # Gamma(a + 1) and Exp(1) twice
-        conc = torch.tensor([a] * 2 if a >= 1.0 else [a + 1.0] * 2 + [1.0] * 2, dtype=torch.float64)
-
-        cell = torch.empty((), dtype=torch.float64)  # the policy draws U[0, 1) in place in a kept tensor
-
-        def bound():  # the least a Mixup call costs under its semantics: see ours-bound in the docstring
-            if a == 1.0:
-                lam = cell.uniform_().tolist()
-            else:
-                draws = torch._standard_gamma(conc).tolist()
-                if a > 1.0:
-                    lam = draws[0] / (draws[0] + draws[1])
-                else:
-                    lam = _logistic((math.log(draws[0]) - draws[2] / a) - (math.log(draws[1]) - draws[3] / a))
-            soft = torch.empty(batch, k)
-            plan.launch(x_bound, x_bound, target, soft, lam)
-            return x_bound, soft
-
-        out.append(Provider("ours-bound", bound, False, False, x_bound))
 
     x_flip = x0 if case.loader else own()
     out.append(Provider(
@@ -355,8 +302,6 @@ def verify(case: Case, device: torch.device, with_compile: bool) -> None:
     tol = dict(rtol=1e-5, atol=1e-5) if case.out_dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
     norm = dict(mean=MEAN, std=STD) if case.loader else {}
     checks = {"ours-op-flip": (LAM, None), "ours-op-perm": (lam_vec, perm), "eager-lerp": (lam_vec, perm)}
-    if "ours-kernel" in ps:
-        checks["ours-kernel"] = (LAM, None)
     if "compile-lerp" in ps:
         checks["compile-lerp"] = (lam_vec, perm)
     if "ours-op-out" in ps:
@@ -534,24 +479,10 @@ def target_checks(rows: list[dict], device: torch.device) -> list[str]:
         if op is not None and floor is not None:
             check(f"{case}: ours-op-flip per-call overhead (its time minus the in-place floor's)",
                   1e3 * (op["median_ms"] - floor["median_ms"]), 30, "lower", unit=" µs")
-        names = ("ours-kernel", "ours-op-flip", "ours-Mixup-batch", "timm-batch")
-        split = [_find(rows, case, n) for n in names]
-        if all(r is not None for r in split):
-            kernel, op, policy, timm_ = (1e3 * r["median_ms"] for r in split)
-            lines.append(f"- {case} (information): a call's median split into the kernel with its "
-                         f"launcher {kernel:.0f} µs, the op's signature lookup and allocation "
-                         f"{op - kernel:.0f} µs, the policy's draw and glue {policy - op:.0f} µs; "
-                         f"timm-batch {timm_:.0f} µs")
         mixcut = ratio(case, "ours-MixCut-batch", "timm-MixCut-batch")
         if mixcut is not None:
             lines.append(f"- {case} (information): with CutMix too (switch_prob 0.5), ours-MixCut-batch "
                          f"speedup vs timm-MixCut-batch: {mixcut:.2f}x")
-        bound, timm_row = _find(rows, case, "ours-bound"), _find(rows, case, "timm-batch")
-        if bound is not None and timm_row is not None:
-            lines.append(f"- {case} (information): the least a call can take under the policy's semantics "
-                         f"(ours-bound: a draw from torch's generator, a soft-target allocation, the kernel; "
-                         f"no checks) {1e3 * bound['median_ms']:.0f} µs, "
-                         f"{timm_row['median_ms'] / bound['median_ms']:.2f}x faster than timm-batch")
     else:
         for layout in ("NCHW", "CL"):
             case = f"imagenet-256 bf16 {layout}"
@@ -603,7 +534,7 @@ def plot(rows: list[dict], path, title: str) -> None:
     shapes = list(dict.fromkeys(r["case"].split()[0] for r in rows))
     provs = [p for p in ORDER if any(r["provider"] == p for r in rows)]
     colors = {"copy": "#9e9e9e", "convert-alloc": "#bdbdbd", "scale-inplace": "#d0d0d0",
-              "ours-kernel": "#041f4a", "ours-bound": "#1c9099", "ours-op-flip": "#08519c",
+              "ours-op-flip": "#08519c",
               "ours-op-out": "#2171b5",
               "ours-Mixup-batch": "#3182bd", "ours-Mixup-pair": "#4a9bd0", "ours-Mixup-elem": "#6baed6",
               "ours-MixCut-batch": "#9ecae1", "timm-MixCut-batch": "#fb6a4a",

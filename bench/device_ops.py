@@ -177,8 +177,10 @@ def _cutmix_case(x, y):
 
 
 def _transform_case(name):
-    def run(x, y):
-        getattr(transforms, name)(num_classes=10)(x, y)
+    made = {}
+
+    def run(x, y):  # one transform for every call: its partner indices are made once, as in a loader
+        made.setdefault(name, getattr(transforms, name)(num_classes=10))(x, y)
     return run
 
 
@@ -206,6 +208,8 @@ CASES = {
                                   torch.float32),
     "mix_batch + mixup_cross_entropy": (_mix_batch_case, torch.float32),
     "cutmix": (_cutmix_case, torch.float32),
+    "cutmix per sample": (lambda x, y: mixrecipe.cutmix(x, y, num_classes=10, per_sample=True),
+                          torch.float32),
     "transforms.MixUp": (_transform_case("MixUp"), torch.float32),
     "transforms.CutMix": (_transform_case("CutMix"), torch.float32),
 }

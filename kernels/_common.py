@@ -14,8 +14,8 @@ import os
 import triton
 import triton.language as tl
 
-__all__ = ["interpreting", "plan_for_interpreter", "launch", "record_launches", "to_bf16_rne", "cast_to",
-           "lerp", "per_channel"]
+__all__ = ["interpreting", "plan_for_interpreter", "launch", "Launch", "record_launches", "to_bf16_rne",
+           "cast_to", "lerp", "per_channel"]
 
 _launch_recorder = None  # the active LaunchRecorder, if any
 
@@ -58,14 +58,50 @@ def plan_for_interpreter() -> bool:
     return interpreting() and not (_launch_recorder is not None and _launch_recorder.as_gpu)
 
 
-def launch(kernel, grid, *args, **kwargs) -> None:
-    """``kernel[grid](*args, **kwargs)``, seen first by an active launch recorder."""
+def launch(kernel, grid, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)``, seen first by an active launch recorder. Returns Triton's compiled
+    kernel when the launch compiled one (on a GPU), else None (the interpreter, a recorded-only launch)."""
     recorder = _launch_recorder
     if recorder is not None:
         recorder.record(kernel, grid, args, kwargs)
         if recorder.as_gpu:
-            return  # the configuration is a GPU's: record it, don't run it here
-    kernel[grid](*args, **kwargs)
+            return None  # the configuration is a GPU's: record it, don't run it here
+    return kernel[grid](*args, **kwargs)
+
+
+# Calling the compiled kernel directly skips Triton's per-call binding and specialization (the JIT's
+# dispatch); MIXRECIPE_DIRECT_LAUNCH=0 keeps every launch on the JIT path.
+_DIRECT = os.environ.get("MIXRECIPE_DIRECT_LAUNCH", "1") != "0"
+
+
+class Launch:
+    """One launch configuration of one kernel, made once per call signature and then called per call.
+
+    ``constexprs`` (and ``num_warps``) are fixed here; a call passes the runtime arguments only, which must
+    keep the signature's Triton specialization (dtypes, the 16-byte alignment of every pointer, integers
+    that are 1 or multiples of 16): the caller's plan key holds what decides it. The first call goes through
+    the JIT, which compiles (or finds) the kernel; on a GPU later calls run that compiled kernel directly
+    with the same arguments the JIT would pass it (the runtime ones, then the constexprs, in the kernel's
+    parameter order)."""
+
+    __slots__ = ("kernel", "grid", "constexprs", "_tail", "_runner")
+
+    def __init__(self, kernel, grid: tuple, constexprs: dict):
+        self.kernel, self.grid, self.constexprs = kernel, grid, constexprs
+        names = [n for n in kernel.arg_names if n in constexprs]
+        if kernel.arg_names[len(kernel.arg_names) - len(names):] != names:
+            raise ValueError("Launch needs every constexpr of the kernel given, as its last parameters")
+        self._tail = tuple(constexprs[n] for n in names)
+        self._runner = None
+
+    def __call__(self, *args) -> None:
+        runner = self._runner
+        if runner is not None and _launch_recorder is None:
+            runner(*args, *self._tail)
+            return
+        compiled = launch(self.kernel, self.grid, *args, **self.constexprs)
+        if _DIRECT and compiled is not None and hasattr(compiled, "__getitem__") and not interpreting():
+            self._runner = compiled[self.grid]
 
 
 @triton.jit

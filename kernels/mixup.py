@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cast_to, launch, lerp, per_channel, plan_for_interpreter
+from ._common import Launch, cast_to, lerp, per_channel, plan_for_interpreter
 
 __all__ = ["mix_launch"]
 
@@ -26,21 +26,36 @@ __all__ = ["mix_launch"]
 # Helpers below assign in both branches of a constexpr `if` and return once: `triton.compile` rejects a
 # function whose branches return different types (a block vs a scalar), which the interpreter accepts.
 @triton.jit
-def _row_lam(lam_ptr, lam_value, row, LAM_SCALAR: tl.constexpr):
-    if LAM_SCALAR:
+def _row_lam(lam_ptr, lam_value, row, LAM_KIND: tl.constexpr):
+    # LAM_KIND 0: one host number for the batch; 1: one value in a device tensor; 2: one value per row.
+    if LAM_KIND == 0:
         lam = lam_value
+    elif LAM_KIND == 1:
+        lam = tl.load(lam_ptr).to(tl.float32)
     else:
         lam = tl.load(lam_ptr + row).to(tl.float32)
     return lam
 
 
 @triton.jit
-def _pixel_weight(lam, box_ptr, box_y0, box_y1, box_x0, box_x1, row, hh, ww, HAS_BOX: tl.constexpr,
-                  BOX_SCALAR: tl.constexpr):
-    # Inside the CutMix box the pixel comes from the partner (weight 0); outside it is lam. One box for the
-    # batch comes as four scalars (y0, y1, x0, x1): a host-drawn box needs no copy to the device.
-    if HAS_BOX:
-        if BOX_SCALAR:
+def _lam_ok(lam, LAM_KIND: tl.constexpr):
+    # A host number was range-checked on the host; a device value is checked here (reading it on the host
+    # would cost a synchronization): a weight outside [0, 1], or NaN, makes its row NaN.
+    if LAM_KIND == 0:
+        ok = True
+    else:
+        ok = (lam >= 0.0) & (lam <= 1.0)
+    return ok
+
+
+@triton.jit
+def _pixel_weight(lam, box_ptr, box_y0, box_y1, box_x0, box_x1, row, hh, ww, BOX_KIND: tl.constexpr):
+    # Inside the CutMix box the pixel comes from the partner (weight 0); outside it is lam. BOX_KIND 0: no
+    # box; 1: one box for the batch as four scalars (y0, y1, x0, x1), no tensor; 2: an int32 (B, 4) tensor.
+    if BOX_KIND == 0:
+        w = lam
+    else:
+        if BOX_KIND == 1:
             y0, y1, x0, x1 = box_y0, box_y1, box_x0, box_x1
         else:
             y0 = tl.load(box_ptr + row * 4 + 0)
@@ -49,27 +64,25 @@ def _pixel_weight(lam, box_ptr, box_y0, box_y1, box_x0, box_x1, row, hh, ww, HAS
             x1 = tl.load(box_ptr + row * 4 + 3)
         inside = (hh >= y0) & (hh < y1) & (ww >= x0) & (ww < x1)
         w = tl.where(inside, 0.0, lam)
-    else:
-        w = lam
     return w
 
 
 @triton.jit
-def _load_normalized(ptr, offs, mask, mean, inv_std, in_scale, HAS_NORM: tl.constexpr):
-    v = tl.load(ptr + offs, mask=mask, other=0).to(tl.float32)
+def _load_normalized(ptr, offs, mask, mean, std, in_scale, HAS_NORM: tl.constexpr):
+    v = tl.load(ptr + offs, mask=mask, other=0).to(tl.float32) * in_scale  # 1/255 for uint8, else exact
     if HAS_NORM:
-        v = (v * in_scale - mean) * inv_std
+        v = (v - mean) / std
     return v
 
 
 @triton.jit
 def _partner(perm_ptr, row_i, B, PAIRED: tl.constexpr):
-    """(row_j, valid): flip pairing or perm[row_i]. Bad indices can't be checked on the host without a
-    sync, so an out-of-range partner is replaced by the row itself and reported invalid (-> NaN output)."""
+    """(row_j, valid): flip pairing or perm[row_i] (int32 or int64). Bad indices can't be checked on the
+    host without a sync, so an out-of-range partner is replaced by the row itself and reported invalid."""
     if PAIRED:
         row_j = B - 1 - row_i
     else:
-        row_j = tl.load(perm_ptr + row_i)
+        row_j = tl.load(perm_ptr + row_i).to(tl.int64)
     valid = (row_j >= 0) & (row_j < B)
     return tl.where(valid, row_j, row_i), valid
 
@@ -77,9 +90,9 @@ def _partner(perm_ptr, row_i, B, PAIRED: tl.constexpr):
 @triton.jit
 def _mix_images(
     x_ptr, out_ptr, perm_ptr, lam_ptr, lam_value, box_ptr, box_y0, box_y1, box_x0, box_x1, mean_ptr,
-    inv_std_ptr, in_scale,
+    std_ptr, in_scale,
     pid, B, N, C, H, W, stride_xb, stride_ob, stride_c, stride_h, stride_w, n_blocks,
-    PAIRED: tl.constexpr, LAM_SCALAR: tl.constexpr, HAS_BOX: tl.constexpr, BOX_SCALAR: tl.constexpr,
+    PAIRED: tl.constexpr, LAM_KIND: tl.constexpr, BOX_KIND: tl.constexpr,
     HAS_NORM: tl.constexpr, NORM_SELECT: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
     group = pid // n_blocks
@@ -90,32 +103,30 @@ def _mix_images(
     offs = blk * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)  # offset inside one sample, in memory order
     mask = offs < N
     mean = 0.0
-    inv_std = 1.0
+    std = 1.0
     hh = offs
     ww = offs
     if HAS_NORM:
         ch = (offs // stride_c) % C
         mean = per_channel(mean_ptr, ch, C, mask, 0.0, NORM_SELECT)
-        inv_std = per_channel(inv_std_ptr, ch, C, mask, 1.0, NORM_SELECT)
-    if HAS_BOX:
+        std = per_channel(std_ptr, ch, C, mask, 1.0, NORM_SELECT)
+    if BOX_KIND != 0:
         hh = (offs // stride_h) % H
         ww = (offs // stride_w) % W
 
-    a = _load_normalized(x_ptr + row_i * stride_xb, offs, mask, mean, inv_std, in_scale, HAS_NORM)
-    b = _load_normalized(x_ptr + row_j * stride_xb, offs, mask, mean, inv_std, in_scale, HAS_NORM)
+    a = _load_normalized(x_ptr + row_i * stride_xb, offs, mask, mean, std, in_scale, HAS_NORM)
+    b = _load_normalized(x_ptr + row_j * stride_xb, offs, mask, mean, std, in_scale, HAS_NORM)
 
-    lam_i = _row_lam(lam_ptr, lam_value, row_i, LAM_SCALAR)
-    w_i = _pixel_weight(lam_i, box_ptr, box_y0, box_y1, box_x0, box_x1, row_i, hh, ww, HAS_BOX, BOX_SCALAR)
-    out_i = lerp(b, a, w_i)
-    out_i = tl.where(valid, out_i, float("nan"))
+    lam_i = _row_lam(lam_ptr, lam_value, row_i, LAM_KIND)
+    w_i = _pixel_weight(lam_i, box_ptr, box_y0, box_y1, box_x0, box_x1, row_i, hh, ww, BOX_KIND)
+    out_i = tl.where(valid & _lam_ok(lam_i, LAM_KIND), lerp(b, a, w_i), float("nan"))
     out_dtype = out_ptr.dtype.element_ty
     tl.store(out_ptr + row_i * stride_ob + offs, cast_to(out_i, out_dtype, ROUND_BF16), mask=mask)
     if PAIRED:
         # The partner row, from the same two loads: this is what makes the in-place pass safe.
-        lam_j = _row_lam(lam_ptr, lam_value, row_j, LAM_SCALAR)
-        w_j = _pixel_weight(lam_j, box_ptr, box_y0, box_y1, box_x0, box_x1, row_j, hh, ww, HAS_BOX,
-                            BOX_SCALAR)
-        out_j = lerp(a, b, w_j)
+        lam_j = _row_lam(lam_ptr, lam_value, row_j, LAM_KIND)
+        w_j = _pixel_weight(lam_j, box_ptr, box_y0, box_y1, box_x0, box_x1, row_j, hh, ww, BOX_KIND)
+        out_j = tl.where(_lam_ok(lam_j, LAM_KIND), lerp(a, b, w_j), float("nan"))
         tl.store(out_ptr + row_j * stride_ob + offs, cast_to(out_j, out_dtype, ROUND_BF16), mask=mask)
 
 
@@ -132,7 +143,7 @@ def _smoothed(target_ptr, stride_tb, row, ks, kmask, off, keep, TARGET_DENSE: tl
 @triton.jit
 def _mix_labels(
     target_ptr, soft_ptr, perm_ptr, lam_ptr, lam_value, group, B, K, stride_tb, stride_sb, off, keep,
-    PAIRED: tl.constexpr, LAM_SCALAR: tl.constexpr, TARGET_DENSE: tl.constexpr, BLOCK_K: tl.constexpr,
+    PAIRED: tl.constexpr, LAM_KIND: tl.constexpr, TARGET_DENSE: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     row_i = group
     row_j, valid = _partner(perm_ptr, row_i, B, PAIRED)
@@ -141,17 +152,19 @@ def _mix_labels(
         ci = tl.load(target_ptr + row_i)
         cj = tl.load(target_ptr + row_j)
         valid = valid & (ci >= 0) & (ci < K) & (cj >= 0) & (cj < K)
-    lam_i = _row_lam(lam_ptr, lam_value, row_i, LAM_SCALAR)
-    lam_j = _row_lam(lam_ptr, lam_value, row_j, LAM_SCALAR)
+    lam_i = _row_lam(lam_ptr, lam_value, row_i, LAM_KIND)
+    lam_j = _row_lam(lam_ptr, lam_value, row_j, LAM_KIND)
+    valid_i = valid & _lam_ok(lam_i, LAM_KIND)
+    valid_j = valid & _lam_ok(lam_j, LAM_KIND)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         kmask = ks < K
         s_i = _smoothed(target_ptr, stride_tb, row_i, ks, kmask, off, keep, TARGET_DENSE)
         s_j = _smoothed(target_ptr, stride_tb, row_j, ks, kmask, off, keep, TARGET_DENSE)
-        y_i = tl.where(valid, lerp(s_j, s_i, lam_i), float("nan"))
+        y_i = tl.where(valid_i, lerp(s_j, s_i, lam_i), float("nan"))
         tl.store(soft_ptr + row_i * stride_sb + ks, y_i, mask=kmask)
         if PAIRED:
-            y_j = tl.where(valid, lerp(s_i, s_j, lam_j), float("nan"))
+            y_j = tl.where(valid_j, lerp(s_i, s_j, lam_j), float("nan"))
             tl.store(soft_ptr + row_j * stride_sb + ks, y_j, mask=kmask)
 
 
@@ -160,30 +173,28 @@ def _mix_labels(
 @triton.jit(do_not_specialize=["box_y0", "box_y1", "box_x0", "box_x1"])
 def _mix_fwd_kernel(
     x_ptr, out_ptr, perm_ptr, lamx_ptr, lamx_value, box_ptr, box_y0, box_y1, box_x0, box_x1,
-    mean_ptr, inv_std_ptr, in_scale,
+    mean_ptr, std_ptr, in_scale,
     target_ptr, soft_ptr, lamy_ptr, lamy_value, off, keep,
     B, N, C, H, W, K, stride_xb, stride_ob, stride_c, stride_h, stride_w, stride_tb, stride_sb,
     n_blocks, n_image_programs,
-    PAIRED: tl.constexpr, LAMX_SCALAR: tl.constexpr, LAMY_SCALAR: tl.constexpr, HAS_IMAGE: tl.constexpr,
-    HAS_BOX: tl.constexpr, BOX_SCALAR: tl.constexpr, HAS_NORM: tl.constexpr, NORM_SELECT: tl.constexpr,
-    HAS_TARGET: tl.constexpr,
-    TARGET_DENSE: tl.constexpr,
-    ROUND_BF16: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_K: tl.constexpr,
+    PAIRED: tl.constexpr, LAMX_KIND: tl.constexpr, LAMY_KIND: tl.constexpr, HAS_IMAGE: tl.constexpr,
+    BOX_KIND: tl.constexpr, HAS_NORM: tl.constexpr, NORM_SELECT: tl.constexpr, HAS_TARGET: tl.constexpr,
+    TARGET_DENSE: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)  # int64: row * stride overflows int32 on big batches
     if HAS_IMAGE:
         if pid < n_image_programs:
             _mix_images(
                 x_ptr, out_ptr, perm_ptr, lamx_ptr, lamx_value, box_ptr, box_y0, box_y1, box_x0, box_x1,
-                mean_ptr, inv_std_ptr, in_scale,
+                mean_ptr, std_ptr, in_scale,
                 pid, B, N, C, H, W, stride_xb, stride_ob, stride_c, stride_h, stride_w, n_blocks,
-                PAIRED, LAMX_SCALAR, HAS_BOX, BOX_SCALAR, HAS_NORM, NORM_SELECT, ROUND_BF16, BLOCK_SIZE,
+                PAIRED, LAMX_KIND, BOX_KIND, HAS_NORM, NORM_SELECT, ROUND_BF16, BLOCK_SIZE,
             )
     if HAS_TARGET:
         if pid >= n_image_programs:
             _mix_labels(
                 target_ptr, soft_ptr, perm_ptr, lamy_ptr, lamy_value, pid - n_image_programs, B, K,
-                stride_tb, stride_sb, off, keep, PAIRED, LAMY_SCALAR, TARGET_DENSE, BLOCK_K,
+                stride_tb, stride_sb, off, keep, PAIRED, LAMY_KIND, TARGET_DENSE, BLOCK_K,
             )
 
 
@@ -194,6 +205,74 @@ def _block_size(n: int) -> tuple[int, int]:
     if n >= 8192:
         return 4096, 8
     return max(128, min(triton.next_power_of_2(n), 2048)), 4
+
+
+def _lam_kind(lam) -> int:
+    if not isinstance(lam, torch.Tensor):
+        return 0
+    return 1 if lam.numel() == 1 and lam.ndim == 0 else 2
+
+
+def _meta(t):
+    """What of a tensor decides its kernel specialization and layout (None stays None)."""
+    if t is None:
+        return None
+    return t.dtype, t.shape, t.stride(), t.data_ptr() % 16 == 0
+
+
+def _plan_key(x, out, target, soft, perm, lam_x, lam_y, box, mean, std, in_scale, batch_size):
+    return (
+        _meta(x), _meta(out), x is not None and out is x, _meta(target), _meta(soft), _meta(perm),
+        _meta(lam_x) if isinstance(lam_x, torch.Tensor) else 0,
+        _meta(lam_y) if isinstance(lam_y, torch.Tensor) else 0,
+        _meta(box) if isinstance(box, torch.Tensor) else box is not None,
+        _meta(mean), _meta(std), in_scale, batch_size, plan_for_interpreter(),
+        (x if x is not None else target).device,
+    )
+
+
+def _make_plan(x, out, target, soft, perm, lam_x, lam_y, box, mean, std, batch_size):
+    """The launch for one call signature: (Launch, the layout integers the kernel takes)."""
+    paired = perm is None
+    n_groups = (batch_size + 1) // 2 if paired else batch_size
+    has_image, has_target = x is not None, target is not None
+    n_blocks, n_elems, channels, height, width = 0, 1, 1, 1, 1
+    stride_c = stride_h = stride_w = 1
+    block, warps = 128, 4
+    if has_image:
+        n_elems = x[0].numel() if batch_size else 0
+        block, warps = _block_size(n_elems)
+        n_blocks = triton.cdiv(n_elems, block)
+        if x.ndim >= 2:
+            channels, stride_c = x.shape[1], x.stride(1)
+        if x.ndim == 4:
+            height, width, stride_h, stride_w = x.shape[2], x.shape[3], x.stride(2), x.stride(3)
+    n_image_programs = n_groups * n_blocks
+    n_programs = n_image_programs + (n_groups if has_target else 0)
+    num_classes = soft.shape[1] if has_target else 1
+    box_kind = 0 if box is None else 2 if isinstance(box, torch.Tensor) else 1
+    constexprs = dict(
+        PAIRED=paired, LAMX_KIND=_lam_kind(lam_x), LAMY_KIND=_lam_kind(lam_y), HAS_IMAGE=has_image,
+        BOX_KIND=box_kind, HAS_NORM=mean is not None, NORM_SELECT=mean is not None and channels <= 4,
+        HAS_TARGET=has_target, TARGET_DENSE=has_target and target.ndim == 2,
+        ROUND_BF16=has_image and out.dtype == torch.bfloat16 and plan_for_interpreter(),
+        BLOCK_SIZE=block,
+        BLOCK_K=min(triton.next_power_of_2(num_classes), 1 << 14 if plan_for_interpreter() else 2048),
+        num_warps=warps,
+    )
+    layout = (
+        batch_size, n_elems, channels, height, width, num_classes,
+        x.stride(0) if has_image else 0, out.stride(0) if has_image else 0, stride_c, stride_h, stride_w,
+        target.stride(0) if has_target else 0, soft.stride(0) if has_target else 0,
+        n_blocks, n_image_programs,
+    )
+    if n_programs == 0:
+        return None, layout
+    return Launch(_mix_fwd_kernel, (n_programs,), constexprs), layout
+
+
+_PLANS: dict = {}
+_PLANS_MAX = 256
 
 
 def mix_launch(
@@ -208,12 +287,15 @@ def mix_launch(
     lam_y: torch.Tensor | float,
     box: torch.Tensor | tuple | None,
     mean: torch.Tensor | None,
-    inv_std: torch.Tensor | None,
+    std: torch.Tensor | None,
     in_scale: float,
     label_off: float,
     label_keep: float,
 ) -> None:
     """Launch the fused kernel. Validation, allocation and layout are the caller's job (mixrecipe.ops).
+
+    A call signature (dtypes, shapes, strides, pointer alignment, which arguments are tensors) is planned
+    once: later calls look the plan up and pass only the pointers and the numbers that change.
 
     Args:
         x: (B, ...) batch whose samples are each dense in memory (NCHW or channels_last), or None.
@@ -221,63 +303,35 @@ def mix_launch(
         target: (B,) int64 class indices or (B, K) float targets, or None.
         soft: (B, K) float32 output for the soft targets, or None with target.
         batch_size: B.
-        perm: (B,) int64 partners on the device, or None for the flip pairing i <-> B-1-i.
-        lam_x: pixel weight of each sample itself: a float or a (B,) float32 tensor.
+        perm: (B,) int32/int64 partners on the device, or None for the flip pairing i <-> B-1-i.
+        lam_x: pixel weight of each sample itself: a float, a one-element or a contiguous (B,) float tensor.
         lam_y: label weight, likewise.
         box: (B, 4) int32 CutMix boxes (y0, y1, x0, x1); or one box for every sample as four ints, passed
             as scalars (no tensor, no host-device copy); or None.
-        mean, inv_std: (C,) float32 per-channel normalization on dim 1, or None.
+        mean, std: (C,) float32 per-channel normalization on dim 1, or None.
         in_scale: multiplies raw inputs before normalization (1/255 for uint8).
         label_off, label_keep: soft target = t * label_keep + label_off (timm smoothing).
     """
-    paired = perm is None
-    n_groups = (batch_size + 1) // 2 if paired else batch_size
-    has_image = x is not None
-    has_target = target is not None
-    ref = x if has_image else target
-    dummy = torch.empty(1, dtype=torch.float32, device=ref.device)
-
-    n_blocks = 0
-    block, warps = 128, 4
-    n_elems, channels, height, width = 1, 1, 1, 1
-    stride_c = stride_h = stride_w = 1
-    if has_image:
-        n_elems = x[0].numel() if batch_size else 0
-        block, warps = _block_size(n_elems)
-        n_blocks = triton.cdiv(n_elems, block)
-        if x.ndim >= 2:
-            channels, stride_c = x.shape[1], x.stride(1)
-        if x.ndim == 4:
-            height, width, stride_h, stride_w = x.shape[2], x.shape[3], x.stride(2), x.stride(3)
-    n_image_programs = n_groups * n_blocks
-    n_programs = n_image_programs + (n_groups if has_target else 0)
-    if n_programs == 0:
+    key = _plan_key(x, out, target, soft, perm, lam_x, lam_y, box, mean, std, in_scale, batch_size)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        plan = _PLANS[key] = _make_plan(x, out, target, soft, perm, lam_x, lam_y, box, mean, std, batch_size)
+    run, layout = plan
+    if run is None:
         return
-
-    num_classes = soft.shape[1] if has_target else 1
-    block_k = min(triton.next_power_of_2(num_classes), 1 << 14 if plan_for_interpreter() else 2048)
-    lamx_scalar = not isinstance(lam_x, torch.Tensor)
-    lamy_scalar = not isinstance(lam_y, torch.Tensor)
-    round_bf16 = has_image and out.dtype == torch.bfloat16 and plan_for_interpreter()
-    box_scalar = isinstance(box, tuple)
-    box_values = tuple(int(v) for v in box) if box_scalar else (0, 0, 0, 0)
-
-    launch(
-        _mix_fwd_kernel, (n_programs,),
-        x if has_image else dummy, out if has_image else dummy, perm if perm is not None else dummy,
-        dummy if lamx_scalar else lam_x, float(lam_x) if lamx_scalar else 0.0,
-        dummy if box is None or box_scalar else box, *box_values,
-        mean if mean is not None else dummy, inv_std if inv_std is not None else dummy, float(in_scale),
-        target if has_target else dummy, soft if has_target else dummy,
-        dummy if lamy_scalar else lam_y, float(lam_y) if lamy_scalar else 0.0,
-        float(label_off), float(label_keep),
-        batch_size, n_elems, channels, height, width, num_classes,
-        x.stride(0) if has_image else 0, out.stride(0) if has_image else 0, stride_c, stride_h, stride_w,
-        target.stride(0) if has_target else 0, soft.stride(0) if has_target else 0,
-        n_blocks, n_image_programs,
-        PAIRED=paired, LAMX_SCALAR=lamx_scalar, LAMY_SCALAR=lamy_scalar, HAS_IMAGE=has_image,
-        HAS_BOX=box is not None, BOX_SCALAR=box_scalar, HAS_NORM=mean is not None,
-        NORM_SELECT=mean is not None and channels <= 4, HAS_TARGET=has_target,
-        TARGET_DENSE=has_target and target.ndim == 2, ROUND_BF16=round_bf16,
-        BLOCK_SIZE=block, BLOCK_K=block_k, num_warps=warps,
+    ref = x if x is not None else target  # stands in for pointers the kernel never reads
+    if isinstance(box, torch.Tensor):
+        box_tensor, (y0, y1, x0, x1) = box, (0, 0, 0, 0)
+    else:
+        box_tensor, (y0, y1, x0, x1) = ref, box or (0, 0, 0, 0)
+    lam_x_t, lam_x_v = (lam_x, 0.0) if isinstance(lam_x, torch.Tensor) else (ref, float(lam_x))
+    lam_y_t, lam_y_v = (lam_y, 0.0) if isinstance(lam_y, torch.Tensor) else (ref, float(lam_y))
+    run(
+        ref if x is None else x, ref if out is None else out, ref if perm is None else perm, lam_x_t, lam_x_v,
+        box_tensor, int(y0), int(y1), int(x0), int(x1), ref if mean is None else mean,
+        ref if std is None else std, float(in_scale),
+        ref if target is None else target, ref if soft is None else soft, lam_y_t, lam_y_v,
+        float(label_off), float(label_keep), *layout,
     )

@@ -1,10 +1,9 @@
 """Where the ops run CPU tensors: the one switch for every op (mixing and the loss alike).
 
-CUDA tensors always run the Triton kernels. CPU tensors run the compiled one-pass numba kernel by default
-(``"numba"``; the loss runs its numba rows for small float32 logits and eager otherwise), the plain-PyTorch
-path (``"eager"``, the reference the tests compare with), or the Triton kernels through Triton's interpreter
-inside ``with cpu_backend("triton"):`` (how the tests check the kernels on a machine without a GPU; needs
-``TRITON_INTERPRET=1`` before triton is imported). The environment variable ``MIXRECIPE_CPU_BACKEND`` sets
+CUDA tensors always run the Triton kernels. CPU tensors run the plain-PyTorch path (``"eager"``, the
+default), or the Triton kernels through Triton's interpreter inside ``with cpu_backend("triton"):`` (how
+the tests check the kernels on a machine without a GPU; needs ``TRITON_INTERPRET=1`` before triton is
+imported). The environment variable ``MIXRECIPE_CPU_BACKEND`` sets
 the starting value.
 """
 
@@ -19,8 +18,8 @@ from .kernels import interpreting
 
 __all__ = ["CPU_BACKENDS", "cpu_backend", "current_cpu_backend", "runs_kernel"]
 
-CPU_BACKENDS = ("numba", "eager", "triton")
-_current = os.environ.get("MIXRECIPE_CPU_BACKEND", "numba")
+CPU_BACKENDS = ("eager", "triton")
+_current = os.environ.get("MIXRECIPE_CPU_BACKEND", "eager")
 
 
 def _check(name) -> str:
@@ -33,8 +32,8 @@ def _check(name) -> str:
 
 @contextlib.contextmanager
 def cpu_backend(name: str):
-    """Run CPU tensors through the ``"numba"`` kernel (the default), ``"eager"`` PyTorch or the ``"triton"``
-    kernels inside the block.
+    """Run CPU tensors through ``"eager"`` PyTorch (the default) or the ``"triton"`` kernels (through the
+    interpreter) inside the block.
 
     Args:
         name: one of :data:`CPU_BACKENDS`.

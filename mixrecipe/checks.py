@@ -22,10 +22,9 @@ One rule per argument, wherever it is passed:
 The integrations (``fastai``, ``lightning``, ``transforms``) check their arguments with these same rules,
 before a parent class (torchvision's ``MixUp``/``CutMix``) sees them, so their errors are these errors.
 
-Checks that read tensor values (ranges, permutations) run only on CPU tensors outside ``torch.compile``:
-on a GPU they would force a host-device synchronization on every call. The CPU kernel applies the
-class-index and weight rules (:func:`check_index_range`, :func:`check_unit_range`) from its own bounds
-pass, so the ops skip the torch reductions for them there (``values=False``).
+Checks that read tensor values (ranges, permutations) run on every call with CPU tensors outside
+``torch.compile``: on a GPU they would force a host-device synchronization, so the kernels check those
+values as they read them instead (``mixrecipe.ops``).
 """
 
 from __future__ import annotations
@@ -177,10 +176,8 @@ def check_unit_range(name: str, lo: float, hi: float) -> None:
         raise ValueError(f"{name} must lie in [0, 1]; got values from {lo} to {hi}")
 
 
-def check_lam(name: str, lam, batch: int, device: torch.device, values: bool = True):
-    """-> a float, or a floating tensor of shape () or (batch,) on ``device`` (as given, not converted).
-    ``values=False`` leaves a (batch,) tensor's range to the caller (the CPU kernel's launch checks it
-    before it writes and raises :func:`check_unit_range`'s error)."""
+def check_lam(name: str, lam, batch: int, device: torch.device):
+    """-> a float, or a floating tensor of shape () or (batch,) on ``device`` (as given, not converted)."""
     if isinstance(lam, Tensor):
         if not lam.is_floating_point():
             raise TypeError(f"{name} must be a float or a floating-point tensor, got {lam.dtype}")
@@ -189,7 +186,7 @@ def check_lam(name: str, lam, batch: int, device: torch.device, values: bool = T
         if lam.shape not in ((), (batch,)):
             raise ValueError(f"{name} must be a scalar or have shape ({batch},), got {tuple(lam.shape)}")
         check_device(name, lam, device)
-        if values and can_inspect(lam) and lam.numel():
+        if can_inspect(lam) and lam.numel():
             lo, hi = lam.aminmax()  # NaN propagates into both bounds
             check_unit_range(name, float(lo), float(hi))
         return lam
@@ -199,7 +196,8 @@ def check_lam(name: str, lam, batch: int, device: torch.device, values: bool = T
 
 
 def check_perm(perm, batch: int, device: torch.device) -> Tensor | None:
-    """-> None or the permutation as a contiguous int64 tensor."""
+    """-> None or the permutation as a contiguous tensor of its own dtype (int32 or int64: the kernels read
+    either, so nothing is converted on the device)."""
     if perm is None:
         return None
     if not isinstance(perm, Tensor) or perm.dtype not in (torch.int64, torch.int32):
@@ -210,7 +208,7 @@ def check_perm(perm, batch: int, device: torch.device) -> Tensor | None:
     check_device("perm", perm, device)
     if can_inspect(perm) and not torch.equal(torch.sort(perm.long()).values, torch.arange(batch)):
         raise ValueError(f"perm must be a permutation of range({batch}) (each index once)")
-    return perm.long().contiguous()
+    return perm if perm.is_contiguous() else perm.contiguous()
 
 
 def check_index_range(lo: int, hi: int, num_classes: int) -> None:
@@ -222,8 +220,8 @@ def check_index_range(lo: int, hi: int, num_classes: int) -> None:
 
 def check_index_target(target, batch: int, num_classes: int, device: torch.device,
                        values: bool = True) -> Tensor:
-    """Class indices (B,) -> a contiguous int64 tensor. ``values=False`` leaves the range check to the caller
-    (the CPU kernel finds the bounds in its own pass and calls :func:`check_index_range` before writing)."""
+    """Class indices (B,) -> a contiguous int32 or int64 tensor (other integer dtypes become int64).
+    ``values=False`` leaves the range check to the caller."""
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a tensor, got {type(target).__name__}")
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
@@ -234,7 +232,7 @@ def check_index_target(target, batch: int, num_classes: int, device: torch.devic
     if values and can_inspect(target) and target.numel():
         lo, hi = target.aminmax()
         check_index_range(int(lo), int(hi), num_classes)
-    if target.dtype != torch.int64:  # each skipped no-op is a dispatch: tens of µs with cold caches
+    if target.dtype not in (torch.int64, torch.int32):
         target = target.long()
     return target if target.is_contiguous() else target.contiguous()
 
@@ -342,11 +340,14 @@ def check_out(out, x: Tensor, out_dtype: torch.dtype, inplace: bool) -> Tensor |
 
 def check_box(box, x: Tensor, device):
     """CutMix boxes -> int32 (B, 4) (y0, y1, x0, x1), or None. One box given as four Python ints stays four
-    ints, a tuple: the fused kernel takes it as scalars, with no tensor made or copied to the device."""
+    ints (or a (4,) CPU tensor) becomes a tuple: the fused kernel takes it as scalars, with no tensor made or
+    copied to the device."""
     if box is None:
         return None
     if x.ndim != 4:
         raise ValueError(f"box needs x of shape (B, C, H, W), got {tuple(x.shape)}")
+    if isinstance(box, Tensor) and box.shape == (4,) and can_inspect(box) and not box.is_floating_point():
+        box = box.tolist()  # one box on the host: four numbers for the kernel, no copy to the device
     if (isinstance(box, (tuple, list)) and len(box) == 4
             and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in box)):
         return tuple(int(v) for v in box)

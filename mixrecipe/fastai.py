@@ -460,7 +460,10 @@ class MixupCallback(_MixBase):
         self._dense = None
         mb = self.mixup.mix_batch(_plain(x), y_plain if _is_index_target(y_plain) else None)
         self.learn.xb = (retain_type(mb.x, x),) + tuple(self.xb[1:])
-        self.lam = self._lam_y = mb.lam
+        lam = mb.lam  # a float for one λ per batch: fastai's callbacks read one weight per sample
+        if not isinstance(lam, Tensor):
+            lam = torch.full((batch,), lam, device=x.device)
+        self.lam = self._lam_y = lam
         self.perm = mb.perm
         self._policy_smoothing = mb.label_smoothing
         perm = self._partner_perm(batch, x.device)

@@ -269,7 +269,7 @@ def write_preview(path: str, bundle: DataBundle, cfg: Config, rows: int = 4, col
             xb, yb = x[start:start + cols], y[start:start + cols]
             mb = mixup.mix_batch(xb, yb)
             images.append(mb.x)
-            lam.append(mb.lam)
+            lam.append(torch.as_tensor(mb.lam, dtype=torch.float32).expand(xb.shape[0]))  # a float: one λ
             partner.append(yb.flip(0) if mb.perm is None else yb[mb.perm])
         images, lam, partner = torch.cat(images), torch.cat(lam), torch.cat(partner)
         title = (f"mixup α={cfg.mixup.alpha:g}, {cfg.mixup.mode} mode, {cfg.mixup.pairing} pairing "

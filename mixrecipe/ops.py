@@ -1,22 +1,17 @@
 """The autograd-free mixup ops: validate (``mixrecipe.checks``), allocate, dispatch.
 
-CUDA tensors run the fused Triton kernel (``mixrecipe.kernels.mixup``); CPU tensors run the compiled
-one-pass numba kernel (``mixrecipe.cpu_kernel``, the default), an eager path with the same semantics
-(``cpu_backend("eager")``, the reference the tests compare with), or the Triton kernel through the
-interpreter (``cpu_backend("triton")``, used by the tests); ``mixrecipe.backend`` holds the switch. The
-work is registered with
-``torch.library.custom_op`` so that ``torch.compile(fullgraph=True)``, ``torch.export`` and FakeTensor see
-one opaque op. A plain eager call skips torch's dispatcher (tens of µs, as long as the whole pass on a
-CIFAR-sized batch) and runs the op's body directly when nothing could tell the difference
-(:func:`_direct_call`). An in-place flip call with a float or (B,) float32 lam on the CPU kernel goes
-further: once its signature (dtypes, shapes, strides, settings) passed the checks, later calls skip them
-and re-point the kernel's plan at their tensors (:func:`_inplace_signature`).
+CUDA tensors run the fused Triton kernel (``kernels/mixup.py``) through its launch plan. CPU tensors run an
+eager path with the same semantics, a cache-sized chunk of rows at a time, or the Triton kernel through the
+interpreter inside ``cpu_backend("triton")`` (how the tests check the kernel on a machine without a GPU;
+``mixrecipe.backend`` holds the switch). The work is registered with ``torch.library.custom_op`` so that
+``torch.compile(fullgraph=True)``, ``torch.export`` and FakeTensor see one opaque op; a plain eager call
+skips torch's dispatcher and runs the op's body directly when nothing could tell the difference
+(:func:`_direct_call`).
 
-No host-device synchronization happens here: checks that need tensor values (lam in [0, 1], perm is a
-permutation, class indices in range) run only on CPU tensors and outside torch.compile, except that the
-CPU kernel range-checks class indices and (B,) weights itself on every call, before it writes (its own
-pass over B values is cheaper than torch reductions, and it works inside torch.compile too). On CUDA the
-kernel writes NaN rows for out-of-range partners or class indices instead of reading out of bounds.
+Every call checks every argument. Values are read only where that is free: numbers, and CPU tensors
+outside torch.compile. On CUDA reading a value would be a host-device synchronization, so the kernel checks
+what changes per call as it reads it (partners, class indices, (B,) weights) and writes NaN rows for bad
+ones instead of reading or writing out of bounds.
 """
 
 from __future__ import annotations
@@ -24,8 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import cpu_kernel, cpu_memory
-from .backend import current_cpu_backend, runs_kernel
+from .backend import runs_kernel
 from .checks import (
     check_box,
     check_images,
@@ -42,50 +36,18 @@ from .reference import pixel_weights, smooth_targets
 __all__ = ["mix", "mixup", "mixup_target"]
 
 _CHUNK_ELEMS = 1 << 17  # eager CPU path: rows per chunk sized so a chunk's temporaries stay in cache
-_WARNED_NO_NUMBA = False
-
-
-def _use_cpu_kernel(t: Tensor) -> bool:
-    """CPU tensors under the "numba" backend run the compiled kernel when numba imports (else eager, warned
-    once)."""
-    if t.device.type != "cpu" or current_cpu_backend() != "numba":
-        return False
-    if not cpu_kernel.available():
-        global _WARNED_NO_NUMBA
-        if not _WARNED_NO_NUMBA:
-            _WARNED_NO_NUMBA = True
-            cpu_kernel.warn_unavailable()
-        return False
-    return True
 
 
 # --------------------------------------------------------------------------------------------------
 # The work itself, on already-validated arguments.
 # --------------------------------------------------------------------------------------------------
-def _norm_constants(x: Tensor, mean: Tensor | None, std: Tensor | None):
-    """(mean, inv_std, in_scale) for the kernel, or Nones when x passes through unnormalized."""
-    in_scale = 1.0 / 255.0 if x.dtype == torch.uint8 else 1.0
-    if mean is None and x.dtype != torch.uint8:
-        return None, None, in_scale
-    channels = x.shape[1] if x.ndim >= 2 else 1
+def _as_float(v: Tensor, mean, std, in_scale, shape) -> Tensor:
+    """A chunk in fp32, normalized like the kernel does: (v * in_scale - mean) / std."""
     if mean is None:
-        mean = torch.zeros(channels, dtype=torch.float32, device=x.device)
-        std = torch.ones(channels, dtype=torch.float32, device=x.device)
-    return mean.float().contiguous(), (1.0 / std.float()).contiguous(), in_scale
-
-
-def _row_weights(x: Tensor, lam, box: Tensor | None) -> Tensor | float:
-    """Each sample's own-pixel weight: a float (one lam, no box), else reference.pixel_weights in fp32."""
-    if box is None and not isinstance(lam, Tensor):
-        return float(lam)  # a scalar weight keeps the eager lerp on its cheapest path
-    return pixel_weights(x.shape, lam, box, torch.float32, x.device)
-
-
-def _as_float(v: Tensor, mean, inv_std, in_scale, shape) -> Tensor:
-    """A chunk in fp32, normalized like the kernel does: (v * in_scale - mean) * inv_std."""
-    if mean is None:
+        if in_scale != 1.0:
+            return v.float() * in_scale
         return v if v.dtype == torch.float32 else v.float()  # fp32: a view, callers copy before writing
-    return (v.float() * in_scale - mean.view(shape)) * inv_std.view(shape)
+    return (v.float() * in_scale - mean.view(shape)) / std.view(shape)
 
 
 def _lerp_into(dst: Tensor, start: Tensor, end: Tensor, weight) -> None:
@@ -99,21 +61,23 @@ def _rows(weights, lo: int, hi: int):
     return weights if isinstance(weights, float) else weights[lo:hi]
 
 
-def _mix_images_eager(x, out, perm, lam_x, box, mean, inv_std, in_scale):
+def _mix_images_eager(x, out, perm, lam_x, box, mean, std, in_scale):
     """Normalize + gather + lerp, a cache-sized chunk of rows at a time.
 
     Flip pairing walks rows [i0, i1) from the front together with their partners [B-i1, B-i0) from the back
-    as plain views: each chunk is read once and written once (plus in-cache flips), so the pass costs
-    about what a copy does, and it can write in place because both halves are loaded before either is
-    written.
+    as plain views: each chunk is read once and written once (plus in-cache flips), and it can write in
+    place because both halves are loaded before either is written.
     """
     batch = x.shape[0]
     if batch == 0:
         return
     n = x[0].numel()
-    weights = _row_weights(x, lam_x, box)
+    if box is None and not isinstance(lam_x, Tensor):
+        weights = float(lam_x)  # one weight keeps the lerp on its cheapest path
+    else:
+        weights = pixel_weights(x.shape, lam_x, box, torch.float32, x.device)
     shape = [1, -1] + [1] * (x.ndim - 2)
-    norm = (mean, inv_std, in_scale, shape)
+    norm = (mean, std, in_scale, shape)
     step = max(1, _CHUNK_ELEMS // max(1, n))
     if perm is not None:
         for r0 in range(0, batch, step):
@@ -138,7 +102,7 @@ def _mix_images_eager(x, out, perm, lam_x, box, mean, inv_std, in_scale):
             front_partners = front.clone() if front_is_view and out is x else front
         _lerp_into(out[i0:i1], back_partners, front, _rows(weights, i0, i1))
         _lerp_into(out[j0:j1], front_partners, back, _rows(weights, j0, j1))
-    if batch % 2 and (out is not x or mean is not None):
+    if batch % 2 and (out is not x or mean is not None or in_scale != 1.0):
         out[half:half + 1].copy_(_as_float(x[half:half + 1], *norm))  # the middle row is its own partner
 
 
@@ -149,39 +113,23 @@ def _mix_labels_eager(target, soft, perm, lam_y, label_smoothing):
     soft.copy_(torch.lerp(partner, s, w))
 
 
-def _box_tensor(box: tuple, x: Tensor) -> Tensor:
-    """One box given as four ints, as the CPU paths and the registered ops take it: int32 (B, 4)."""
-    return torch.tensor(box, dtype=torch.int32, device=x.device).expand(x.shape[0], 4).contiguous()
-
-
 def _run(x, out, target, soft, perm, lam_x, lam_y, box, mean, std, num_classes, label_smoothing):
-    """The work on checked arguments; returns the CPU kernel's plan when it ran (else None). ``box`` may be
-    four ints (one box for the batch), which the Triton kernel takes as scalars."""
+    """The work on checked arguments. ``box`` may be four ints (one box for the batch: the kernel's
+    scalars)."""
     ref = x if x is not None else target
     off = label_smoothing / num_classes if target is not None else 0.0
-    keep = 1.0 - label_smoothing
-    norm = _norm_constants(x, mean, std) if x is not None else (None, None, 1.0)
+    in_scale = 1.0 / 255.0 if x is not None and x.dtype == torch.uint8 else 1.0
     if runs_kernel(ref):
-        mix_launch(
-            x, out, target, soft, batch_size=ref.shape[0], perm=perm, lam_x=lam_x, lam_y=lam_y,
-            box=box, mean=norm[0], inv_std=norm[1], in_scale=norm[2], label_off=off, label_keep=keep,
-        )
+        mix_launch(x, out, target, soft, batch_size=ref.shape[0], perm=perm, lam_x=lam_x, lam_y=lam_y,
+                   box=box, mean=mean, std=std, in_scale=in_scale, label_off=off,
+                   label_keep=1.0 - label_smoothing)
         return
     if isinstance(box, tuple):
-        box = _box_tensor(box, x)
-    if _use_cpu_kernel(ref):
-        return cpu_kernel.mix_cpu(x, out, target, soft, perm=perm, lam_x=lam_x, lam_y=lam_y, box=box,
-                                  mean=norm[0], inv_std=norm[1], in_scale=norm[2], label_off=off,
-                                  label_keep=keep)
+        box = torch.tensor(box, dtype=torch.int32)
     if x is not None:
-        _mix_images_eager(x, out, perm, lam_x, box, *norm)
+        _mix_images_eager(x, out, perm, lam_x, box, mean, std, in_scale)
     if target is not None:
         _mix_labels_eager(target, soft, perm, lam_y, label_smoothing)
-    return None
-
-
-def _lam_arg(tensor: Tensor | None, value: float):
-    return tensor if tensor is not None else value
 
 
 def _direct_call(*tensors: Tensor | None) -> bool:
@@ -206,17 +154,51 @@ def _call(op, body, *args, mutated: Tensor | None = None):
 
 
 # --------------------------------------------------------------------------------------------------
-# Registered ops. Tensors only, no Python unions: the public wrappers below translate.
+# Registered ops. Tensors, numbers and int lists only: the public wrappers below translate. A weight is a
+# tensor or (None, its value); one box for the batch is four ints in ``box_values`` (else empty).
 # --------------------------------------------------------------------------------------------------
+def _weight(tensor: Tensor | None, value: float):
+    return tensor if tensor is not None else value
+
+
+def _box(box: Tensor | None, box_values: list[int]):
+    return tuple(box_values) if box_values else box
+
+
+def _new_soft(ref: Tensor, target: Tensor | None, num_classes: int) -> Tensor:
+    rows = ref.shape[0] if target is not None else 0
+    return torch.empty((rows, num_classes if target is not None else 0), dtype=torch.float32,
+                       device=ref.device)
+
+
+def _mix_out_body(
+    x: Tensor, out: Tensor, target: Tensor | None, lam_x: Tensor | None, lam_x_value: float,
+    lam_y: Tensor | None, lam_y_value: float, perm: Tensor | None, box: Tensor | None, box_values: list[int],
+    mean: Tensor | None, std: Tensor | None, num_classes: int, label_smoothing: float,
+) -> Tensor:
+    soft = _new_soft(x, target, num_classes)
+    _run(x, out, target, soft if target is not None else None, perm, _weight(lam_x, lam_x_value),
+         _weight(lam_y, lam_y_value), _box(box, box_values), mean, std, num_classes, label_smoothing)
+    return soft
+
+
+_mix_out_op = torch.library.custom_op("mixrecipe::mix_out", _mix_out_body, mutates_args=("out",))
+
+
+@_mix_out_op.register_fake
+def _(x, out, target, lam_x, lam_x_value, lam_y, lam_y_value, perm, box, box_values, mean, std, num_classes,
+      label_smoothing):
+    return _new_soft(x, target, num_classes)
+
+
 def _mix_body(
     x: Tensor, target: Tensor | None, lam_x: Tensor | None, lam_x_value: float, lam_y: Tensor | None,
-    lam_y_value: float, perm: Tensor | None, box: Tensor | None, mean: Tensor | None, std: Tensor | None,
-    num_classes: int, label_smoothing: float, out_dtype: torch.dtype,
+    lam_y_value: float, perm: Tensor | None, box: Tensor | None, box_values: list[int], mean: Tensor | None,
+    std: Tensor | None, num_classes: int, label_smoothing: float, out_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor]:
-    out = cpu_memory.empty_like(x, out_dtype)  # x's layout; large CPU outputs on reused pages
-    soft = _new_soft(x, target, num_classes)
-    _run(x, out, target, soft if target is not None else None, perm, _lam_arg(lam_x, lam_x_value),
-         _lam_arg(lam_y, lam_y_value), box, mean, std, num_classes, label_smoothing)
+    out = torch.empty_like(x, dtype=out_dtype)  # x's layout (contiguous or channels_last)
+    soft = _mix_out_body(x, out, target, lam_x, lam_x_value, lam_y, lam_y_value, perm, box, box_values, mean,
+                         std, num_classes, label_smoothing)
     return out, soft
 
 
@@ -224,53 +206,27 @@ _mix_op = torch.library.custom_op("mixrecipe::mix", _mix_body, mutates_args=())
 
 
 @_mix_op.register_fake
-def _(x, target, lam_x, lam_x_value, lam_y, lam_y_value, perm, box, mean, std, num_classes,
+def _(x, target, lam_x, lam_x_value, lam_y, lam_y_value, perm, box, box_values, mean, std, num_classes,
       label_smoothing, out_dtype):
     return torch.empty_like(x, dtype=out_dtype), _new_soft(x, target, num_classes)
 
 
-def _mix_out_planned(x, out, target, lam_x, lam_x_value, lam_y, lam_y_value, perm, box, mean, std,
-                     num_classes, label_smoothing):
-    """The body of ``mix_out``: -> (soft, the CPU kernel's plan or None)."""
-    soft = _new_soft(x, target, num_classes)
-    plan = _run(x, out, target, soft if target is not None else None, perm, _lam_arg(lam_x, lam_x_value),
-                _lam_arg(lam_y, lam_y_value), box, mean, std, num_classes, label_smoothing)
-    return soft, plan
-
-
-def _mix_out_body(
-    x: Tensor, out: Tensor, target: Tensor | None, lam_x: Tensor | None, lam_x_value: float,
-    lam_y: Tensor | None, lam_y_value: float, perm: Tensor | None, box: Tensor | None, mean: Tensor | None,
-    std: Tensor | None, num_classes: int, label_smoothing: float,
-) -> Tensor:
-    return _mix_out_planned(x, out, target, lam_x, lam_x_value, lam_y, lam_y_value, perm, box, mean, std,
-                            num_classes, label_smoothing)[0]
-
-
-_mix_out_op = torch.library.custom_op("mixrecipe::mix_out", _mix_out_body, mutates_args=("out",))
-
-
-@_mix_out_op.register_fake
-def _(x, out, target, lam_x, lam_x_value, lam_y, lam_y_value, perm, box, mean, std, num_classes,
-      label_smoothing):
-    return _new_soft(x, target, num_classes)
-
-
 def _mix_inplace_body(
     x: Tensor, target: Tensor | None, lam_x: Tensor | None, lam_x_value: float, lam_y: Tensor | None,
-    lam_y_value: float, box: Tensor | None, mean: Tensor | None, std: Tensor | None,
+    lam_y_value: float, box: Tensor | None, box_values: list[int], mean: Tensor | None, std: Tensor | None,
     num_classes: int, label_smoothing: float,
 ) -> Tensor:
     # x is its own output: flip pairing only (a row's partner is read before either is written).
-    return _mix_out_body(x, x, target, lam_x, lam_x_value, lam_y, lam_y_value, None, box, mean, std,
-                         num_classes, label_smoothing)
+    return _mix_out_body(x, x, target, lam_x, lam_x_value, lam_y, lam_y_value, None, box, box_values, mean,
+                         std, num_classes, label_smoothing)
 
 
 _mix_inplace_op = torch.library.custom_op("mixrecipe::mix_", _mix_inplace_body, mutates_args=("x",))
 
 
 @_mix_inplace_op.register_fake
-def _(x, target, lam_x, lam_x_value, lam_y, lam_y_value, box, mean, std, num_classes, label_smoothing):
+def _(x, target, lam_x, lam_x_value, lam_y, lam_y_value, box, box_values, mean, std, num_classes,
+      label_smoothing):
     return _new_soft(x, target, num_classes)
 
 
@@ -279,8 +235,8 @@ def _mix_target_body(
     label_smoothing: float,
 ) -> Tensor:
     soft = _new_soft(target, target, num_classes)
-    _run(None, None, target, soft, perm, 1.0, _lam_arg(lam, lam_value), None, None, None,
-         num_classes, label_smoothing)
+    _run(None, None, target, soft, perm, 1.0, _weight(lam, lam_value), None, None, None, num_classes,
+         label_smoothing)
     return soft
 
 
@@ -292,65 +248,13 @@ def _(target, lam, lam_value, perm, num_classes, label_smoothing):
     return _new_soft(target, target, num_classes)
 
 
-def _new_soft(ref: Tensor, target: Tensor | None, num_classes: int) -> Tensor:
-    rows = ref.shape[0] if target is not None else 0
-    return torch.empty((rows, num_classes if target is not None else 0), dtype=torch.float32,
-                       device=ref.device)
-
-
-# In-place flip calls on the CPU kernel with float weights (or one (B,) float32 tensor) and at most one
-# CutMix box for the batch, by signature: the kernel's plan of a call whose checks passed. Every check of
-# such a call depends on the signature alone, except the class indices' and (B,) weights' range, which the
-# plan's launch checks every time (a box needs none: the kernel clips it): a call with a known signature
-# re-points the plan at its tensors and launches it. A dict lookup instead of a dozen checks and the
-# planning (with cold caches, as in a training step, they took more than half of a CIFAR-sized call).
-_CHECKED_INPLACE: dict = {}
-_CHECKED_MAX = 64
-# What torch.autograd.graph.increment_version calls, without its Python frame (a memo hit is a few µs).
-_increment_version = torch._C._increment_version
-
-
-def _inplace_signature(x, target, lam_x, lam_y, perm, box, num_classes, label_smoothing, mean, std, out_dtype,
-                       inplace, out):
-    """What the checks of a call depend on, when it may skip them once they passed (else None)."""
-    if not (inplace and perm is None and mean is None and std is None and out is None and type(x) is Tensor):
-        return None
-    if type(lam_x) is float and (lam_y is None or type(lam_y) is float):
-        if not (0.0 <= lam_x <= 1.0 and (lam_y is None or 0.0 <= lam_y <= 1.0)):
-            return None
-        weights = type(lam_y)
-    elif type(lam_x) is Tensor and lam_x.ndim == 1 and lam_y is None:  # the launch range-checks them
-        weights = lam_x.dtype, lam_x.shape, lam_x.stride(), lam_x.requires_grad, lam_x.is_cpu
-    else:
-        return None
-    if box is None:
-        cut = None
-    elif type(box) is Tensor and box.dtype == torch.int32 and box.shape == (4,) and box.stride() == (1,):
-        cut = box.is_cpu  # one box for the batch, as the plan reads it; any values (the kernel clips them)
-    else:
-        return None
-    if target is None:
-        labels = None
-    elif type(target) is Tensor and type(num_classes) is int:
-        labels = (target.dtype, target.shape, target.stride(), target.requires_grad, target.is_cpu,
-                  num_classes)
-    else:
-        return None
-    if tracing():
-        return None
-    return (x.dtype, x.shape, x.stride(), x.requires_grad, x.is_cpu, weights, cut, labels,
-            type(label_smoothing), label_smoothing, out_dtype, current_cpu_backend())
-
-
-def _lam_parts(name: str, lam, batch: int, device, values: bool = True) -> tuple[Tensor | None, float]:
-    """A checked lam as the registered ops take it: (fp32 (B,) tensor, 0.0) or (None, the float);
-    ``values`` as for ``check_lam``."""
-    lam = check_lam(name, lam, batch, device, values)
+def _lam_parts(name: str, lam, batch: int, device) -> tuple[Tensor | None, float]:
+    """A checked lam as the registered ops take it: (a () or contiguous (B,) tensor, 0.0) or (None, the
+    float). The kernel reads any floating dtype; nothing is converted on the device."""
+    lam = check_lam(name, lam, batch, device)
     if not isinstance(lam, Tensor):
         return None, lam
-    if lam.dtype == torch.float32 and lam.ndim == 1 and lam.is_contiguous():
-        return lam, 0.0  # already the kernels' form: each skipped tiny op costs ~40 µs with cold caches
-    return lam.float().reshape(-1).expand(batch).contiguous(), 0.0
+    return (lam if lam.is_contiguous() else lam.contiguous()), 0.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -378,8 +282,11 @@ def mix(
         x: (B, ...) images, float32/float16/bfloat16, or uint8 (then ``out_dtype`` is required).
         target: (B,) int64 class indices, (B, K) float targets, or None (then no labels are returned).
         lam_x: the weight of each sample's own pixels: a float, a 0-d tensor or a (B,) tensor in [0, 1].
+            Checked on the host for numbers and CPU tensors (ValueError); a CUDA tensor is checked by the
+            kernel as it reads it: a row whose weight lies outside [0, 1] (or is NaN) is written as NaN.
         lam_y: the weight of each sample's own label; defaults to ``lam_x`` (differs for CutMix).
-        perm: None for timm's flip pairing (sample i with B-1-i), or a permutation of range(B). Checked
+        perm: None for timm's flip pairing (sample i with B-1-i), or an int32/int64 permutation of
+            range(B). Checked
             on CPU tensors (ValueError); on CUDA reading it would cost a synchronization, so the kernel
             checks each index as it reads it: a row whose partner lies outside [0, B) (or whose class
             index is out of range) is written as NaN, never read from outside the batch.
@@ -395,67 +302,37 @@ def mix(
         inplace: write the result into x (flip pairing and an unchanged dtype only).
         out: write the mixed images into this buffer instead of a new tensor (x's shape and strides,
             ``out_dtype``, not sharing memory with x), as a data loader that reuses its buffers does.
-            Without it, a CPU output of 16 MB or more comes from pages the process keeps
-            (``mixrecipe.cpu_memory``: a new tensor from fresh pages costs as much again as the pass, for
-            the OS to fault them in and zero them); such a tensor cannot be resized.
 
     Returns:
         (x_mixed, soft_target): x_mixed is ``out`` when given; soft_target is (B, K) float32, or None when
         target is None.
     """
-    signature = _inplace_signature(x, target, lam_x, lam_y, perm, box, num_classes, label_smoothing, mean,
-                                   std, out_dtype, inplace, out)
-    plan = _CHECKED_INPLACE.get(signature)
-    if plan is not None:  # checked before: re-point the plan at these tensors and launch
-        _increment_version((x,))  # as _call does for the direct call this stands for
-        # No device argument: a default-device context is a function mode, under which no plan is used.
-        # Sizes as ints, not a tuple: torch's argument parser takes the shorter route (~0.4 µs warm).
-        soft = None if target is None else torch.empty(x.shape[0], num_classes, dtype=torch.float32)
-        plan.launch(x, x, target, soft, lam_x, lam_y, box)
-        return x, soft
-    given = x, target, box
     x, mean, std, out_dtype = check_images(x, mean, std, out_dtype, inplace)
     batch, device = x.shape[0], x.device
     label_smoothing = check_unit_interval("label_smoothing", label_smoothing)
-    values = not _use_cpu_kernel(x)  # the CPU kernel range-checks class indices and weights itself
     if target is not None:
-        target, num_classes = check_target(target, batch, num_classes, device, values)
+        target, num_classes = check_target(target, batch, num_classes, device)
     else:
         num_classes = 0
-    lam_x_t, lam_x_v = _lam_parts("lam_x", lam_x, batch, device, values)
-    lam_y_t, lam_y_v = (lam_x_t, lam_x_v) if lam_y is None else _lam_parts("lam_y", lam_y, batch, device,
-                                                                            values)
+    lam_x_t, lam_x_v = _lam_parts("lam_x", lam_x, batch, device)
+    lam_y_t, lam_y_v = (lam_x_t, lam_x_v) if lam_y is None else _lam_parts("lam_y", lam_y, batch, device)
     perm = check_perm(perm, batch, device)
     box = check_box(box, x, device)
+    box_t, box_values = (None, list(box)) if isinstance(box, tuple) else (box, [])
     out = check_out(out, x, out_dtype, inplace)
-    if isinstance(box, tuple) and not _direct_call(x, target, lam_x_t, lam_y_t, perm, out):
-        box = _box_tensor(box, x)  # the registered ops take tensors
+    if inplace and perm is not None:
+        raise ValueError("inplace=True needs the flip pairing (perm=None): with an explicit permutation "
+                         "a row may be read after its partner overwrote it")
     if out is not None:
         soft = _call(_mix_out_op, _mix_out_body, x, out, target, lam_x_t, lam_x_v, lam_y_t, lam_y_v, perm,
-                     box, mean, std, num_classes, label_smoothing, mutated=out)
-        return out, (soft if target is not None else None)
-    if inplace:
-        if perm is not None:
-            raise ValueError("inplace=True needs the flip pairing (perm=None): with an explicit permutation "
-                             "a row may be read after its partner overwrote it")
-        # The plan keeps pointing at what it was made with: only tensors the caller passed as they are.
-        as_given = x is given[0] and target is given[1] and (lam_x_t is None or lam_x_t is lam_x)
-        if signature is not None and as_given and _direct_call(x, target, lam_x_t):
-            torch.autograd.graph.increment_version(x)  # _call's direct call, keeping the kernel's plan
-            if isinstance(given[2], Tensor) and _use_cpu_kernel(x):
-                box = given[2].view(1, 4)  # the caller's box, which the kernel reads for every row
-            soft, plan = _mix_out_planned(x, x, target, lam_x_t, lam_x_v, lam_y_t, lam_y_v, None, box, None,
-                                          None, num_classes, label_smoothing)
-            if plan is not None:  # the CPU kernel ran
-                if len(_CHECKED_INPLACE) >= _CHECKED_MAX:
-                    _CHECKED_INPLACE.clear()
-                _CHECKED_INPLACE[signature] = plan
-            return x, (soft if target is not None else None)
-        soft = _call(_mix_inplace_op, _mix_inplace_body, x, target, lam_x_t, lam_x_v, lam_y_t, lam_y_v, box,
-                     mean, std, num_classes, label_smoothing, mutated=x)
-        return x, (soft if target is not None else None)
-    out, soft = _call(_mix_op, _mix_body, x, target, lam_x_t, lam_x_v, lam_y_t, lam_y_v, perm, box, mean,
-                      std, num_classes, label_smoothing, out_dtype)
+                     box_t, box_values, mean, std, num_classes, label_smoothing, mutated=out)
+    elif inplace:
+        soft = _call(_mix_inplace_op, _mix_inplace_body, x, target, lam_x_t, lam_x_v, lam_y_t, lam_y_v, box_t,
+                     box_values, mean, std, num_classes, label_smoothing, mutated=x)
+        out = x
+    else:
+        out, soft = _call(_mix_op, _mix_body, x, target, lam_x_t, lam_x_v, lam_y_t, lam_y_v, perm, box_t,
+                          box_values, mean, std, num_classes, label_smoothing, out_dtype)
     return out, (soft if target is not None else None)
 
 
@@ -504,8 +381,7 @@ def mixup_target(
     if target.ndim < 1:
         raise ValueError("target must have shape (B,) or (B, K)")
     batch, device = target.shape[0], target.device
-    # The CPU kernel range-checks the class indices; lam is checked here, where its name is "lam".
-    target, num_classes = check_target(target, batch, num_classes, device, values=not _use_cpu_kernel(target))
+    target, num_classes = check_target(target, batch, num_classes, device)
     lam_t, lam_v = _lam_parts("lam", lam, batch, device)
     perm = check_perm(perm, batch, device)
     smoothing = check_unit_interval("label_smoothing", label_smoothing)

@@ -71,8 +71,9 @@ def _is_image_like(inpt) -> bool:
 
 
 def _roll_perm(batch: int, device) -> Tensor:
-    """Partner indices of ``x.roll(1, 0)``: sample i takes sample i - 1 (sample 0 takes B - 1)."""
-    return torch.arange(batch, device=device).roll(1)
+    """Partner indices of ``x.roll(1, 0)``: sample i takes sample i - 1 (sample 0 takes B - 1). Made on the
+    host and copied: one device op (kept per batch size by the transform)."""
+    return torch.arange(batch).roll(1).to(device, non_blocking=True)
 
 
 def _torchvision_box(lam: Tensor, r_x: Tensor, r_y: Tensor, height: int, width: int) -> Tensor:
@@ -164,8 +165,10 @@ class _FusedMixMixin:
             x4 = x
         if x.dtype in _OP_DTYPES:
             target, num_classes = self._op_target(labels) if with_labels else (None, None)
-            out, soft = ops.mix(x4, target, _lam(lam_x, x.device), _lam(lam_y, x.device), perm,
-                                None if box is None else box.to(x.device),
+            # one box (a (4,) CPU tensor) reaches the kernel as four numbers; per-sample boxes are copied
+            if box is not None and box.ndim == 2:
+                box = box.to(x.device, non_blocking=True)
+            out, soft = ops.mix(x4, target, _lam(lam_x, x.device), _lam(lam_y, x.device), perm, box,
                                 num_classes=num_classes, label_smoothing=self.label_smoothing,
                                 inplace=self.inplace and _writable_view(x4, x))
             if soft is not None:

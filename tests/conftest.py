@@ -31,7 +31,7 @@ NO_TRITON = "the Triton kernel needs a CUDA GPU or TRITON_INTERPRET=1, and this 
 class Backend:
     """One way the ops run: its name and the device its tensors must live on."""
 
-    name: str    # "numba" (the compiled CPU kernel), "eager" (plain PyTorch on CPU) or "triton"
+    name: str    # "eager" (plain PyTorch on CPU) or "triton"
     device: str  # "cpu", or "cuda" for the Triton kernel on a GPU machine
 
     def __str__(self) -> str:
@@ -48,10 +48,10 @@ def triton_device() -> str:
     pytest.skip(NO_TRITON)
 
 
-@pytest.fixture(params=["numba", "eager", "triton"])
+@pytest.fixture(params=["eager", "triton"])
 def backend(request):
-    """Each test runs on the compiled CPU kernel, the eager CPU path and the Triton kernel; build the test's
-    tensors on ``backend.device``."""
+    """Each test runs on the eager CPU path and the Triton kernel; build the test's tensors on
+    ``backend.device``."""
     if request.param == "triton" and triton_device() == "cuda":
         yield Backend("triton", "cuda")  # CUDA tensors always run the kernel
         return

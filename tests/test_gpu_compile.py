@@ -40,9 +40,13 @@ def test_every_public_launch_compiles_for_sm80_and_sm90(tmp_path):
     assert kernels == {"_mix_fwd_kernel", "_mixup_ce_fwd_kernel", "_mixup_ce_bwd_kernel"}, kernels
     switches = {k for d in descs for k, v in d["kwargs"].items() if v == {"const": True}}
     # The recording really spans the option space: every switch of the fused kernel was on somewhere.
-    for name in ("PAIRED", "LAMX_SCALAR", "LAMY_SCALAR", "HAS_BOX", "BOX_SCALAR", "HAS_NORM", "TARGET_DENSE",
-                 "HAS_PERM", "HAS_SMOOTHING"):
+    for name in ("PAIRED", "HAS_NORM", "TARGET_DENSE", "HAS_PERM", "HAS_SMOOTHING"):
         assert name in switches, name
+    # ... and every kind of weight (a number, one device value, one per row) and of box (none, four
+    # numbers, one per row).
+    kinds = {(k, v["int"]) for d in descs for k, v in d["kwargs"].items() if k.endswith("_KIND")}
+    for name in ("LAMX_KIND", "LAMY_KIND", "BOX_KIND"):
+        assert {(name, 0), (name, 1), (name, 2)} <= kinds, (name, kinds)
     # Planned for a GPU: no hand rounding of bf16 (the GPU rounds), GPU block sizes.
     assert not any(d["kwargs"].get("ROUND_BF16") == {"const": True} for d in descs)
     blocks = {d["kwargs"]["BLOCK_SIZE"]["int"] for d in descs if "BLOCK_SIZE" in d["kwargs"]}

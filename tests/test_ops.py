@@ -275,7 +275,7 @@ def test_kernel_writes_every_element(triton_device, paired, dtype):
     perm = None if paired else torch.randperm(5, generator=g).to(device)
     lam = torch.rand(5, generator=g).to(device)
     mix_launch(x, out, target, soft, batch_size=5, perm=perm, lam_x=lam, lam_y=lam, box=None, mean=None,
-               inv_std=None, in_scale=1.0, label_off=0.0, label_keep=1.0)
+               std=None, in_scale=1.0, label_off=0.0, label_keep=1.0)
     assert not out.isnan().any() and not soft.isnan().any()
     ref, ref_soft = R.mix_reference(x, target, lam, perm=perm, num_classes=13)
     assert_matches_reference(out, ref, x.abs().max().double(), dtype)
@@ -291,9 +291,57 @@ def test_kernel_poisons_rows_with_bad_indices_instead_of_reading_out_of_bounds(t
     out = torch.empty_like(x)
     soft = torch.empty(4, 10, device=device)
     mix_launch(x, out, target, soft, batch_size=4, perm=perm, lam_x=0.5, lam_y=0.5, box=None, mean=None,
-               inv_std=None, in_scale=1.0, label_off=0.0, label_keep=1.0)
+               std=None, in_scale=1.0, label_off=0.0, label_keep=1.0)
     assert out[2].isnan().all() and not out[[0, 1, 3]].isnan().any()
     assert soft[[0, 1, 2]].isnan().all() and not soft[3].isnan().any()  # rows 0, 1 touch class 99
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_kernel_poisons_rows_whose_device_weight_is_out_of_range(triton_device, paired):
+    """A (B,) or one-value weight on the device is checked by the kernel as it reads it (on CUDA reading it
+    on the host would cost a synchronization): a weight outside [0, 1] or NaN makes its row NaN, pixels and
+    labels, and leaves the other rows exact."""
+    device = triton_device
+    x, target, _ = make_case(4, shape=(2, 3, 3), device=device)
+    perm = None if paired else torch.tensor([1, 0, 3, 2], device=device)
+    lam = torch.tensor([0.5, 1.5, 0.25, float("nan")], device=device)
+    out, soft = torch.empty_like(x), torch.empty(4, 10, device=device)
+    mix_launch(x, out, target, soft, batch_size=4, perm=perm, lam_x=lam, lam_y=lam, box=None, mean=None,
+               std=None, in_scale=1.0, label_off=0.0, label_keep=1.0)
+    bad, good = [1, 3], [0, 2]
+    assert out[bad].isnan().all() and soft[bad].isnan().all()
+    want_x, want_soft = R.mix_reference(x, target, lam.double().clamp(0, 1).nan_to_num(0.5), perm=perm,
+                                      num_classes=10)
+    torch.testing.assert_close(out[good], want_x[good])
+    torch.testing.assert_close(soft[good], want_soft[good])
+    one = torch.tensor(-0.5, device=device)  # one value for the batch: every row
+    mix_launch(x, out, target, soft, batch_size=4, perm=perm, lam_x=one, lam_y=one, box=None, mean=None,
+               std=None, in_scale=1.0, label_off=0.0, label_keep=1.0)
+    assert out.isnan().all() and soft.isnan().all()
+
+
+def test_launch_plans_are_made_once_per_signature(triton_device):
+    """A call signature is planned once; later calls with other weights and boxes reuse the plan, and a
+    tensor off a 16-byte boundary (another Triton specialization) gets a plan of its own."""
+    from mixrecipe.kernels import mixup as kernel_module
+
+    device = triton_device
+    with cpu_backend("triton") if device == "cpu" else contextlib.nullcontext():
+        kernel_module._PLANS.clear()
+        x = torch.randn(9, 3, 8, 8, device=device)
+        y = torch.arange(8, device=device) % 5
+        for lam, box in ((0.3, None), (0.9, None), (0.6, (1, 4, 2, 7)), (0.1, (0, 8, 3, 5))):
+            got, soft = ops.mix(x[:8].clone(), y, lam, None, None, box, num_classes=5, inplace=True)
+            want, want_soft = R.mix_reference(x[:8], y, lam, box=box, num_classes=5)
+            torch.testing.assert_close(got, want.float())
+            torch.testing.assert_close(soft, want_soft)
+        assert len(kernel_module._PLANS) == 2  # without a box, with one box as numbers
+        shifted = x.reshape(-1)[1:1 + 8 * 192].view(8, 3, 8, 8)  # 4 bytes in: not 16-byte aligned
+        ops.mix(shifted.clone(), y, 0.5, num_classes=5)  # out of place: a signature of its own
+        assert len(kernel_module._PLANS) == 3
+        got, _ = ops.mix(shifted, y, 0.5, num_classes=5)
+        assert len(kernel_module._PLANS) == 4
+        torch.testing.assert_close(got, R.mix_reference(shifted, y, 0.5, num_classes=5)[0].float())
 
 
 def test_public_ops_poison_rows_of_bad_partners_they_cannot_check(triton_device):
@@ -608,23 +656,21 @@ def test_inference_mode():
     torch.testing.assert_close(out, 0.3 * x + 0.7 * x.flip(0))
 
 
-@pytest.mark.parametrize("backend", ["numba", "eager"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_float_weight_is_taken_as_its_float32(backend, dtype):
     """The policy passes its float draws unrounded (float64): every backend must take a float λ as the
     float32 nearest to it, as a float32 λ tensor is, for pixels, labels and a CutMix label weight."""
     g = torch.Generator().manual_seed(4)
-    x = torch.randn(5, 3, 4, 6, generator=g).to(dtype)
-    y = torch.tensor([0, 2, 1, 3, 2])
-    box = torch.tensor([1, 3, 0, 4], dtype=torch.int32)
+    x = torch.randn(5, 3, 4, 6, generator=g).to(dtype).to(backend.device)
+    y = torch.tensor([0, 2, 1, 3, 2], device=backend.device)
+    box = (1, 3, 0, 4)
     for _ in range(20):
         lam, lam_y = torch.rand(2, generator=g, dtype=torch.float64).tolist()
         lam32, lam_y32 = float(torch.tensor(lam).float()), float(torch.tensor(lam_y).float())
         assert lam != lam32 or lam_y != lam_y32  # a weight that rounding changes
-        with cpu_backend(backend):
-            for b in (None, box):
-                got = ops.mix(x.clone(), y, lam, lam_y, None, b, num_classes=4, label_smoothing=0.1,
-                              inplace=True)
-                want = ops.mix(x.clone(), y, lam32, lam_y32, None, b, num_classes=4, label_smoothing=0.1,
-                               inplace=True)
-                assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        for b in (None, box):
+            got = ops.mix(x.clone(), y, lam, lam_y, None, b, num_classes=4, label_smoothing=0.1,
+                          inplace=True)
+            want = ops.mix(x.clone(), y, lam32, lam_y32, None, b, num_classes=4, label_smoothing=0.1,
+                           inplace=True)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

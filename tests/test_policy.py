@@ -13,7 +13,6 @@ CPU path and the Triton kernel (CUDA tensors on a GPU machine, the interpreter o
 import concurrent.futures
 import importlib
 import math
-from unittest.mock import patch
 
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ import scipy.stats
 import torch
 from timm.data import mixup as timm_mixup
 
+from mixrecipe import draws
 from mixrecipe.loss import SoftTargetCrossEntropy, mixup_cross_entropy
 from mixrecipe.policy import (
     MixedBatch,
@@ -142,12 +142,12 @@ def test_sample_beta_float32_matches_rounded_beta(alpha):
 
 @pytest.mark.parametrize("alpha", [0.01, 0.2, 1.0, 8.0])
 def test_one_beta_draw_on_floats_is_the_tensor_formula(alpha):
-    """One λ on a CPU generator is computed on Python floats (per-call speed); it must be the tensor
-    formula's value on the same draws, consume the same draws, and keep its law."""
+    """One λ is computed on Python floats (per-call speed); it must be the tensor formula's value on the same
+    draws, consume the same draws, and keep its law."""
     g_fast, g_ref = gen(11), gen(11)
     fast, ref = [], []
     for _ in range(3000):
-        fast.append(sample_beta(alpha, (), generator=g_fast, dtype=torch.float64).item())
+        fast.append(draws.beta(alpha, 0, g_fast))
         if alpha == 1.0:  # Beta(1, 1) is U[0, 1): one uniform
             ref.append(torch.rand((), generator=g_ref, dtype=torch.float64).item())
         elif alpha > 1.0:  # two Gamma(a) draws, G1 / (G1 + G2)
@@ -166,118 +166,42 @@ def test_one_beta_draw_on_floats_is_the_tensor_formula(alpha):
         assert scipy.stats.kstest(fast, scipy.stats.beta(alpha, alpha).cdf).pvalue > P_MIN
 
 
-@pytest.mark.parametrize("prob", [1.0, 0.7])
-@pytest.mark.parametrize("alpha", [0.3, 1.0])
-def test_batch_draw_on_floats_is_the_tensor_draw(prob, alpha):
-    """Mode "batch" on a CPU generator keeps λ a Python float through the call (per-call speed): the
-    value, the draws consumed and the mixed batch must be those of the tensor path. With prob=1 no coin
-    is drawn on either path; with prob<1 both draw it first."""
-    x, y = torch.rand(6, 3, 4, 4), torch.tensor([0, 1, 2, 3, 4, 0])
-    fast = Mixup(mixup_alpha=alpha, num_classes=5, prob=prob, generator=gen(21))
-    ref = Mixup(mixup_alpha=alpha, num_classes=5, prob=prob, generator=gen(21))
-    for _ in range(40):
-        lam_x, lam_y, box = fast._draw((), x.shape, torch.device("cpu"))
-        assert isinstance(lam_x, float) and lam_y is lam_x and box is None
-        with patch("mixrecipe.policy.tracing", return_value=True):  # forces the tensor path
-            t_x, t_y, _ = ref._draw((), x.shape, torch.device("cpu"))
-        # float64 on both paths; equal once rounded to the float32 every consumer takes
-        assert isinstance(lam_x, float) and torch.tensor(lam_x).float() == t_x.float()
-        assert torch.equal(fast.generator.get_state(), ref.generator.get_state())
-    mb = fast.mix_batch(x.clone(), y)
-    p = ref.sample(x.shape)
-    assert mb.lam.dtype == torch.float32 and mb.lam.shape == (6,)
-    assert torch.equal(mb.lam, p.lam_y.expand(6))
-    plain = Mixup(mixup_alpha=0.3, num_classes=5, prob=prob, generator=gen(5))
-    with patch("mixrecipe.policy.tracing", return_value=True):
-        p = plain.sample(x.shape)
-    assert p.lam_x.shape == () and p.lam_x.dtype == torch.float32
-    again = Mixup(mixup_alpha=0.3, num_classes=5, prob=prob, generator=gen(5)).sample(x.shape)
-    assert torch.equal(again.lam_x, p.lam_x) and again.lam_y is again.lam_x
-
-
-@pytest.mark.parametrize("mode,cutmix", [("batch", 0.0), ("elem", 0.0), ("pair", 0.0), ("batch", 1.0)])
-@pytest.mark.parametrize("prob", [1.0, 0.6])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
-@pytest.mark.parametrize("inplace", [True, False])
-def test_common_call_is_flat_and_equals_the_general_path(mode, cutmix, prob, layout, inplace):
-    """A Mixup call with flip pairing on a CPU float batch (CutMix too, in batch mode) skips the sampling
-    layers (:meth:`Mixup._sample` is never entered) and gives what the general path gives: the same mixed
-    batch, soft targets, mix_batch weights and draws consumed. The general path is forced by hiding the
-    tracer check from the policy, which then draws λ and the box with tensor ops."""
-    base = torch.rand(7, 3, 6, 10)
-    y = torch.tensor([0, 1, 2, 3, 4, 0, 2])
-
-    def batch():
-        if layout == "channels_last":
-            return base.clone().contiguous(memory_format=torch.channels_last)
-        if layout == "strided":
-            return base.clone().transpose(2, 3)  # neither layout: mixed out of place
-        return base.clone()
-
-    kw = dict(mixup_alpha=0.4, cutmix_alpha=cutmix, num_classes=5, prob=prob, label_smoothing=0.1,
-              inplace=inplace, mode=mode)
-    flat, general = Mixup(**kw, generator=gen(3)), Mixup(**kw, generator=gen(3))
-    for _ in range(12 if cutmix else 6):
-        x_flat, x_general = batch(), batch()
-        with patch.object(Mixup, "_sample", side_effect=AssertionError("the flat path was not taken")):
-            got, soft = flat(x_flat, y)
-            mb = flat.mix_batch(batch(), y)
-        with patch("mixrecipe.policy.tracing", return_value=True):
-            want, want_soft = general(x_general, y)
-            want_mb = general.mix_batch(batch(), y)
-        assert (got is x_flat) == (inplace and layout != "strided")
-        assert torch.equal(got, want) and torch.equal(soft, want_soft)
-        assert torch.equal(mb.x, want_mb.x) and torch.equal(mb.lam, want_mb.lam) and mb.perm is None
-        assert torch.equal(flat.generator.get_state(), general.generator.get_state())
-
-
 @pytest.mark.parametrize("config", [
+    dict(mixup_alpha=0.3),
+    dict(mixup_alpha=1.0, prob=0.7),
+    dict(mixup_alpha=2.0),
     dict(mixup_alpha=0.8, cutmix_alpha=1.0),
     dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=0.7, switch_prob=0.3),
-    dict(mixup_alpha=0.0, cutmix_alpha=1.0),
     dict(mixup_alpha=0.0, cutmix_alpha=0.5, prob=0.6, correct_lam=False),
     dict(mixup_alpha=0.4, cutmix_minmax=(0.2, 0.8)),
-    dict(mixup_alpha=0.0, cutmix_minmax=(0.3, 0.9), prob=0.5),
 ])
-def test_cutmix_batch_draw_on_floats_is_the_tensor_draw(config):
-    """Batch mode with CutMix on a CPU generator draws on Python floats: λ for pixels and labels, the box
-    and the draws consumed must be the tensor path's, for every switch, coin and box rule."""
-    fast = Mixup(num_classes=5, generator=gen(31), **config)
-    ref = Mixup(num_classes=5, generator=gen(31), **config)
-    shape = (6, 3, 13, 17)
+def test_one_draw_on_floats_is_the_array_draw(config):
+    """The draw formulas are written once for floats (one draw: mode "batch") and numpy arrays (per pair
+    or sample): one draw on floats must equal a one-element array draw, consume the same draws, and reach
+    the op as Python numbers (the kernel's scalars)."""
+    m = Mixup(num_classes=5, **config)
+    kw = dict(mixup_alpha=m.mixup_alpha, cutmix_alpha=m.cutmix_alpha, prob=m.mix_prob,
+              switch_prob=m.switch_prob, minmax=m.cutmix_minmax, correct_lam=m.correct_lam, height=13,
+              width=17)
+    g_one, g_array = gen(31), gen(31)
     cuts = 0
     for _ in range(200):
-        with patch("mixrecipe.policy.sample_beta", side_effect=AssertionError("tensor draw")):
-            got = fast.sample(shape)
-        with patch("mixrecipe.policy.tracing", return_value=True):  # forces the tensor path
-            want = ref.sample(shape)
-        for a, b in zip(got, want):
-            assert (a is None) == (b is None)
-            assert a is None or (a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)), (got, want)
-        cuts += bool(got.box.any())
-        assert torch.equal(fast.generator.get_state(), ref.generator.get_state())
-    assert 0 < cuts
-
-
-@pytest.mark.parametrize("mode,pairing", [("elem", "flip"), ("elem", "random"), ("pair", "flip")])
-@pytest.mark.parametrize("prob", [1.0, 0.6])
-@pytest.mark.parametrize("batch", [1, 2, 7, 16])
-@pytest.mark.parametrize("alpha", [0.3, 1.0, 2.0])  # each form of the draw: log space, uniform, ratio
-def test_per_sample_draw_on_the_cpu_is_the_tensor_draw(mode, pairing, prob, batch, alpha):
-    """Modes "elem" and "pair" on the CPU combine their draws in one compiled pass (``_draw`` is never
-    entered): the weights, the partners and the draws consumed must be the tensor path's, bit for bit."""
-    kw = dict(mixup_alpha=alpha, num_classes=5, prob=prob, mode=mode, pairing=pairing)
-    fast, ref = Mixup(**kw, generator=gen(8)), Mixup(**kw, generator=gen(8))
-    for _ in range(5):
-        with patch.object(Mixup, "_draw", side_effect=AssertionError("the compiled pass was not used")):
-            got = fast.sample((batch, 3, 4, 4))
-        with patch("mixrecipe.policy.tracing", return_value=True):  # forces the tensor path
-            want = ref.sample((batch, 3, 4, 4))
-        assert got.lam_x.dtype == torch.float32 and got.lam_x.shape == (batch,)
-        assert torch.equal(got.lam_x, want.lam_x) and torch.equal(got.lam_y, want.lam_y)
-        assert (got.perm is None) == (want.perm is None)
-        assert got.perm is None or torch.equal(got.perm, want.perm)
-        assert torch.equal(fast.generator.get_state(), ref.generator.get_state())
+        one = draws.draw_mix(0, generator=g_one, **kw)
+        array = draws.draw_mix(1, generator=g_array, **kw)
+        assert isinstance(one.lam_x, float) and isinstance(one.lam_y, float)
+        # math's and numpy's log/exp may differ in the last bit
+        assert math.isclose(one.lam_x, array.lam_x[0], rel_tol=1e-12, abs_tol=1e-300)
+        assert math.isclose(one.lam_y, array.lam_y[0], rel_tol=1e-12, abs_tol=1e-300)
+        assert (one.box is None) == (array.box is None)
+        if one.box is not None:
+            assert [float(v) for v in one.box] == [float(v[0]) for v in array.box]
+            cuts += bool(one.cut)
+        assert torch.equal(g_one.get_state(), g_array.get_state())
+    assert (cuts > 0) == (m.cutmix_alpha > 0)
+    policy = Mixup(num_classes=5, generator=gen(2), **config)
+    lam_x, lam_y, perm, box = policy._params((6, 3, 13, 17), torch.device("cpu"))
+    assert isinstance(lam_x, float) and perm is None
+    assert box is None or (isinstance(box, tuple) and all(isinstance(v, int) for v in box))
 
 
 def test_prob_one_draws_no_coin():
@@ -332,11 +256,11 @@ def test_rand_box_equals_timm_rand_bbox(monkeypatch, lam):
             centres = iter([cy, cx])
             monkeypatch.setattr(timm_mixup.np.random, "randint", lambda *a, c=centres, **k: next(c))
             want = timm_mixup.rand_bbox(shape, lam)
-            fixed = iter([cy, cx])
-            monkeypatch.setattr(M, "_randint_below", lambda high, g, c=fixed: torch.full_like(high, next(c)))
-            got = rand_box(shape, torch.tensor(lam, dtype=torch.float64))
-            assert got.dtype == torch.int32 and got.shape == (4,)
-            assert got.tolist() == [int(v) for v in want], (cy, cx)
+            # the uniform draws that put the centre at (cy, cx), on floats and on arrays
+            u_y, u_x = (cy + 0.5) / 7, (cx + 0.5) / 10
+            assert [int(v) for v in draws.cut_box(7, 10, float(lam), u_y, u_x)] == [int(v) for v in want]
+            got = draws.cut_box(7, 10, np.array([lam]), np.array([u_y]), np.array([u_x]))
+            assert [int(v[0]) for v in got] == [int(v) for v in want], (cy, cx)
     monkeypatch.undo()
 
 
@@ -674,7 +598,7 @@ def test_mixup_disabled_returns_smoothed_unmixed_targets(backend):
     assert x_out is x_in and torch.equal(x_out, x)
     torch.testing.assert_close(soft.cpu(), want, rtol=0, atol=1e-7)
     mb = m.mix_batch(x_in, y)
-    assert mb.x is x_in and torch.equal(mb.lam.cpu(), torch.ones(5)) and mb.perm is None
+    assert mb.x is x_in and mb.lam == 1.0 and mb.perm is None
     # uint8 still gets normalized and converted.
     x8 = torch.randint(0, 256, (5, 3, 6, 6), dtype=torch.uint8, generator=gen(8))
     m = Mixup(num_classes=K, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -695,7 +619,10 @@ def test_mix_batch_feeds_the_index_loss(mode, pairing):
     mb = b.mix_batch(x.clone(), y)
     assert isinstance(mb, MixedBatch)
     assert torch.equal(mb.x, x_soft) and mb.target is y and mb.label_smoothing == 0.1
-    assert mb.lam.shape == (5,) and mb.lam.dtype == torch.float32 and mb.lam.is_contiguous()
+    if mode == "batch":  # one λ for the batch: a host number, as the loss's kernel takes it
+        assert isinstance(mb.lam, float)
+    else:
+        assert mb.lam.shape == (5,) and mb.lam.dtype == torch.float32 and mb.lam.is_contiguous()
     assert (mb.perm is None) == (pairing == "flip")
     loss = mixup_cross_entropy(logits, mb.target, mb.lam, mb.perm, label_smoothing=mb.label_smoothing)
     torch.testing.assert_close(loss, SoftTargetCrossEntropy()(logits, soft), rtol=1e-5, atol=1e-6)
@@ -853,22 +780,41 @@ def test_timm_arguments_and_attributes():
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU: checks that no call synchronizes host and device")
-@pytest.mark.parametrize("where", ["default", "cpu", "cuda"])
+@pytest.mark.parametrize("where", ["default", "cpu"])
 def test_no_host_device_sync_on_cuda(where):
+    """Every mode, with and without CutMix, float and uint8 batches, the op, mix_batch with the loss and the
+    loss's backward: no call reads a device value on the host."""
     x, y = make_batch(6, shape=(3, 8, 8), device="cuda")
+    x8 = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8, device="cuda")
+    logits = torch.randn(6, K, device="cuda", requires_grad=True)
     generator = None if where == "default" else gen(0, where)
+    norm = dict(mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2), out_dtype=torch.bfloat16)
     for mode in ("batch", "pair", "elem"):
         for pairing in ("flip", "random"):
-            m = Mixup(0.8, 1.0, mode=mode, pairing=pairing, prob=0.7, num_classes=K, generator=generator)
-            m(x.clone(), y)  # warm-up: lazy initialisations may synchronize once
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                m(x, y)
-                m.mix_batch(x, y)
-                cutmix(x, y, num_classes=K, generator=generator)
-            finally:
-                torch.cuda.set_sync_debug_mode(0)
+            for cutmix_alpha in (0.0, 1.0):
+                m = Mixup(0.8, cutmix_alpha, mode=mode, pairing=pairing, prob=0.7, num_classes=K,
+                          generator=generator)
+                u = Mixup(0.8, cutmix_alpha, mode=mode, pairing=pairing, num_classes=K, generator=generator,
+                          **norm)
+                calls = [lambda m=m: m(x.clone(), y), lambda u=u: u(x8, y),
+                         lambda: cutmix(x, y, num_classes=K),
+                         lambda m=m: mixup_cross_entropy(logits, y, *m.mix_batch(x.clone(), y)[2:4])
+                         .backward()]
+                for call in calls:
+                    call()  # warm-up: lazy initialisations and compilation may synchronize once
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    for call in calls:
+                        call()
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA generator to refuse")
+def test_a_device_generator_is_refused():
+    with pytest.raises(ValueError, match="CPU torch.Generator"):
+        Mixup(num_classes=K, generator=torch.Generator("cuda"))
 
 
 @pytest.mark.parametrize("mode", ["batch", "elem"])
@@ -903,24 +849,22 @@ def test_out_buffer_instead_of_mixing_in_place():
 
 
 def test_float_draws_from_several_threads_keep_to_their_generators():
-    """The float draws are made in a per-thread tensor: threads drawing at once, each from its own
-    generator, get exactly what each gets alone."""
-    def draws(seed):
+    """Threads drawing at once, each from its own generator, get exactly what each gets alone."""
+    def draw_all(seed):
         g = gen(seed)
         batch = Mixup(mixup_alpha=1.0, cutmix_alpha=1.0, num_classes=5, prob=0.8, generator=g)
         elem = Mixup(mixup_alpha=1.0, num_classes=5, prob=0.8, mode="elem", generator=g)  # (B,) in place
         return [tuple(v.tolist() if isinstance(v, torch.Tensor) else v for v in m.sample((4, 3, 8, 8)))
                 for _ in range(150) for m in (batch, elem)]
 
-    alone = [draws(seed) for seed in range(4)]
+    alone = [draw_all(seed) for seed in range(4)]
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        together = list(pool.map(draws, range(4)))
+        together = list(pool.map(draw_all, range(4)))
     assert together == alone
 
 
 def test_float_draws_work_in_and_out_of_inference_mode():
-    """The per-thread draw tensors are ordinary tensors even when a thread's first draw is made under
-    torch.inference_mode(): later draws outside it still update them in place."""
+    """Draws made under torch.inference_mode() and outside it in one thread both work."""
     def calls():
         m = Mixup(mixup_alpha=1.0, num_classes=5, generator=gen(2))
         e = Mixup(mixup_alpha=1.0, num_classes=5, mode="elem", generator=gen(2))
