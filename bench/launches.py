@@ -27,7 +27,7 @@ from mixrecipe.kernels import interpreting
 from mixrecipe.kernels._common import record_launches
 from mixrecipe.kernels.aot import describe
 
-__all__ = ["kernels_planned_for_gpu", "record_public_api", "main_paths", "IMAGE_PATHS"]
+__all__ = ["kernels_planned_for_gpu", "record_public_api", "record_augment", "main_paths", "IMAGE_PATHS"]
 
 IMAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (B, C, H, W): odd and tiny (one small block), CIFAR (one block a sample), above 8192 elements (big blocks).
@@ -149,6 +149,49 @@ def record_public_api(full: bool = False) -> list[dict]:
         _drive_ops(gen, full)
         _drive_wrappers(gen)
         _drive_loss(gen)
+    return describe(recorder.launches)
+
+
+def record_augment() -> list[dict]:
+    """Descriptions of the launches ``mixrecipe.gpu_data.augment_mix`` makes (the device-resident data sets'
+    fused crop/flip + normalize + mix kernel), planned for a GPU: the switches that change its code (pairing,
+    λ kind, box kind, crop, flip, labels, channel count) each cycled through dtypes, shapes and layouts.
+    Compiled for sm_80/sm_90 by tests/test_augment.py."""
+    if not interpreting():
+        return _in_interpreter("record_augment")
+    from mixrecipe.gpu_data import augment_mix
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = ((5, 3, 7, 5), (4, 3, 32, 32), (3, 1, 28, 28), (2, 5, 48, 64))  # odd, CIFAR, MNIST, C > 4
+    # (pairing, lam kind, box kind, augment, labels, out dtype, channels_last): every value of every switch
+    # at least once, the cifar10 recipe's launches (perm, 0-d λ, crop_flip, bf16 channels_last; ERM) first.
+    cases = (("perm", "0-d", None, "crop_flip", False, torch.bfloat16, True),
+             ("flip", "float", None, "crop_flip", False, torch.bfloat16, True),
+             ("perm", "0-d", "tensor", "crop_flip", False, torch.float32, False),
+             ("flip", "rows", "rows", "flip", True, torch.float16, False),
+             ("perm", "rows", "ints", "none", True, torch.float32, True),
+             ("flip", "0-d", "ints", "crop_flip", True, torch.bfloat16, False),
+             ("perm", "float", "rows", "flip", False, torch.float16, True),
+             ("flip", "float", "tensor", "none", True, torch.float32, False))
+    with kernels_planned_for_gpu() as recorder:
+        for i, (pairing, lam_kind, box_kind, aug, labels, dtype, cl) in enumerate(cases):
+            b, c, h, w = shapes[i % len(shapes)]
+            data = torch.randint(0, 256, (2 * b, c, h, w), dtype=torch.uint8, generator=gen)
+            idx = torch.randint(0, 2 * b, (b,), generator=gen)
+            oy = ox = flip = None
+            if aug == "crop_flip":
+                oy, ox = torch.randint(0, 9, (b,), generator=gen), torch.randint(0, 9, (b,), generator=gen)
+            if aug != "none":
+                flip = torch.rand(b, generator=gen) < 0.5
+            lam = {"float": 0.4, "0-d": torch.tensor(0.4), "rows": torch.rand(b, generator=gen)}[lam_kind]
+            box = {None: None, "ints": (1, 4, 2, 5), "tensor": torch.tensor([1, 4, 2, 5], dtype=torch.int32),
+                   "rows": torch.tensor([[1, 4, 2, 5]] * b, dtype=torch.int32)}[box_kind]
+            augment_mix(data, idx, oy=oy, ox=ox, flip=flip, pad=4, lam_x=lam,
+                        perm=torch.randperm(b, generator=gen) if pairing == "perm" else None, box=box,
+                        target=torch.randint(0, NUM_CLASSES, (b,), generator=gen) if labels else None,
+                        num_classes=NUM_CLASSES, label_smoothing=0.1 if labels else 0.0,
+                        mean=[0.5] * c, std=[0.25] * c, out_dtype=dtype,
+                        memory_format=torch.channels_last if cl else torch.contiguous_format)
     return describe(recorder.launches)
 
 

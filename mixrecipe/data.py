@@ -36,6 +36,7 @@ __all__ = [
     "count_unreadable",
     "DataBundle",
     "ImageTensors",
+    "crop_flip",
     "ImageFiles",
     "decode_file",
     "tensor_transform",
@@ -122,24 +123,54 @@ class ImageTensors(Dataset):
 
     def __getitems__(self, indices) -> tuple[Tensor, Tensor]:
         idx = torch.as_tensor(indices, dtype=torch.long)
-        x = self.images[idx]  # a copy: mixing it in place cannot touch the data set
-        if self.augment == "crop_flip":
-            x = _random_crop(x, self.pad, self.generator)
-        if self.augment in ("flip", "crop_flip"):
-            flip = torch.rand(x.shape[0], generator=self.generator) < 0.5
-            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        oy, ox, flip = self.draw(idx.shape[0])
+        x = crop_flip(self.images, idx, oy, ox, flip, self.pad)  # a copy: mixing it in place cannot touch
         return x, self.targets[idx]
 
+    def draw(self, batch: int) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """The augmentation draws of the next batch of ``batch`` samples, from :attr:`generator` (its device).
 
-def _random_crop(x: Tensor, pad: int, generator: torch.Generator) -> Tensor:
-    """Zero-pad by ``pad`` and take a random HxW crop per sample, as one gather."""
-    b, c, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    oy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
-    ox = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
-    rows = (oy[:, None] + torch.arange(h))[:, None, :, None]
-    cols = (ox[:, None] + torch.arange(w))[:, None, None, :]
-    return padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+        Returns:
+            (oy, ox, flip): (B,) int64 crop offsets in [0, 2 * pad] (None without crop) and (B,) bool flip
+            bits (None without flip), drawn in this order: the stream the loader's batches take, which
+            ``mixrecipe.gpu_data`` takes too for batches made on the device.
+        """
+        g = self.generator
+        oy = ox = flip = None
+        if self.augment == "crop_flip":
+            oy = torch.randint(0, 2 * self.pad + 1, (batch,), generator=g, device=g.device)
+            ox = torch.randint(0, 2 * self.pad + 1, (batch,), generator=g, device=g.device)
+        if self.augment in ("flip", "crop_flip"):
+            flip = torch.rand(batch, generator=g, device=g.device) < 0.5
+        return oy, ox, flip
+
+    def move_generator(self, device) -> None:
+        """Draw the augmentation on ``device`` from now on: a generator there replaces the CPU one (the
+        lifecycle reseeds it every epoch and saves its state with the run's other streams)."""
+        device = torch.device(device)
+        if self.generator.device.type != device.type:
+            self.generator = torch.Generator(device=device)
+
+
+def crop_flip(data: Tensor, idx: Tensor, oy: Tensor | None = None, ox: Tensor | None = None,
+              flip: Tensor | None = None, pad: int = 0) -> Tensor:
+    """The uint8 batch ``data[idx]``, zero-padded by ``pad``, cropped at (oy, ox) and flipped where ``flip``.
+
+    Row r is ``F.pad(data[idx[r]], pad)[:, oy[r]:oy[r] + H, ox[r]:ox[r] + W]``, mirrored left-right where
+    ``flip[r]`` (crop first, then flip), as one gather; a new tensor whatever the draws.
+    """
+    x = data[idx.to(data.device)]
+    dev = x.device
+    if oy is not None:
+        b, c, h, w = x.shape
+        padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+        rows = (oy.to(dev)[:, None] + torch.arange(h, device=dev))[:, None, :, None]
+        cols = (ox.to(dev)[:, None] + torch.arange(w, device=dev))[:, None, None, :]
+        x = padded[torch.arange(b, device=dev)[:, None, None, None],
+                   torch.arange(c, device=dev)[None, :, None, None], rows, cols]
+    if flip is not None:
+        x = torch.where(flip.to(dev).view(-1, 1, 1, 1), x.flip(-1), x)
+    return x
 
 
 def keep_batch(batch):

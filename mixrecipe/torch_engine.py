@@ -3,6 +3,13 @@
 One step: uint8 batch to the device, one fused pass that normalizes and mixes it (``state.mixup``, or the
 same op at λ = 1 for ERM), forward (bf16 autocast and channels_last on CUDA), ``mixup_cross_entropy``
 against the two labels, backward, optimizer step; the schedule is updated before every step.
+
+With ``data.on_device`` (null: on for CUDA when an in-memory training set fits) the training set lives on the
+device (:class:`mixrecipe.gpu_data.DeviceImages`) and the loader's workers are skipped: each step takes the
+batch's indices from the loader's batch sampler (so shuffling, sharding and resuming inside an epoch are
+the loader's), draws the crop offsets and flip bits from the data set's generator (moved to the device) and
+makes the batch in one kernel: gather + crop/flip + normalize + mix. On CPU the same path runs its twin
+(crop/flip by indexing, then the mixing op): the batches the loader would give, bit for bit.
 """
 
 from __future__ import annotations
@@ -12,8 +19,10 @@ import sys
 import torch
 from torch import nn
 
-from .data import normalize_batch
+from .config import RecipeError
+from .data import ImageTensors, normalize_batch
 from .engine import Engine, RunState, batch_to_device
+from .gpu_data import DeviceImages, fits_on_device
 from .loss import mixup_cross_entropy
 
 __all__ = ["TorchEngine"]
@@ -34,6 +43,7 @@ class TorchEngine(Engine):
             ids = [d.local_rank] if d.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.fwd, device_ids=ids)
         self.show_progress = state.cfg.progress and d.is_main and sys.stderr.isatty()
+        self.device_data = _device_data(state)
 
     def eval_model(self) -> nn.Module:
         return self.fwd  # not DDP-wrapped: ranks evaluate shards of unequal length
@@ -47,15 +57,21 @@ class TorchEngine(Engine):
         self.net.train()
         bar = tqdm(total=steps, initial=tally.step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not self.show_progress, leave=False, dynamic_ncols=True)
-        for i, (x, y) in enumerate(state.train_loader, start=tally.step):
+        batches = state.train_loader if self.device_data is None else state.train_loader.batch_sampler
+        for i, batch in enumerate(batches, start=tally.step):
             if scheduler is not None:
                 scheduler.step_update(epoch * steps + i)
             lr = optimizer.param_groups[0]["lr"]
-            x, y = batch_to_device(x, y, state)
-            if mixup is not None:
+            if self.device_data is not None:  # indices -> the mixed batch, on the device
+                inputs, y, lam, perm, smoothing = self.device_data.batch(
+                    batch, mixup=mixup, mean=state.bundle.mean, std=state.bundle.std,
+                    out_dtype=state.in_dtype, label_smoothing=cfg.mixup.label_smoothing)
+            elif mixup is not None:
+                x, y = batch_to_device(*batch, state)
                 mb = mixup.mix_batch(x, y)
                 inputs, lam, perm, smoothing = mb.x, mb.lam, mb.perm, mb.label_smoothing
             else:  # ERM: the same fused op, at lam = 1
+                x, y = batch_to_device(*batch, state)
                 inputs = normalize_batch(x, state.bundle.mean, state.bundle.std, state.in_dtype)
                 lam, perm, smoothing = 1.0, None, cfg.mixup.label_smoothing
             with state.autocast():
@@ -73,4 +89,20 @@ class TorchEngine(Engine):
         return tally.result()
 
     def close(self) -> None:
-        self.net = self.fwd = None
+        self.net = self.fwd = self.device_data = None
+
+
+def _device_data(state: RunState) -> DeviceImages | None:
+    """The device-resident training set ``data.on_device`` asks for (None: batches come from the loader)."""
+    want, d, ds = state.cfg.data.on_device, state.dist, state.bundle.train
+    in_memory = isinstance(ds, ImageTensors)
+    if want is None:
+        want = in_memory and fits_on_device(ds.images.nbytes + ds.targets.nbytes, d.device)
+    if not want:
+        return None
+    if not in_memory:
+        raise RecipeError("data.on_device=true needs an in-memory data set (digits, fashion_mnist, "
+                          f"cifar10); {state.cfg.data.name} is read from files: set data.on_device=false")
+    ds.move_generator(d.device)  # the crop/flip draws happen where the batch is made
+    fmt = torch.channels_last if state.channels_last else torch.contiguous_format
+    return DeviceImages(ds, d.device, fmt)

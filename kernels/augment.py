@@ -1,0 +1,295 @@
+"""One pass from a uint8 data set to an augmented, normalized, mixed batch: gather + crop/flip + normalize +
+CutMix box + lerp + soft labels.
+
+The data set (N, C, H, W) uint8 lives on the device. Each output row ``r`` is sample ``idx[r]`` read at its
+cropped and flipped coordinates: output pixel (h, w) comes from (h + oy[r] - pad, w' + ox[r] - pad) with
+w' = W-1-w when ``flip[r]`` (crop first, then flip: the padded image's window, mirrored), zero outside the
+image (zero padding, before normalization, as ``F.pad`` on the uint8 image). Then, as kernels/mixup.py:
+``out_r = lerp(partner, own, w)`` with w = λ_r outside row r's CutMix box and 0 inside, the partner being
+row B-1-r (flip pairing) or perm[r]. Labels: timm's smoothed one-hot targets, mixed with the label λ.
+
+Programs, told apart by their id:
+- image programs: one per (row group, block of a sample). Flip pairing: a group is the pair (i, B-1-i), both
+  rows written from the same two gathers; a permutation: a group is one row i, its partner gathered too;
+- label programs: one per row group.
+
+Bytes moved for B rows of M = C*H*W pixels, output of E bytes a pixel:
+  flip pairing: read B*M (uint8, from the data set) + write B*M*E;
+  a permutation: read 2*B*M + write B*M*E. Per row also idx, offsets, flip bit (and λ, box): ~30 bytes.
+  The same batch through loader workers: gather + crop + flip on the host (B*M read, B*M written twice),
+  a host-to-device copy of B*M, then the mix kernel's B*M read + B*M*E write.
+Labels add B*K*4 bytes written.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import cast_to, launch, lerp, per_channel, plan_for_interpreter
+
+__all__ = ["augment_mix_launch"]
+
+
+@triton.jit
+def _row_value(ptr, value, row, stride, SCALAR: tl.constexpr):
+    # λ of a row: a scalar argument, or a load (stride 0 for one value in a 0-d tensor). One return.
+    if SCALAR:
+        v = value
+    else:
+        v = tl.load(ptr + row * stride).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _weight(lam, box_ptr, stride_box, box_y0, box_y1, box_x0, box_x1, row, hh, ww, HAS_BOX: tl.constexpr,
+            BOX_SCALAR: tl.constexpr):
+    # Inside the row's CutMix box the pixel is the partner's (weight 0), outside it is lam.
+    if HAS_BOX:
+        if BOX_SCALAR:
+            y0, y1, x0, x1 = box_y0, box_y1, box_x0, box_x1
+        else:
+            y0 = tl.load(box_ptr + row * stride_box + 0)
+            y1 = tl.load(box_ptr + row * stride_box + 1)
+            x0 = tl.load(box_ptr + row * stride_box + 2)
+            x1 = tl.load(box_ptr + row * stride_box + 3)
+        inside = (hh >= y0) & (hh < y1) & (ww >= x0) & (ww < x1)
+        w = tl.where(inside, 0.0, lam)
+    else:
+        w = lam
+    return w
+
+
+@triton.jit
+def _partner(perm_ptr, row_i, B, PAIRED: tl.constexpr):
+    """(row_j, valid): flip pairing or perm[row_i]; an out-of-range partner becomes the row itself and is
+    reported invalid (-> NaN output), never read."""
+    if PAIRED:
+        row_j = B - 1 - row_i
+    else:
+        row_j = tl.load(perm_ptr + row_i)
+    valid = (row_j >= 0) & (row_j < B)
+    return tl.where(valid, row_j, row_i), valid
+
+
+@triton.jit
+def _gather(data_ptr, idx_ptr, oy_ptr, ox_ptr, flip_ptr, row, ch, hh, ww, mask, mean, inv_std, in_scale,
+            N_data, H, W, pad, stride_dn, stride_dc, stride_dh, stride_dw,
+            HAS_CROP: tl.constexpr, HAS_FLIP: tl.constexpr):
+    """Row ``row`` of the batch at output pixels (ch, hh, ww), normalized fp32; (values, sample valid)."""
+    sample = tl.load(idx_ptr + row)
+    ok = (sample >= 0) & (sample < N_data)
+    sample = tl.where(ok, sample, 0)
+    sy = hh
+    sx = ww
+    if HAS_FLIP:
+        f = tl.load(flip_ptr + row)
+        sx = tl.where(f != 0, W - 1 - ww, ww)
+    if HAS_CROP:
+        dy = tl.load(oy_ptr + row).to(tl.int32) - pad
+        dx = tl.load(ox_ptr + row).to(tl.int32) - pad
+        sy = sy + dy
+        sx = sx + dx
+    inb = mask & (sy >= 0) & (sy < H) & (sx >= 0) & (sx < W)
+    src = data_ptr + sample * stride_dn
+    v = tl.load(src + ch * stride_dc + sy * stride_dh + sx * stride_dw, mask=inb, other=0).to(tl.float32)
+    v = (v * in_scale - mean) * inv_std
+    return v, ok
+
+
+@triton.jit
+def _augment_images(
+    data_ptr, idx_ptr, oy_ptr, ox_ptr, flip_ptr, out_ptr, perm_ptr,
+    lam_ptr, lam_value, stride_lam, box_ptr, stride_box, box_y0, box_y1, box_x0, box_x1,
+    mean_ptr, inv_std_ptr, in_scale,
+    pid, B, N, N_data, C, H, W, pad, stride_dn, stride_dc, stride_dh, stride_dw,
+    stride_ob, stride_oc, stride_oh, stride_ow, n_blocks,
+    PAIRED: tl.constexpr, LAM_SCALAR: tl.constexpr, HAS_BOX: tl.constexpr, BOX_SCALAR: tl.constexpr,
+    HAS_CROP: tl.constexpr, HAS_FLIP: tl.constexpr, NORM_SELECT: tl.constexpr, ROUND_BF16: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    row_i = pid // n_blocks
+    blk = (pid % n_blocks).to(tl.int32)  # in-sample offsets stay int32 (N < 2**31 is checked on the host)
+    row_j, valid = _partner(perm_ptr, row_i, B, PAIRED)
+
+    offs = blk * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)  # offset inside one output sample, in memory order
+    mask = offs < N
+    ch = (offs // stride_oc) % C
+    hh = (offs // stride_oh) % H
+    ww = (offs // stride_ow) % W
+    mean = per_channel(mean_ptr, ch, C, mask, 0.0, NORM_SELECT)
+    inv_std = per_channel(inv_std_ptr, ch, C, mask, 1.0, NORM_SELECT)
+
+    a, ok_i = _gather(data_ptr, idx_ptr, oy_ptr, ox_ptr, flip_ptr, row_i, ch, hh, ww, mask, mean, inv_std,
+                      in_scale, N_data, H, W, pad, stride_dn, stride_dc, stride_dh, stride_dw, HAS_CROP,
+                      HAS_FLIP)
+    b, ok_j = _gather(data_ptr, idx_ptr, oy_ptr, ox_ptr, flip_ptr, row_j, ch, hh, ww, mask, mean, inv_std,
+                      in_scale, N_data, H, W, pad, stride_dn, stride_dc, stride_dh, stride_dw, HAS_CROP,
+                      HAS_FLIP)
+    good = valid & ok_i & ok_j
+    out_dtype = out_ptr.dtype.element_ty
+
+    lam_i = _row_value(lam_ptr, lam_value, row_i, stride_lam, LAM_SCALAR)
+    w_i = _weight(lam_i, box_ptr, stride_box, box_y0, box_y1, box_x0, box_x1, row_i, hh, ww, HAS_BOX,
+                  BOX_SCALAR)
+    out_i = tl.where(good, lerp(b, a, w_i), float("nan"))
+    tl.store(out_ptr + row_i * stride_ob + offs, cast_to(out_i, out_dtype, ROUND_BF16), mask=mask)
+    if PAIRED:
+        # The partner row from the same two gathers (with an odd B the middle row writes itself twice).
+        lam_j = _row_value(lam_ptr, lam_value, row_j, stride_lam, LAM_SCALAR)
+        w_j = _weight(lam_j, box_ptr, stride_box, box_y0, box_y1, box_x0, box_x1, row_j, hh, ww, HAS_BOX,
+                      BOX_SCALAR)
+        out_j = tl.where(good, lerp(a, b, w_j), float("nan"))
+        tl.store(out_ptr + row_j * stride_ob + offs, cast_to(out_j, out_dtype, ROUND_BF16), mask=mask)
+
+
+@triton.jit
+def _augment_labels(
+    target_ptr, soft_ptr, perm_ptr, lam_ptr, lam_value, stride_lam, group, B, K, stride_sb, off, keep,
+    PAIRED: tl.constexpr, LAM_SCALAR: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Soft targets s(t) = onehot(t) * (1 - smoothing) + smoothing / K, mixed with the label λ.
+    row_i = group
+    row_j, valid = _partner(perm_ptr, row_i, B, PAIRED)
+    ci = tl.load(target_ptr + row_i)
+    cj = tl.load(target_ptr + row_j)
+    valid = valid & (ci >= 0) & (ci < K) & (cj >= 0) & (cj < K)  # a bad class poisons its rows, never silent
+    lam_i = _row_value(lam_ptr, lam_value, row_i, stride_lam, LAM_SCALAR)
+    lam_j = _row_value(lam_ptr, lam_value, row_j, stride_lam, LAM_SCALAR)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < K
+        s_i = (ks == ci).to(tl.float32) * keep + off
+        s_j = (ks == cj).to(tl.float32) * keep + off
+        tl.store(soft_ptr + row_i * stride_sb + ks, tl.where(valid, lerp(s_j, s_i, lam_i), float("nan")),
+                 mask=kmask)
+        if PAIRED:
+            tl.store(soft_ptr + row_j * stride_sb + ks, tl.where(valid, lerp(s_i, s_j, lam_j), float("nan")),
+                     mask=kmask)
+
+
+# The scalar box moves every call: specializing on its values would compile new variants as it moves.
+@triton.jit(do_not_specialize=["box_y0", "box_y1", "box_x0", "box_x1"])
+def _augment_mix_kernel(
+    data_ptr, idx_ptr, oy_ptr, ox_ptr, flip_ptr, out_ptr, perm_ptr,
+    lamx_ptr, lamx_value, stride_lamx, box_ptr, stride_box, box_y0, box_y1, box_x0, box_x1,
+    mean_ptr, inv_std_ptr, in_scale,
+    target_ptr, soft_ptr, lamy_ptr, lamy_value, stride_lamy, off, keep,
+    B, N, N_data, C, H, W, K, pad, stride_dn, stride_dc, stride_dh, stride_dw,
+    stride_ob, stride_oc, stride_oh, stride_ow, stride_sb, n_blocks, n_image_programs,
+    PAIRED: tl.constexpr, LAMX_SCALAR: tl.constexpr, LAMY_SCALAR: tl.constexpr, HAS_BOX: tl.constexpr,
+    BOX_SCALAR: tl.constexpr, HAS_CROP: tl.constexpr, HAS_FLIP: tl.constexpr, NORM_SELECT: tl.constexpr,
+    HAS_TARGET: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)  # int64: row * stride overflows int32 on big batches
+    if pid < n_image_programs:
+        _augment_images(
+            data_ptr, idx_ptr, oy_ptr, ox_ptr, flip_ptr, out_ptr, perm_ptr,
+            lamx_ptr, lamx_value, stride_lamx, box_ptr, stride_box, box_y0, box_y1, box_x0, box_x1,
+            mean_ptr, inv_std_ptr, in_scale,
+            pid, B, N, N_data, C, H, W, pad, stride_dn, stride_dc, stride_dh, stride_dw,
+            stride_ob, stride_oc, stride_oh, stride_ow, n_blocks,
+            PAIRED, LAMX_SCALAR, HAS_BOX, BOX_SCALAR, HAS_CROP, HAS_FLIP, NORM_SELECT, ROUND_BF16, BLOCK_SIZE,
+        )
+    if HAS_TARGET:
+        if pid >= n_image_programs:
+            _augment_labels(target_ptr, soft_ptr, perm_ptr, lamy_ptr, lamy_value, stride_lamy,
+                            pid - n_image_programs, B, K, stride_sb, off, keep, PAIRED, LAMY_SCALAR, BLOCK_K)
+
+
+def _block_size(n: int) -> tuple[int, int]:
+    """(BLOCK_SIZE, num_warps). The interpreter runs programs one by one, so it gets few, big ones."""
+    if plan_for_interpreter():
+        return min(triton.next_power_of_2(max(n, 1)), 1 << 14), 1
+    if n >= 8192:
+        return 4096, 8
+    return max(128, min(triton.next_power_of_2(n), 2048)), 4
+
+
+def _scalar_or_tensor(v):
+    """(pointer-or-None, value, stride) of a λ: a float, a 0-d tensor (stride 0) or a (B,) tensor."""
+    if isinstance(v, torch.Tensor):
+        return v, 0.0, (v.stride(0) if v.ndim else 0)
+    return None, float(v), 0
+
+
+def augment_mix_launch(
+    data: torch.Tensor,
+    idx: torch.Tensor,
+    oy: torch.Tensor | None,
+    ox: torch.Tensor | None,
+    flip: torch.Tensor | None,
+    out: torch.Tensor,
+    target: torch.Tensor | None,
+    soft: torch.Tensor | None,
+    *,
+    pad: int,
+    perm: torch.Tensor | None,
+    lam_x: torch.Tensor | float,
+    lam_y: torch.Tensor | float,
+    box: torch.Tensor | tuple | None,
+    mean: torch.Tensor,
+    inv_std: torch.Tensor,
+    in_scale: float,
+    label_off: float,
+    label_keep: float,
+) -> None:
+    """Launch the fused kernel. Validation and allocation are the caller's (``mixrecipe.gpu_data``).
+
+    Args:
+        data: (N, C, H, W) uint8 data set, any strides.
+        idx: (B,) int64 sample of each row.
+        oy, ox: (B,) integer crop offsets in [0, 2 * pad], or both None (no crop).
+        flip: (B,) bool or uint8 horizontal flip bits, or None.
+        out: (B, C, H, W) float32/float16/bfloat16 output, each sample dense (NCHW or channels_last).
+        target: (B,) int64 class indices (the rows' labels), or None; soft: (B, K) float32 with target.
+        pad: the crop's zero padding on each side.
+        perm: (B,) int64 partners, or None for the flip pairing i <-> B-1-i.
+        lam_x, lam_y: pixel and label weight of each row itself: a float, a 0-d or a (B,) float32 tensor.
+        box: CutMix boxes (y0, y1, x0, x1) in output pixels: (4,) or (B, 4) int32 tensor, four ints, or None.
+        mean, inv_std: (C,) float32 normalization; in_scale: multiplies the raw uint8 value first (1/255).
+        label_off, label_keep: soft target = onehot * label_keep + label_off.
+    """
+    batch, channels, height, width = out.shape
+    paired = perm is None
+    n_groups = (batch + 1) // 2 if paired else batch
+    n_elems = channels * height * width
+    block, warps = _block_size(n_elems)
+    n_blocks = triton.cdiv(n_elems, block) if batch else 0
+    n_image_programs = n_groups * n_blocks
+    has_target = target is not None
+    n_programs = n_image_programs + (n_groups if has_target else 0)
+    if n_programs == 0:
+        return
+    dummy = torch.empty(1, dtype=torch.float32, device=out.device)
+    num_classes = soft.shape[1] if has_target else 1
+    block_k = min(triton.next_power_of_2(num_classes), 1 << 14 if plan_for_interpreter() else 2048)
+    lamx_ptr, lamx_value, stride_lamx = _scalar_or_tensor(lam_x)
+    lamy_ptr, lamy_value, stride_lamy = _scalar_or_tensor(lam_y)
+    box_scalar = isinstance(box, tuple)
+    box_values = tuple(int(v) for v in box) if box_scalar else (0, 0, 0, 0)
+    box_tensor = box if isinstance(box, torch.Tensor) else None
+    stride_box = (box.stride(0) if box.ndim == 2 else 0) if box_tensor is not None else 0
+    has_crop = oy is not None
+    round_bf16 = out.dtype == torch.bfloat16 and plan_for_interpreter()
+
+    launch(
+        _augment_mix_kernel, (n_programs,),
+        data, idx, oy if has_crop else dummy, ox if has_crop else dummy, flip if flip is not None else dummy,
+        out, perm if perm is not None else dummy,
+        lamx_ptr if lamx_ptr is not None else dummy, lamx_value, stride_lamx,
+        box_tensor if box_tensor is not None else dummy, stride_box, *box_values,
+        mean, inv_std, float(in_scale),
+        target if has_target else dummy, soft if has_target else dummy,
+        lamy_ptr if lamy_ptr is not None else dummy, lamy_value, stride_lamy,
+        float(label_off), float(label_keep),
+        batch, n_elems, data.shape[0], channels, height, width, num_classes, int(pad) if has_crop else 0,
+        data.stride(0), data.stride(1), data.stride(2), data.stride(3),
+        out.stride(0), out.stride(1), out.stride(2), out.stride(3), soft.stride(0) if has_target else 0,
+        n_blocks, n_image_programs,
+        PAIRED=paired, LAMX_SCALAR=lamx_ptr is None, LAMY_SCALAR=lamy_ptr is None,
+        HAS_BOX=box is not None, BOX_SCALAR=box_scalar, HAS_CROP=has_crop, HAS_FLIP=flip is not None,
+        NORM_SELECT=channels <= 4, HAS_TARGET=has_target, ROUND_BF16=round_bf16,
+        BLOCK_SIZE=block, BLOCK_K=block_k, num_warps=warps,
+    )
