@@ -113,6 +113,14 @@ def _drive_wrappers(gen):
         kwargs = {"pairing": pairing, "inplace": True} if pairing == "flip" else {}
         cls(num_classes=NUM_CLASSES, per_sample=per_sample, label_smoothing=0.1, **kwargs)(
             torch.rand(6, 3, 16, 16).to(dtype), y)
+    # A weight held on the device as one value (a 0-d CUDA tensor; a CPU one is read as a number), launched
+    # directly: what ops.mix passes the kernel for it.
+    from mixrecipe.kernels import mix_launch
+
+    for lam_x, lam_y in ((torch.tensor(0.3), torch.tensor(0.6)), (torch.tensor(0.3), 0.6)):
+        x4 = torch.rand(4, 3, 8, 8)
+        mix_launch(x4, x4, y[:4], torch.empty(4, NUM_CLASSES), batch_size=4, perm=None, lam_x=lam_x,
+                   lam_y=lam_y, box=None, mean=None, std=None, in_scale=1.0, label_off=0.0, label_keep=1.0)
 
 
 def _drive_loss(gen):

@@ -32,6 +32,7 @@ LAYERS = {
     "mixrecipe": 6,  # the public API (__init__)
     # Integrations with other libraries, and the recipe's factories.
     "mixrecipe.fastai": 7, "mixrecipe.lightning": 7, "mixrecipe.transforms": 7, "mixrecipe.factories": 7,
+    "mixrecipe.gpu_data": 7,  # device-resident data sets: the fused crop/flip + normalize + mix
     "mixrecipe.engine": 8,
     "mixrecipe.torch_engine": 9, "mixrecipe.fastai_engine": 9,
     "mixrecipe.lifecycle": 10,
