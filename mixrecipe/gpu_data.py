@@ -5,7 +5,7 @@ CIFAR-10's training set is 150 MB of uint8, Fashion-MNIST's 47 MB, digits' 0.1 M
 :class:`DeviceImages` keeps the images there; a training step then needs only the batch's indices (from the
 loader's sampler), the augmentation draws (:meth:`mixrecipe.data.ImageTensors.draw`: crop offsets and flip
 bits, from the data set's generator, which lives on the device too) and the mixing draws
-(``Mixup.sample``). :func:`augment_mix` turns them into the batch:
+(``Mixup.draw``). :func:`augment_mix` turns them into the batch:
 
 - on CUDA (and on CPU tensors under ``cpu_backend("triton")``, through Triton's interpreter), ONE kernel
   (``mixrecipe.kernels.augment``) reads sample ``idx[r]`` at its cropped and flipped coordinates, normalizes
@@ -220,8 +220,8 @@ class DeviceImages:
             return x, y, 1.0, None, label_smoothing
         if not mixup.mixup_enabled:
             x, _ = augment_mix(self.images, idx, **common)
-            return x, y, torch.ones(batch, device=self.device), None, mixup.label_smoothing
-        p = mixup.sample((batch, *self.sample_shape), self.device)
-        x, _ = augment_mix(self.images, idx, lam_x=p.lam_x, lam_y=p.lam_y, perm=p.perm, box=p.box, **common)
-        lam = p.lam_y.float().expand(batch).contiguous()
-        return x, y, lam, p.perm, mixup.label_smoothing
+            return x, y, 1.0, None, mixup.label_smoothing
+        # host numbers for one λ and box per batch (the kernel's scalars), else one copy of per-sample values
+        lam_x, lam_y, perm, box = mixup.draw((batch, *self.sample_shape), self.device)
+        x, _ = augment_mix(self.images, idx, lam_x=lam_x, lam_y=lam_y, perm=perm, box=box, **common)
+        return x, y, lam_y, perm, mixup.label_smoothing

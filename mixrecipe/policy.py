@@ -498,11 +498,16 @@ class Mixup:
     # ----------------------------------------------------------------------------------------------
     # Sampling.
     # ----------------------------------------------------------------------------------------------
-    def _params(self, x_shape, device: torch.device) -> tuple:
-        """One call's (lam_x, lam_y, perm, box) for ``ops.mix``: in mode "batch" λ as Python floats and the
-        box as four ints (None when this call cuts nothing); otherwise (B,) float32 / (B, 4) int32 tensors
-        on ``device`` from one copy. ``lam_y`` is ``lam_x`` itself when nothing can be cut. ``perm``: None
-        (flip pairing) or a (B,) int64 tensor on ``device``."""
+    def draw(self, x_shape, device=None) -> tuple:
+        """One call's parameters as ``mixrecipe.ops.mix`` takes them: ``(lam_x, lam_y, perm, box)``.
+
+        In mode "batch" λ are Python floats and the box four ints (None when this call cuts nothing): the
+        fused kernel's scalar arguments, no tensor and no device op. Otherwise (B,) float32 and (B, 4) int32
+        tensors on ``device`` from one asynchronous copy. ``lam_y`` is ``lam_x`` itself when nothing can be
+        cut; ``perm`` is None (flip pairing) or a (B,) int64 tensor on ``device``. :meth:`sample` gives the
+        same draw as tensors.
+        """
+        device = _device(device)
         batch = int(x_shape[0])
         if batch < 1:
             raise ValueError("the batch must hold at least one sample")
@@ -554,7 +559,7 @@ class Mixup:
             :class:`MixParams` on ``device``.
         """
         device = _device(device)
-        lam_x, lam_y, perm, box = self._params(x_shape, device)
+        lam_x, lam_y, perm, box = self.draw(x_shape, device)
         if isinstance(lam_x, float):
             same = lam_y is lam_x
             lam_x = torch.tensor(lam_x, dtype=torch.float32, device=device)
@@ -591,7 +596,7 @@ class Mixup:
         same_dtype = out_dtype is None or out_dtype == x.dtype
         op_target = target if with_soft else None
         if self.mixup_enabled:
-            lam_x, lam_y, perm, box = self._params(x.shape, x.device)
+            lam_x, lam_y, perm, box = self.draw(x.shape, x.device)
         else:
             if same_dtype and self.mean is None and x.dtype != torch.uint8 and out is None:
                 soft = None

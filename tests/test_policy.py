@@ -199,7 +199,7 @@ def test_one_draw_on_floats_is_the_array_draw(config):
         assert torch.equal(g_one.get_state(), g_array.get_state())
     assert (cuts > 0) == (m.cutmix_alpha > 0)
     policy = Mixup(num_classes=5, generator=gen(2), **config)
-    lam_x, lam_y, perm, box = policy._params((6, 3, 13, 17), torch.device("cpu"))
+    lam_x, lam_y, perm, box = policy.draw((6, 3, 13, 17), torch.device("cpu"))
     assert isinstance(lam_x, float) and perm is None
     assert box is None or (isinstance(box, tuple) and all(isinstance(v, int) for v in box))
 
