@@ -58,22 +58,23 @@ class TorchEngine(Engine):
         bar = tqdm(total=steps, initial=tally.step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not self.show_progress, leave=False, dynamic_ncols=True)
         batches = state.train_loader if self.device_data is None else state.train_loader.batch_sampler
+        smoothing = cfg.mixup.label_smoothing  # the recipe's, with mixup and without: one source
         for i, batch in enumerate(batches, start=tally.step):
             if scheduler is not None:
                 scheduler.step_update(epoch * steps + i)
             lr = optimizer.param_groups[0]["lr"]
             if self.device_data is not None:  # indices -> the mixed batch, on the device
-                inputs, y, lam, perm, smoothing = self.device_data.batch(
+                inputs, y, lam, perm, _ = self.device_data.batch(
                     batch, mixup=mixup, mean=state.bundle.mean, std=state.bundle.std,
-                    out_dtype=state.in_dtype, label_smoothing=cfg.mixup.label_smoothing)
+                    out_dtype=state.in_dtype, label_smoothing=smoothing)
             elif mixup is not None:
                 x, y = batch_to_device(*batch, state)
                 mb = mixup.mix_batch(x, y)
-                inputs, lam, perm, smoothing = mb.x, mb.lam, mb.perm, mb.label_smoothing
+                inputs, lam, perm = mb.x, mb.lam, mb.perm
             else:  # ERM: the same fused op, at lam = 1
                 x, y = batch_to_device(*batch, state)
                 inputs = normalize_batch(x, state.bundle.mean, state.bundle.std, state.in_dtype)
-                lam, perm, smoothing = 1.0, None, cfg.mixup.label_smoothing
+                lam, perm = 1.0, None
             with state.autocast():
                 logits = self.net(inputs)
             loss = mixup_cross_entropy(logits.float(), y, lam, perm, label_smoothing=smoothing)
