@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 # Source folders of the installed packages (pyproject's package-dir mapping).
 PACKAGES = {"mixrecipe": REPO / "mixrecipe", "mixrecipe.kernels": REPO / "kernels"}
 
-# Bottom (0) to top. The docstring of each module says what it does; DESIGN.md section 2 draws the same.
+# Bottom (0) to top. The docstring of each module says what it does; docs/architecture.md draws the core.
 LAYERS = {
     "mixrecipe.kernels._common": 0,
     "mixrecipe.kernels.mixup": 1, "mixrecipe.kernels.cross_entropy": 1, "mixrecipe.kernels.aot": 1,
