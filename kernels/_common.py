@@ -70,8 +70,10 @@ def launch(kernel, grid, *args, **kwargs):
 
 
 # Calling the compiled kernel directly skips Triton's per-call binding and specialization (the JIT's
-# dispatch); MIXRECIPE_DIRECT_LAUNCH=0 keeps every launch on the JIT path.
-_DIRECT = os.environ.get("MIXRECIPE_DIRECT_LAUNCH", "1") != "0"
+# dispatch); MIXRECIPE_DIRECT_LAUNCH=0 keeps every launch on the JIT path. From Triton 3.3 on, the JIT hands
+# its compiled kernel every parameter, constexprs included, which is what Launch passes.
+_DIRECT = (os.environ.get("MIXRECIPE_DIRECT_LAUNCH", "1") != "0"
+           and tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 3))
 
 
 class Launch:
@@ -93,6 +95,11 @@ class Launch:
             raise ValueError("Launch needs every constexpr of the kernel given, as its last parameters")
         self._tail = tuple(constexprs[n] for n in names)
         self._runner = None
+
+    @property
+    def direct(self) -> bool:
+        """Whether calls now run the compiled kernel directly (on a GPU, after the first)."""
+        return self._runner is not None
 
     def __call__(self, *args) -> None:
         runner = self._runner

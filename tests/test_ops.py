@@ -336,6 +336,9 @@ def test_launch_plans_are_made_once_per_signature(triton_device):
             torch.testing.assert_close(got, want.float())
             torch.testing.assert_close(soft, want_soft)
         assert len(kernel_module._PLANS) == 2  # without a box, with one box as numbers
+        # On a GPU every call after a signature's first runs the compiled kernel directly (the results
+        # above came from it); the interpreter has no compiled kernel: every call goes through it.
+        assert all(run.direct == (device == "cuda") for run, _ in kernel_module._PLANS.values())
         shifted = x.reshape(-1)[1:1 + 8 * 192].view(8, 3, 8, 8)  # 4 bytes in: not 16-byte aligned
         ops.mix(shifted.clone(), y, 0.5, num_classes=5)  # out of place: a signature of its own
         assert len(kernel_module._PLANS) == 3
