@@ -39,7 +39,7 @@ import torch
 
 from mixrecipe.data import ImageFiles, ImageTensors, decode_file, keep_batch, tensor_transform
 
-TARGET_RATIO = 1.8  # torchvision.io decode + augment vs PIL's images/s per core (issue 28)
+TARGET_RATIO = 1.8  # the goal for torchvision.io decode + augment vs PIL's images/s per core
 
 
 # --------------------------------------------------------------------------------------------------

@@ -424,7 +424,7 @@ def _find(rows, case, provider, mode="eager"):
 
 
 def target_checks(rows: list[dict], device: torch.device) -> list[str]:
-    """The issue's targets, judged from these rows: 'met' / 'MISSED' with the measured figure."""
+    """The project's targets, judged from these rows: 'met' / 'MISSED' with the measured figure."""
     lines = []
 
     def check(label, value, goal, better, unit="x"):

@@ -1,6 +1,6 @@
 """Shared helpers for the speed benchmarks: arguments, device names, timing, peak memory, tables, plots.
 
-Timing (DESIGN §6):
+Timing:
 - CUDA: ``triton.testing.do_bench`` (it flushes L2 before every call and reports quantiles of CUDA-event
   times); ``time_cuda_graph`` captures ``n_inner`` calls in one ``torch.cuda.CUDAGraph`` and times its
   replay, so small batches are measured without the launch overhead of eager mode.

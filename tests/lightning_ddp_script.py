@@ -33,7 +33,7 @@ def main(out: str) -> None:
     rank = trainer.global_rank
     torch.save({"train": model.train_seen, "val": model.val_seen, "state": cb.state_dict(),
                 "world_size": trainer.world_size}, os.path.join(out, f"rank{rank}.pt"))
-    # Clean shutdown (DESIGN §7): drop the DDP-wrapped module before destroying the process group.
+    # Clean shutdown: drop the DDP-wrapped module before destroying the process group.
     del trainer, model
     gc.collect()
     if torch.distributed.is_initialized():

@@ -1,7 +1,7 @@
 """Smoke tests for the speed benchmarks: each script runs in --quick mode on tiny shapes and writes results.
 
 They prove the scripts run end to end (including their own checks of every provider against
-mixrecipe.reference) and that the results files hold the columns DESIGN §6 asks for; they measure nothing.
+mixrecipe.reference) and that the results files hold the columns bench/common.py writes; they measure nothing.
 CPU runs use one thread (--threads 1): on a loaded 2-core CI machine, two OpenMP threads can stall a
 parallel region for a whole scheduler slice per op, which only makes the smoke test slow. On a machine
 with a GPU the CUDA paths (do_bench, CUDA graphs, kernel counts) run too.
