@@ -1,4 +1,4 @@
-"""Mixup cross-entropy without the (B, K) soft-target matrix: a forward and a backward Triton kernel.
+"""Mixup cross-entropy without the (B, K) soft-target matrix: one Triton launch forward, one backward.
 
 Row i of the soft target is ``y_i = lam_i * s(t_i) + (1 - lam_i) * s(t_p)`` with ``p = perm[i]`` and ``s``
 timm's smoothed one-hot (``off = smoothing / K``, ``on = 1 - smoothing + off``). Because ``sum_k y_ik = 1``:
@@ -13,8 +13,19 @@ Bytes moved for B rows of K logits of E bytes (E = 2 for fp16/bf16, 4 for fp32):
   backward: read B*K*E + 8*B      + write B*K*E (the gradient, in the logits' dtype)
 The dense route (timm's ``mixup_target`` + ``SoftTargetCrossEntropy``) also writes and reads a (B, K) fp32
 target and a (B, K) log_softmax, in several launches.
-Targets and partners are read as O(B) scalars. A class index outside [0, K) or a partner outside [0, B)
-gives a NaN loss instead of an out-of-bounds access (no host-device sync is needed to check them).
+
+Out-of-range indices: the caller does not read index values on a GPU (that would be a host-device sync), so
+each program checks its own: the class index ``t_i`` and the partner's ``t_p`` must lie in [0, K), the
+partner ``p`` in [0, B). A row that fails reads nothing outside the batch or the row, and writes NaN as its
+loss and as every element of its gradient row; the other rows are unaffected.
+
+Launch cost: a float ``lam`` (one weight for the batch) is a kernel scalar, so a call makes no tensor but its
+outputs. Scalars that change from call to call (``lam_value``, the batch size, the gradient's scale) are
+``do_not_specialize``: a last batch of another size or a new lam never compiles a new variant. The compiled
+kernel is not cached and called directly (``CompiledKernel.run``): its cache key would have to repeat the
+binder's rules (dtypes, 16-byte alignment of every pointer, ints equal to 1) by hand, which change between
+Triton releases (3.6 on the GPU machine, 3.8 here), and the interpreter, where the tests run, has no
+compiled kernel to test that path with.
 """
 
 from __future__ import annotations
@@ -34,8 +45,9 @@ MAX_BLOCK_K_INTERPRETER = 1 << 16
 
 
 @triton.jit
-def _row_targets(target_ptr, perm_ptr, row, n_rows, n_cols, HAS_PERM: tl.constexpr):
-    """Class of the row, class of its partner, and whether both are valid indices."""
+def _row_setup(target_ptr, perm_ptr, lam_ptr, lam_value, stride_lam, row, n_rows, n_cols,
+               HAS_PERM: tl.constexpr, LAM_SCALAR: tl.constexpr):
+    """The row's class, its partner's class, whether both indices are valid, and the row's lam."""
     if HAS_PERM:
         partner = tl.load(perm_ptr + row).to(tl.int64)
     else:
@@ -44,32 +56,24 @@ def _row_targets(target_ptr, perm_ptr, row, n_rows, n_cols, HAS_PERM: tl.constex
     t_own = tl.load(target_ptr + row).to(tl.int64)
     t_mix = tl.load(target_ptr + partner, mask=partner_ok, other=-1).to(tl.int64)
     valid = (t_own >= 0) & (t_own < n_cols) & (t_mix >= 0) & (t_mix < n_cols)
-    return t_own, t_mix, valid
+    if LAM_SCALAR:
+        lam = lam_value
+    else:
+        lam = tl.load(lam_ptr + row * stride_lam).to(tl.float32)
+    return t_own, t_mix, valid, lam
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["lam_value", "n_rows"])
 def _mixup_ce_fwd_kernel(
-    logits_ptr,
-    stride_row_div,
-    target_ptr,
-    perm_ptr,
-    lam_ptr,
-    stride_lam,
-    loss_ptr,
-    lse_ptr,
-    n_rows,
-    n_cols_div,
-    smoothing,
-    HAS_PERM: tl.constexpr,
-    HAS_SMOOTHING: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    logits_ptr, stride_row_div, target_ptr, perm_ptr, lam_ptr, lam_value, stride_lam, loss_ptr, lse_ptr,
+    n_rows, n_cols_div, smoothing,
+    HAS_PERM: tl.constexpr, LAM_SCALAR: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_K: tl.constexpr,
     ALIGN: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride_row overflows int32 for big B*K
     # Row stride and K come divided by ALIGN (the largest power of 2 <= 16 dividing both): multiplied back
     # by the constexpr, the compiler knows that rows start on ALIGN-element boundaries and that the mask is
-    # constant over ALIGN lanes, so K = 1000 gets 128-bit loads as K = 1024 does (a plain int argument
-    # only carries "divisible by 16").
+    # constant over ALIGN lanes, so K = 1000 gets 128-bit loads as K = 1024 does.
     n_cols = n_cols_div * ALIGN
     row_ptr = logits_ptr + row * (stride_row_div * ALIGN)
 
@@ -88,11 +92,10 @@ def _mixup_ce_fwd_kernel(
             z_sum += tl.sum(tl.where(mask, z, 0.0), axis=0)
     lse = m + tl.log(d)
 
-    t_own, t_mix, valid = _row_targets(target_ptr, perm_ptr, row, n_rows, n_cols, HAS_PERM)
+    t_own, t_mix, valid, lam = _row_setup(target_ptr, perm_ptr, lam_ptr, lam_value, stride_lam, row, n_rows,
+                                          n_cols, HAS_PERM, LAM_SCALAR)
     z_own = tl.load(row_ptr + t_own, mask=valid, other=float("nan")).to(tl.float32)
     z_mix = tl.load(row_ptr + t_mix, mask=valid, other=float("nan")).to(tl.float32)
-    lam = tl.load(lam_ptr + row * stride_lam).to(tl.float32)
-
     loss = lse - (1.0 - smoothing) * (lam * z_own + (1.0 - lam) * z_mix)
     if HAS_SMOOTHING:
         loss -= (smoothing / n_cols) * z_sum
@@ -100,24 +103,11 @@ def _mixup_ce_fwd_kernel(
     tl.store(lse_ptr + row, lse)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["lam_value", "n_rows", "grad_scale"])
 def _mixup_ce_bwd_kernel(
-    logits_ptr,
-    stride_row_div,
-    grad_ptr,
-    stride_grad_row_div,
-    grad_loss_ptr,
-    lse_ptr,
-    target_ptr,
-    perm_ptr,
-    lam_ptr,
-    stride_lam,
-    n_rows,
-    n_cols_div,
-    smoothing,
-    HAS_PERM: tl.constexpr,
-    ROUND_BF16: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    logits_ptr, stride_row_div, grad_ptr, stride_grad_row_div, grad_loss_ptr, stride_grad_loss, grad_scale,
+    lse_ptr, target_ptr, perm_ptr, lam_ptr, lam_value, stride_lam, n_rows, n_cols_div, smoothing,
+    HAS_PERM: tl.constexpr, LAM_SCALAR: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_K: tl.constexpr,
     ALIGN: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -125,9 +115,11 @@ def _mixup_ce_bwd_kernel(
     row_ptr = logits_ptr + row * (stride_row_div * ALIGN)
     out_ptr = grad_ptr + row * (stride_grad_row_div * ALIGN)
 
-    t_own, t_mix, valid = _row_targets(target_ptr, perm_ptr, row, n_rows, n_cols, HAS_PERM)
-    lam = tl.load(lam_ptr + row * stride_lam).to(tl.float32)
-    g = tl.load(grad_loss_ptr + row)
+    t_own, t_mix, valid, lam = _row_setup(target_ptr, perm_ptr, lam_ptr, lam_value, stride_lam, row, n_rows,
+                                          n_cols, HAS_PERM, LAM_SCALAR)
+    # The upstream gradient of this row's loss: a (B,) vector, or a reduced loss's scalar (stride 0) times
+    # grad_scale (1/B for a mean).
+    g = tl.load(grad_loss_ptr + row * stride_grad_loss).to(tl.float32) * grad_scale
     lse = tl.load(lse_ptr + row)
     off = smoothing / n_cols
     w_own = (1.0 - smoothing) * lam
@@ -139,8 +131,7 @@ def _mixup_ce_bwd_kernel(
         z = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         # y = off + w_own at t_own + w_mix at t_mix (both when the two classes coincide).
         y = off + tl.where(offs == t_own, w_own, 0.0) + tl.where(offs == t_mix, w_mix, 0.0)
-        dz = g * (tl.exp(z - lse) - y)
-        dz = tl.where(valid, dz, float("nan"))
+        dz = tl.where(valid, g * (tl.exp(z - lse) - y), float("nan"))
         tl.store(out_ptr + offs, cast_to(dz, out_ptr.dtype.element_ty, ROUND_BF16), mask=mask)
 
 
@@ -163,23 +154,25 @@ def _num_warps(block_k: int) -> int:
     return 4 if block_k <= 1024 else (8 if block_k <= 2048 else 16)
 
 
-def _check_launchable(logits: torch.Tensor) -> None:
+def _prepare(logits: torch.Tensor, lam: torch.Tensor | float):
+    """(logits with unit column stride, lam's pointer, value and stride, LAM_SCALAR). A float lam needs no
+    tensor: the logits stand in for its pointer, never read."""
     if not logits.is_cuda and not interpreting():
         raise RuntimeError(
             "the Triton mixup cross-entropy needs CUDA tensors, or TRITON_INTERPRET=1 set before triton "
             f"is imported to run on {logits.device.type} tensors"
         )
-
-
-def _rows_contiguous(logits: torch.Tensor) -> torch.Tensor:
-    # The kernels walk a row with unit stride; any row stride is fine.
-    return logits if logits.stride(1) == 1 or logits.shape[1] == 1 else logits.contiguous()
+    if logits.stride(1) != 1 and logits.shape[1] != 1:  # the kernels walk a row with unit stride
+        logits = logits.contiguous()
+    if isinstance(lam, torch.Tensor):
+        return logits, lam, 0.0, lam.stride(0) if lam.ndim else 0, False
+    return logits, logits, float(lam), 0, True
 
 
 def mixup_ce_fwd(
     logits: torch.Tensor,
     target: torch.Tensor,
-    lam: torch.Tensor,
+    lam: torch.Tensor | float,
     perm: torch.Tensor | None,
     smoothing: float,
     block_k: int | None = None,
@@ -190,9 +183,9 @@ def mixup_ce_fwd(
 
     Args:
         logits: (B, K) fp16, bf16 or fp32 logits.
-        target: (B,) integer class indices.
-        lam: (B,) weights of each row's own class; a stride of 0 (an expanded scalar) is fine.
-        perm: (B,) partner indices, or None for the flip pairing ``B - 1 - i``.
+        target: (B,) contiguous integer class indices.
+        lam: weight of each row's own class: a float, or a 0-d or (B,) float tensor of any stride.
+        perm: (B,) contiguous partner indices, or None for the flip pairing ``B - 1 - i``.
         smoothing: timm's label smoothing in [0, 1].
         block_k: logits per chunk (rounded up to a power of 2); None picks one from K.
         loss: optional preallocated fp32 (B,) output.
@@ -201,8 +194,7 @@ def mixup_ce_fwd(
     Returns:
         ``(loss, lse)``; ``lse`` is what ``mixup_ce_bwd`` needs.
     """
-    _check_launchable(logits)
-    logits = _rows_contiguous(logits)
+    logits, lam_ptr, lam_value, stride_lam, lam_scalar = _prepare(logits, lam)
     n_rows, n_cols = logits.shape
     if loss is None:
         loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
@@ -211,24 +203,11 @@ def mixup_ce_fwd(
     block = _block_k(n_cols, block_k)
     align = _align(logits.stride(0), n_cols)
     launch(
-        _mixup_ce_fwd_kernel,
-        (n_rows,),
-        logits,
-        logits.stride(0) // align,
-        target,
-        target if perm is None else perm,  # a dummy pointer when HAS_PERM is off
-        lam,
-        lam.stride(0),
-        loss,
-        lse,
-        n_rows,
-        n_cols // align,
-        float(smoothing),
-        HAS_PERM=perm is not None,
-        HAS_SMOOTHING=smoothing > 0,
-        BLOCK_K=block,
-        ALIGN=align,
-        num_warps=_num_warps(block),
+        _mixup_ce_fwd_kernel, (n_rows,),
+        logits, logits.stride(0) // align, target, target if perm is None else perm,  # target: unread
+        lam_ptr, lam_value, stride_lam, loss, lse, n_rows, n_cols // align, float(smoothing),
+        HAS_PERM=perm is not None, LAM_SCALAR=lam_scalar, HAS_SMOOTHING=smoothing > 0, BLOCK_K=block,
+        ALIGN=align, num_warps=_num_warps(block),
     )
     return loss, lse
 
@@ -238,55 +217,42 @@ def mixup_ce_bwd(
     logits: torch.Tensor,
     lse: torch.Tensor,
     target: torch.Tensor,
-    lam: torch.Tensor,
+    lam: torch.Tensor | float,
     perm: torch.Tensor | None,
     smoothing: float,
+    grad_scale: float = 1.0,
     block_k: int | None = None,
     grad: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Gradient of the per-row losses: ``grad_loss[i] * (softmax(z_i) - y_i)`` in the logits' dtype.
+    """Gradient of the per-row losses: ``grad_scale * grad_loss[i] * (softmax(z_i) - y_i)`` in the logits'
+    dtype.
 
     Args:
-        grad_loss: (B,) fp32 contiguous upstream gradient of the per-row losses.
+        grad_loss: upstream gradient: (B,) of any stride, or a 0-d tensor for every row (a reduced loss's).
         logits: the (B, K) logits given to ``mixup_ce_fwd``.
         lse: the (B,) logsumexp returned by ``mixup_ce_fwd``.
-        target: (B,) integer class indices.
-        lam: (B,) weights of each row's own class.
-        perm: (B,) partner indices, or None for the flip pairing.
-        smoothing: timm's label smoothing in [0, 1].
+        target, lam, perm, smoothing: as given to ``mixup_ce_fwd``.
+        grad_scale: multiplies ``grad_loss`` (1/B when the loss was a mean).
         block_k: logits per chunk; None picks one from K.
         grad: optional preallocated (B, K) output with unit column stride.
 
     Returns:
         The (B, K) gradient with respect to ``logits``.
     """
-    _check_launchable(logits)
-    logits = _rows_contiguous(logits)
+    logits, lam_ptr, lam_value, stride_lam, lam_scalar = _prepare(logits, lam)
     n_rows, n_cols = logits.shape
     if grad is None:
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
     block = _block_k(n_cols, block_k)
     align = _align(logits.stride(0), grad.stride(0), n_cols)
     launch(
-        _mixup_ce_bwd_kernel,
-        (n_rows,),
-        logits,
-        logits.stride(0) // align,
-        grad,
-        grad.stride(0) // align,
-        grad_loss,
-        lse,
-        target,
-        target if perm is None else perm,
-        lam,
-        lam.stride(0),
-        n_rows,
-        n_cols // align,
+        _mixup_ce_bwd_kernel, (n_rows,),
+        logits, logits.stride(0) // align, grad, grad.stride(0) // align,
+        grad_loss, grad_loss.stride(0) if grad_loss.ndim else 0, float(grad_scale), lse, target,
+        target if perm is None else perm, lam_ptr, lam_value, stride_lam, n_rows, n_cols // align,
         float(smoothing),
-        HAS_PERM=perm is not None,
-        ROUND_BF16=grad.dtype == torch.bfloat16 and plan_for_interpreter(),
-        BLOCK_K=block,
-        ALIGN=align,
+        HAS_PERM=perm is not None, LAM_SCALAR=lam_scalar,
+        ROUND_BF16=grad.dtype == torch.bfloat16 and plan_for_interpreter(), BLOCK_K=block, ALIGN=align,
         num_warps=_num_warps(block),
     )
     return grad

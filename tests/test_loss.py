@@ -141,6 +141,14 @@ def test_strided_logits(backend):
         assert_matches(actual, dense_reference(logits, target, lam, None, 0.1), torch.float32)
 
 
+def test_int32_class_and_partner_indices(backend):
+    device = backend.device
+    logits, target, gen = make_batch(7, 13, torch.float32, device)
+    lam, perm = torch.rand(7, generator=gen).to(device), torch.randperm(7, generator=gen).to(device)
+    actual = run_loss(logits, target.int(), lam, perm.int(), 0.1)
+    assert_matches(actual, dense_reference(logits, target, lam, perm, 0.1), torch.float32)
+
+
 def test_lam_one_and_zero_are_plain_cross_entropy(backend):
     device = backend.device
     logits, target, gen = make_batch(5, 11, torch.float32, device)
@@ -217,15 +225,15 @@ def test_soft_target_cross_entropy_integer_targets_and_reduction():
 # ----------------------------------------------------------------------------------------------------------
 
 
-def kernel_run(logits, target, lam, perm, smoothing, block_k):
-    """Launch forward and backward (upstream gradient 1 per row) into NaN-poisoned buffers."""
+def kernel_run(logits, target, lam, perm, smoothing, block_k, grad_loss=None, grad_scale=1.0):
+    """Launch forward and backward (upstream gradient 1 per row unless given) into NaN-poisoned buffers."""
     batch = logits.shape[0]
     poison = dict(dtype=torch.float32, device=logits.device)
     loss, lse = torch.full((batch,), math.nan, **poison), torch.full((batch,), math.nan, **poison)
     grad = torch.full_like(logits, math.nan)
     mixup_ce_fwd(logits, target, lam, perm, smoothing, block_k=block_k, loss=loss, lse=lse)
-    ones = torch.ones(batch, **poison)
-    mixup_ce_bwd(ones, logits, lse, target, lam, perm, smoothing, block_k=block_k, grad=grad)
+    grad_loss = torch.ones(batch, **poison) if grad_loss is None else grad_loss
+    mixup_ce_bwd(grad_loss, logits, lse, target, lam, perm, smoothing, grad_scale, block_k=block_k, grad=grad)
     return loss, lse, grad
 
 
@@ -241,6 +249,21 @@ def test_kernel_chunks_and_writes_everything(triton_device, dtype, classes):
     ref_lse = torch.logsumexp(logits.cpu().double(), 1)
     torch.testing.assert_close(lse.cpu().double(), ref_lse, rtol=2e-6, atol=0)
     assert_matches((loss, grad), (ref_loss, ref_grad), dtype)
+
+
+@pytest.mark.parametrize("lam_kind", ["float", "0-d", "strided"])
+def test_kernel_lam_kinds_and_a_reduced_losss_gradient(triton_device, lam_kind):
+    """lam as a kernel scalar, a 0-d tensor (stride 0) or a strided (B,) tensor of another dtype; the
+    upstream gradient as one 0-d value scaled by 1/B (a mean's), read with stride 0."""
+    device = triton_device
+    logits, target, gen = make_batch(5, 37, torch.float32, device)
+    lam = {"float": 0.3, "0-d": torch.tensor(0.3, device=device),
+           "strided": torch.rand(10, generator=gen, dtype=torch.float64).to(device)[::2]}[lam_kind]
+    mean_grad = torch.tensor(2.0, device=device)
+    loss, _, grad = kernel_run(logits, target, lam, None, 0.1, 16, grad_loss=mean_grad, grad_scale=1 / 5)
+    ref_loss, ref_grad = dense_reference(logits, target, lam, None, 0.1)
+    torch.testing.assert_close(loss.mean().double(), ref_loss, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(grad.double().cpu(), 2.0 * ref_grad, rtol=1e-5, atol=1e-7)
 
 
 def test_kernel_is_deterministic(triton_device):
@@ -263,11 +286,69 @@ def test_kernel_out_of_range_indices_give_nan_not_garbage(triton_device):
     lam = torch.full((4,), 0.5, device=device)
     loss, _, grad = kernel_run(logits, bad_target, lam, None, 0.0, block_k=16)
     assert torch.isnan(loss[[1, 2]]).all() and torch.isfinite(loss[[0, 3]]).all()  # row 2 pairs with 1
-    assert torch.isnan(grad[1]).all() and torch.isfinite(grad[0]).all()
+    assert torch.isnan(grad[[1, 2]]).all() and torch.isfinite(grad[[0, 3]]).all()
     # The target sits in a longer buffer of valid classes, so an unmasked read past row 3 would succeed.
     padded = torch.cat([target, torch.zeros(8, dtype=target.dtype, device=device)])[:4]
-    loss, _, _ = kernel_run(logits, padded, lam, bad_perm, 0.0, block_k=16)
-    assert torch.isnan(loss[2]) and torch.isfinite(loss[[0, 1, 3]]).all()
+    for bad in (bad_perm, torch.tensor([3, 2, -2, 0], device=device)):
+        loss, _, grad = kernel_run(logits, padded, lam, bad, 0.0, block_k=16)
+        assert torch.isnan(loss[2]) and torch.isfinite(loss[[0, 1, 3]]).all()
+        assert torch.isnan(grad[2]).all() and torch.isfinite(grad[[0, 1, 3]]).all()
+
+
+def test_unchecked_bad_indices_through_the_api_give_nan_rows(triton_device):
+    """Where values cannot be inspected (CUDA: a read would sync), mixup_cross_entropy passes the indices
+    to the kernels unchecked: the rows holding a bad class or partner index get a NaN loss and gradient."""
+    from unittest.mock import patch
+
+    device = triton_device
+    logits, target, _ = make_batch(6, 9, torch.float32, device)
+    target[1] = 12
+    perm = torch.tensor([5, 4, 3, 2, 1, 9], device=device)
+    x = logits.clone().requires_grad_()
+    on_kernel = cpu_backend("triton") if device == "cpu" else contextlib.nullcontext()
+    with on_kernel, patch("mixrecipe.checks.can_inspect", return_value=False):
+        loss = mixup_cross_entropy(x, target, 0.6, perm, label_smoothing=0.1, reduction="none")
+        loss.sum().backward()
+    bad = torch.tensor([False, True, False, False, True, True])  # row 4 pairs with row 1
+    assert loss.isnan().cpu().equal(bad)
+    assert x.grad.isnan().all(1).cpu().equal(bad) and not x.grad[~bad.to(device)].isnan().any()
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's inf - inf
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_kernel_treats_non_finite_logits_like_the_eager_path(triton_device, value, smoothing):
+    """A NaN or infinite logit gives the same loss and gradient (NaN, inf or finite) from the kernels as
+    from the CPU path: the online logsumexp and the row sum keep NaN and inf as log_softmax does."""
+    logits = torch.randn(4, 6, generator=torch.Generator().manual_seed(3))
+    logits[1, 2] = value
+    target = torch.tensor([0, 1, 2, 3])
+    eager = run_loss(logits, target, 0.5, None, smoothing, "none")
+    on_kernel = cpu_backend("triton") if triton_device == "cpu" else contextlib.nullcontext()
+    with on_kernel:
+        kernel = run_loss(logits.to(triton_device), target.to(triton_device), 0.5, None, smoothing, "none")
+    for ours, theirs in zip(kernel, eager):
+        torch.testing.assert_close(ours.cpu(), theirs, equal_nan=True, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CPU: values checked on every call
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_cpu_values_are_checked_on_every_call():
+    """Calls of one signature keep checking: a bad class index, lam or perm after good calls is refused."""
+    logits, target, gen = make_batch(6, 7, torch.float32, "cpu")
+    lam = torch.rand(6, generator=gen)
+    for _ in range(3):
+        mixup_cross_entropy(logits, target, lam)
+        mixup_cross_entropy(logits, target, 0.4)
+    with pytest.raises(ValueError, match=r"class indices from .* outside \[0, num_classes=7\)"):
+        mixup_cross_entropy(logits, torch.tensor([0, 1, 7, 2, 3, 4]), lam)
+    with pytest.raises(ValueError, match="lam must lie in"):
+        mixup_cross_entropy(logits, target, torch.tensor([0.5, 0.5, math.nan, 0.5, 0.5, 0.5]))
+    with pytest.raises(ValueError, match="perm must be a permutation"):
+        mixup_cross_entropy(logits, target, 0.4, torch.tensor([0, 1, 2, 3, 4, 4]))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -293,26 +374,50 @@ def test_torch_compile_fullgraph_matches_eager():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_eager_and_kernel_rows_agree(triton_device, dtype):
-    # Both implementations of the op return the per-row loss and the logsumexp the backward reads.
+def test_eager_and_kernel_bodies_agree(triton_device, dtype):
+    # Both implementations of the op return the loss and the logsumexp the backward reads.
     logits, target, gen = make_batch(5, 37, dtype, "cpu")
     lam, perm = torch.rand(5, generator=gen), torch.randperm(5, generator=gen)
-    rows_op = torch.ops.mixrecipe.mixup_cross_entropy_rows
-    with cpu_backend("eager"):
-        eager = rows_op(logits, target, lam, perm, 0.1)
-    on_kernel = [t.to(triton_device) for t in (logits, target, lam, perm)]
-    with cpu_backend("triton") if triton_device == "cpu" else contextlib.nullcontext():
-        kernel = rows_op(*on_kernel, 0.1)
-    torch.testing.assert_close(eager[1], torch.logsumexp(logits.float(), 1), rtol=1e-6, atol=1e-6)
-    for ours, theirs in zip(eager, kernel):
-        torch.testing.assert_close(ours, theirs.cpu(), rtol=1e-6, atol=1e-6)
+    op = torch.ops.mixrecipe.mixup_cross_entropy
+    for reduction in ("none", "mean"):
+        with cpu_backend("eager"):
+            eager = op(logits, target, lam, 0.0, perm, 0.1, reduction)
+        on_kernel = [t.to(triton_device) for t in (logits, target, lam, perm)]
+        with cpu_backend("triton") if triton_device == "cpu" else contextlib.nullcontext():
+            kernel = op(*on_kernel[:3], 0.0, on_kernel[3], 0.1, reduction)
+        torch.testing.assert_close(eager[1], torch.logsumexp(logits.float(), 1), rtol=1e-6, atol=1e-6)
+        for ours, theirs in zip(eager, kernel):
+            torch.testing.assert_close(ours, theirs.cpu(), rtol=1e-6, atol=1e-6)
 
 
-def test_custom_op_registration():
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("lam_kind", ["float", "tensor"])
+def test_custom_op_registration(lam_kind, reduction):
     logits, target, gen = make_batch(3, 7, torch.float32, "cpu")
-    lam = torch.rand(3, generator=gen)
-    args = (logits.requires_grad_(), target, lam, flip_perm(3), 0.1)
-    torch.library.opcheck(torch.ops.mixrecipe.mixup_cross_entropy_rows.default, args)
+    lam, lam_value = (None, 0.3) if lam_kind == "float" else (torch.rand(3, generator=gen), 0.0)
+    args = (logits.requires_grad_(), target, lam, lam_value, flip_perm(3), 0.1, reduction)
+    torch.library.opcheck(torch.ops.mixrecipe.mixup_cross_entropy.default, args)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_direct_eager_call_equals_the_registered_op(reduction):
+    """A plain eager call runs the op's bodies through an autograd.Function (no dispatcher); forcing the
+    registered op (as under a tracer) must give the same loss and gradient bitwise, and neither path may
+    silently return a zero second derivative."""
+    from unittest.mock import patch
+
+    logits, target, gen = make_batch(6, 10, torch.float32, "cpu")
+    lam = torch.rand(6, generator=gen)
+    direct = run_loss(logits, target, lam, None, 0.1, reduction)
+    with patch("mixrecipe.loss.tracing", return_value=True):
+        registered = run_loss(logits, target, lam, None, 0.1, reduction)
+    assert torch.equal(direct[0], registered[0]) and torch.equal(direct[1], registered[1])
+    for force_op in (False, True):
+        with patch("mixrecipe.loss.tracing", return_value=force_op):
+            x = logits.clone().requires_grad_()
+            (grad,) = torch.autograd.grad(mixup_cross_entropy(x, target, lam), x, create_graph=True)
+            with pytest.raises(RuntimeError):
+                grad.sum().backward()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -360,162 +465,3 @@ def test_soft_target_cross_entropy_bad_input():
         SoftTargetCrossEntropy()(_X, torch.rand(4, 6))
     with pytest.raises(ValueError, match="reduction"):
         SoftTargetCrossEntropy(reduction="avg")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The numba rows on CPU (small float32 logits) against the eager path and the float64 reference
-# ----------------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("batch, classes", [(1, 1), (3, 2), (128, 10), (33, 100), (64, 512)])
-@pytest.mark.parametrize("perm_kind", ["flip", "random"])
-def test_cpu_kernel_rows_match_the_reference_and_the_eager_path(batch, classes, perm_kind):
-    """Logits spread over +-90 so that exp underflows for most classes and the kernel's own exp is used over
-    its whole range; loss and gradient within float32 rounding of the float64 reference."""
-    from mixrecipe.loss import CPU_KERNEL_MAX_ELEMS
-
-    assert batch * classes <= CPU_KERNEL_MAX_ELEMS
-    gen = torch.Generator().manual_seed(batch + classes)
-    logits = (torch.rand(batch, classes, generator=gen) * 180 - 90).float()
-    target = torch.randint(0, classes, (batch,), generator=gen)
-    lam = torch.rand(batch, generator=gen)
-    perm = make_perm(perm_kind, batch, gen, "cpu")
-    ref = dense_reference(logits, target, lam, perm, 0.1, "none")
-    got = run_loss(logits, target, lam, perm, 0.1, reduction="none")
-    with cpu_backend("eager"):
-        eager = run_loss(logits, target, lam, perm, 0.1, reduction="none")
-    for actual in (got, eager):
-        torch.testing.assert_close(actual[0].double(), ref[0], rtol=1e-5, atol=1e-4)
-        # The rows recompute softmax as exp(z - logsumexp) from the saved logsumexp (as the Triton kernels
-        # do): its float32 rounding, |lse| * 2**-24 ~ 5e-6 here, bounds the gradient's absolute error.
-        torch.testing.assert_close(actual[1].double(), ref[1], rtol=1e-5, atol=2e-5)
-    torch.testing.assert_close(eager[1].double(), ref[1], rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("grad_kind", ["expanded", "strided", "contiguous"])
-def test_cpu_kernel_rows_take_upstream_gradients_and_weights_of_any_stride(grad_kind):
-    """The rows read tensors by address: a mean's stride-0 gradient is one value, a strided gradient or
-    lam is made contiguous first; all give the float64 reference's gradient."""
-    gen = torch.Generator().manual_seed(11)
-    logits = torch.randn(7, 13, generator=gen)
-    target = torch.randint(0, 13, (7,), generator=gen)
-    lam = torch.rand(14, generator=gen)[::2]
-    upstream = {"expanded": torch.tensor(0.7).expand(7), "strided": torch.rand(14, generator=gen)[::2],
-                "contiguous": torch.rand(7, generator=gen)}[grad_kind]
-    x = logits.clone().requires_grad_()
-    rows = mixup_cross_entropy(x, target, lam, None, label_smoothing=0.1, reduction="none")
-    rows.backward(upstream)
-    ref_loss, ref_grad = dense_reference(logits, target, lam, None, 0.1, "none", upstream)
-    torch.testing.assert_close(rows.detach().double(), ref_loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(x.grad.double(), ref_grad, rtol=1e-5, atol=1e-6)
-
-
-def test_cpu_kernel_rows_run_below_the_size_limit_only(monkeypatch):
-    """The numba rows take float32 logits up to CPU_KERNEL_MAX_ELEMS under the "numba" backend; anything
-    else runs the eager path (counted by patching both)."""
-    from mixrecipe import cpu_kernel
-    from mixrecipe import loss as loss_module
-
-    calls = []
-    real = cpu_kernel.ce_rows
-    monkeypatch.setattr(cpu_kernel, "ce_rows", lambda *a: calls.append(a[0].shape) or real(*a))
-    assert loss_module.CPU_KERNEL_MAX_ELEMS >= 1 << 18  # (256, 1000) runs the rows
-    limit = 1 << 10
-    monkeypatch.setattr(loss_module, "CPU_KERNEL_MAX_ELEMS", limit)
-    shapes = (((4, 8), torch.float32), ((limit // 8, 8), torch.float32), ((limit // 8 + 1, 8), torch.float32),
-              ((4, 8), torch.bfloat16), ((4, 8), torch.float64))
-    for shape, dtype in shapes:
-        logits = torch.randn(shape).to(dtype)
-        mixup_cross_entropy(logits, torch.zeros(shape[0], dtype=torch.long), 0.5)
-    with cpu_backend("eager"):
-        mixup_cross_entropy(torch.randn(4, 8), torch.zeros(4, dtype=torch.long), 0.5)
-    assert calls == [(4, 8), (limit // 8, 8)]
-
-
-def test_cpu_kernel_rows_refuse_bad_class_indices_before_computing():
-    logits = torch.randn(4, 6, requires_grad=True)
-    for bad in (6, -1):
-        with pytest.raises(ValueError, match=r"class indices from .* outside \[0, num_classes=6\)"):
-            mixup_cross_entropy(logits, torch.tensor([0, 1, bad, 2]), 0.5)
-
-
-@pytest.mark.parametrize("smoothing", [0.0, 0.1])
-@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
-def test_cpu_kernel_rows_treat_non_finite_logits_like_the_eager_path(value, smoothing):
-    """A NaN or infinite logit gives the same loss and gradient (NaN, inf or finite) on both CPU paths: the
-    kernel's exp, its running maxima and its vectorized sums keep NaN and inf."""
-    results = []
-    for backend in ("numba", "eager"):
-        logits = torch.randn(4, 6, generator=torch.Generator().manual_seed(3))
-        logits[1, 2] = value
-        with cpu_backend(backend):
-            results.append(run_loss(logits, torch.tensor([0, 1, 2, 3]), 0.5, None, smoothing, "none"))
-    (loss, grad), (ref_loss, ref_grad) = results
-    torch.testing.assert_close(loss, ref_loss, equal_nan=True, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grad, ref_grad, equal_nan=True, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("shape", [(6, 10), (700, 400)])  # the numba rows, then the eager path
-def test_direct_eager_call_equals_the_registered_op(shape):
-    """A plain eager call runs the op's bodies through an autograd.Function (no dispatcher); forcing the
-    registered op (as under a tracer) must give the same loss and gradient bitwise, and neither path may
-    silently return a zero second derivative."""
-    from unittest.mock import patch
-
-    gen = torch.Generator().manual_seed(8)
-    logits = torch.randn(*shape, generator=gen)
-    target = torch.randint(0, shape[1], (shape[0],), generator=gen)
-    lam = torch.rand(shape[0], generator=gen)
-    direct = run_loss(logits, target, lam, None, 0.1)
-    with patch("mixrecipe.loss.tracing", return_value=True):
-        registered = run_loss(logits, target, lam, None, 0.1)
-    assert torch.equal(direct[0], registered[0]) and torch.equal(direct[1], registered[1])
-    for force_op in (False, True):
-        with patch("mixrecipe.loss.tracing", return_value=force_op):
-            x = logits.clone().requires_grad_()
-            (grad,) = torch.autograd.grad(mixup_cross_entropy(x, target, lam), x, create_graph=True)
-            with pytest.raises(RuntimeError):
-                grad.sum().backward()
-
-
-@pytest.mark.parametrize("lam_kind", ["float", "tensor"])
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_a_checked_signature_skips_the_checks_but_not_the_value_checks(monkeypatch, lam_kind, reduction):
-    """Numba-row calls of one signature are checked once; later ones (new values) still give the reference
-    loss and gradient, still refuse bad class indices and weights, and a changed signature (an int32
-    target, a partner permutation, float64 logits, a float64 weight) is checked again and computed right."""
-    from mixrecipe import loss as loss_module
-
-    monkeypatch.setattr(loss_module, "_CHECKED_CALLS", set())
-    checked = []
-    real = loss_module._check_logits
-    monkeypatch.setattr(loss_module, "_check_logits", lambda z: (checked.append(1), real(z)))
-    g = torch.Generator().manual_seed(3)
-
-    def weights():
-        return float(torch.rand((), generator=g)) if lam_kind == "float" else torch.rand(6, generator=g)
-
-    for _ in range(3):
-        logits = torch.randn(6, 7, generator=g)
-        target, lam = torch.randint(0, 7, (6,), generator=g), weights()
-        got = run_loss(logits, target, lam, smoothing=0.1, reduction=reduction)
-        want = dense_reference(logits, target, lam, smoothing=0.1, reduction=reduction)
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
-    assert len(checked) == 1
-    with pytest.raises(ValueError, match=r"class indices from .* outside \[0, num_classes=7\)"):
-        mixup_cross_entropy(logits, torch.tensor([0, 1, 7, 2, 3, 4]), weights(), reduction=reduction,
-                            label_smoothing=0.1)
-    bad = 1.5 if lam_kind == "float" else torch.tensor([0.5, 0.5, float("nan"), 0.5, 0.5, 0.5])
-    with pytest.raises(ValueError, match="lam must lie in"):
-        mixup_cross_entropy(logits, target, bad, reduction=reduction, label_smoothing=0.1)
-    perm = torch.randperm(6, generator=g)
-    lam = weights()
-    for z, t, p, w in ((logits, target.int(), None, lam), (logits, target, perm, lam),
-                       (logits.double(), target, None, lam),
-                       (logits, target, None, lam.double() if isinstance(lam, torch.Tensor) else lam)):
-        for _ in range(2):  # the second call of a signature may take the shortcut
-            got = run_loss(z, t, w, p, smoothing=0.1, reduction=reduction)
-            want = dense_reference(z, t.long(), w, p, smoothing=0.1, reduction=reduction)
-            for a, b in zip(got, want):
-                torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
