@@ -124,7 +124,7 @@ def environment(device: torch.device) -> str:
 
 
 # How long PyTorch's OpenMP threads spin after a parallel region: it decides how much a CPU pass started
-# right after one is slowed (bench/omp_contention.py), so every results file records them.
+# right after one is slowed, so every results file records them.
 OPENMP_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")
 
 
@@ -175,7 +175,7 @@ def time_cpu_interleaved(
     untimed before every round.
 
     The order is shuffled every round (seeded): a call that follows a parallel PyTorch op runs while
-    PyTorch's OpenMP threads still spin (``bench/omp_contention.py``), so a fixed order would charge that
+    PyTorch's OpenMP threads still spin, so a fixed order would charge that
     to whichever callables come first.
     """
     rng = random.Random(0)

@@ -109,17 +109,6 @@ def test_bench_step_quick(tmp_path, device):
             assert 0 < float(r["mix_share_pct"]) < 100
 
 
-def test_omp_contention_quick(tmp_path):
-    cmd = [sys.executable, str(ROOT / "bench" / "omp_contention.py"), "--quick", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    table = (tmp_path / "cpu-omp.md").read_text()
-    rows = [line.split("|")[1:-1] for line in table.splitlines()
-            if line.startswith("| ") and "gap" not in line]
-    assert [float(r[0]) for r in rows] == [0.0, 1.0, 5.0, 20.0]
-    assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
-
-
 def test_interleaved_timing_shuffles_the_order_every_round():
     """Every round calls each callable once, before_round first, in an order that changes between rounds
     (a fixed order would charge PyTorch's spinning OpenMP threads to whoever comes first)."""

@@ -20,11 +20,10 @@ LAYERS = {
     "mixrecipe.kernels.mixup": 1, "mixrecipe.kernels.cross_entropy": 1, "mixrecipe.kernels.aot": 1,
     "mixrecipe.kernels.augment": 1,
     "mixrecipe.kernels": 2,
-    "mixrecipe.cpu_memory": 2,  # reused pages for large CPU outputs (mmap, madvise)
-    "mixrecipe.checks": 2,  # argument rules, also applied by the CPU kernel's launcher (class-index range)
-    # Pure helpers: settings, float64 semantics, the CPU switch, the CPU kernel, metric math.
+    "mixrecipe.checks": 2,  # argument rules, shared by every entry point
+    # Pure helpers: settings, float64 semantics, the CPU switch, the draws, metric math.
     "mixrecipe.config": 3, "mixrecipe.reference": 3, "mixrecipe.backend": 3,
-    "mixrecipe.metrics": 3, "mixrecipe.cpu_kernel": 3, "mixrecipe.draws": 3,
+    "mixrecipe.metrics": 3, "mixrecipe.draws": 3,
     # The ops, and what the runner needs that knows nothing of mixing.
     "mixrecipe.ops": 4, "mixrecipe.models": 4, "mixrecipe.plots": 4, "mixrecipe.distributed": 4,
     "mixrecipe.outputs": 4,
