@@ -1,7 +1,7 @@
 """The autograd-free mixup ops: validate (``mixrecipe.checks``), allocate, dispatch.
 
 CUDA tensors run the fused Triton kernel (``kernels/mixup.py``) through its launch plan. CPU tensors run an
-eager path with the same semantics (a few whole-batch PyTorch ops), or the Triton kernel through the
+eager path with the same semantics, a cache-sized chunk of rows at a time, or the Triton kernel through the
 interpreter inside ``cpu_backend("triton")`` (how the tests check the kernel on a machine without a GPU;
 ``mixrecipe.backend`` holds the switch). The work is registered with ``torch.library.custom_op`` so that
 ``torch.compile(fullgraph=True)``, ``torch.export`` and FakeTensor see one opaque op; a plain eager call
@@ -35,6 +35,11 @@ from .reference import pixel_weights, smooth_targets
 
 __all__ = ["mix", "mixup", "mixup_target"]
 
+# Eager CPU path: rows per chunk sized so a chunk's temporaries stay in cache. Whole-batch temporaries were
+# 7-13x slower at ImageNet size (64x3x224x224: 17-76 against 2.4-5.8 ms), chunks 0.04 ms slower at CIFAR's.
+_CHUNK_ELEMS = 1 << 17
+
+
 # --------------------------------------------------------------------------------------------------
 # The work itself, on already-validated arguments.
 # --------------------------------------------------------------------------------------------------
@@ -54,16 +59,53 @@ def _lerp_into(dst: Tensor, start: Tensor, end: Tensor, weight) -> None:
         dst.copy_(torch.lerp(start, end, weight))
 
 
+def _rows(weights, lo: int, hi: int):
+    return weights if isinstance(weights, float) else weights[lo:hi]
+
+
 def _mix_images_eager(x, out, perm, lam_x, box, mean, std, in_scale):
-    """Normalize + gather + lerp over the whole batch in a few PyTorch ops. The partners are a copy (flip
-    or index_select), so the lerp may write into x itself."""
+    """Normalize + gather + lerp, a cache-sized chunk of rows at a time.
+
+    Flip pairing walks rows [i0, i1) from the front together with their partners [B-i1, B-i0) from the back
+    as plain views: each chunk is read once and written once (plus in-cache flips), and it can write in
+    place because both halves are loaded before either is written.
+    """
+    batch = x.shape[0]
+    if batch == 0:
+        return
+    n = x[0].numel()
     if box is None and not isinstance(lam_x, Tensor):
         weights = float(lam_x)  # one weight keeps the lerp on its cheapest path
     else:
         weights = pixel_weights(x.shape, lam_x, box, torch.float32, x.device)
-    own = _as_float(x, mean, std, in_scale, [1, -1] + [1] * (x.ndim - 2))
-    partner = own.flip(0) if perm is None else own.index_select(0, perm)
-    _lerp_into(out, partner, own, weights)
+    shape = [1, -1] + [1] * (x.ndim - 2)
+    norm = (mean, std, in_scale, shape)
+    step = max(1, _CHUNK_ELEMS // max(1, n))
+    if perm is not None:
+        for r0 in range(0, batch, step):
+            r1 = min(batch, r0 + step)
+            own = _as_float(x[r0:r1], *norm)
+            partner = _as_float(x.index_select(0, perm[r0:r1]), *norm)
+            _lerp_into(out[r0:r1], partner, own, _rows(weights, r0, r1))
+        return
+    half = batch // 2
+    front_is_view = mean is None and x.dtype == torch.float32
+    for i0 in range(0, half, step):
+        i1 = min(half, i0 + step)
+        j0, j1 = batch - i1, batch - i0
+        front = _as_float(x[i0:i1], *norm)
+        back = _as_float(x[j0:j1], *norm)
+        if i1 - i0 > 1:
+            back_partners = back.flip(0)  # flip copies: both taken before anything is written
+            front_partners = front.flip(0)
+        else:
+            # One pair (large samples): no reordering needed; keep the front row only if it gets overwritten.
+            back_partners = back
+            front_partners = front.clone() if front_is_view and out is x else front
+        _lerp_into(out[i0:i1], back_partners, front, _rows(weights, i0, i1))
+        _lerp_into(out[j0:j1], front_partners, back, _rows(weights, j0, j1))
+    if batch % 2 and (out is not x or mean is not None or in_scale != 1.0):
+        out[half:half + 1].copy_(_as_float(x[half:half + 1], *norm))  # the middle row is its own partner
 
 
 def _mix_labels_eager(target, soft, perm, lam_y, label_smoothing):

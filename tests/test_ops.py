@@ -514,9 +514,11 @@ def test_no_host_device_sync_on_cuda():
         torch.cuda.set_sync_debug_mode(0)
 
 
-@pytest.mark.parametrize("batch", [1, 2, 5, 8])
-def test_eager_path_in_and_out_of_place(batch):
-    """The CPU path, in place and out of place, odd and even batches, with boxes and normalization."""
+@pytest.mark.parametrize("chunk_elems", [1, 50, 1 << 17])
+@pytest.mark.parametrize("batch", [1, 5, 8])
+def test_eager_path_chunking(monkeypatch, chunk_elems, batch):
+    """The CPU path walks cache-sized chunks of pairs: any chunking gives the same answer."""
+    monkeypatch.setattr(ops, "_CHUNK_ELEMS", chunk_elems)
     x, target, g = make_case(batch, shape=(3, 4, 5))
     lam = torch.rand(batch, generator=g)
     boxes = make_boxes(batch, 4, 5, g, "cpu")
@@ -528,7 +530,7 @@ def test_eager_path_in_and_out_of_place(batch):
     ops.mixup(y, None, lam, mean=(0.1, 0.2, 0.3), std=(0.5, 2.0, 1.0), inplace=True)
     ref, _ = R.mix_reference(x, None, lam, mean=(0.1, 0.2, 0.3), std=(0.5, 2.0, 1.0), out_dtype=torch.float32)
     assert_matches_reference(y, ref, 16.0, torch.float32)
-    for dtype in DTYPES:  # in place, plain: a row's partner must be read before it is overwritten
+    for dtype in DTYPES:  # in place, plain: the front row must be kept before it is overwritten
         z = x.to(dtype)
         ref, _ = R.mix_reference(z, None, lam)
         ops.mixup(z, None, lam, inplace=True)
