@@ -1,5 +1,6 @@
-"""What more than one kernel needs: the interpreter flag, fp32 -> bf16 rounding, lerp, per-channel
-constants and the launch point.
+"""What more than one kernel needs: the interpreter flag, fp32 -> bf16 rounding, the launch point, and the
+mixing rules both mixing kernels (``mixup.py``, ``augment.py``) apply: the partner, each row's λ and its
+range check, the CutMix pixel weight, lerp, per-channel constants and the soft-label programs.
 
 Every launch goes through ``launch`` so that ``mixrecipe.kernels.aot`` can record the exact arguments the
 public API passes (and, while planning for a GPU, skip running them): the compile-for-GPU test derives its
@@ -15,7 +16,8 @@ import triton
 import triton.language as tl
 
 __all__ = ["interpreting", "plan_for_interpreter", "launch", "Launch", "record_launches", "to_bf16_rne",
-           "cast_to", "lerp", "per_channel"]
+           "cast_to", "lerp", "per_channel", "partner", "row_lam", "lam_ok", "pixel_weight", "mix_labels",
+           "lam_kind"]
 
 _launch_recorder = None  # the active LaunchRecorder, if any
 
@@ -152,3 +154,109 @@ def per_channel(ptr, ch, C, mask, other, SELECT: tl.constexpr):
     else:
         v = tl.load(ptr + ch, mask=mask, other=other)
     return v
+
+
+# Helpers below assign in both branches of a constexpr `if` and return once: `triton.compile` rejects a
+# function whose branches return different types (a block vs a scalar), which the interpreter accepts.
+@triton.jit
+def partner(perm_ptr, row_i, B, PAIRED: tl.constexpr):
+    """(row_j, valid): flip pairing (B-1-i) or perm[row_i] (int32 or int64). Bad indices can't be checked
+    on the host without a sync, so an out-of-range partner is replaced by the row itself, reported invalid
+    (the caller writes NaN), never read."""
+    if PAIRED:
+        row_j = B - 1 - row_i
+    else:
+        row_j = tl.load(perm_ptr + row_i).to(tl.int64)
+    valid = (row_j >= 0) & (row_j < B)
+    return tl.where(valid, row_j, row_i), valid
+
+
+@triton.jit
+def row_lam(lam_ptr, lam_value, row, stride, LAM_KIND: tl.constexpr):
+    # LAM_KIND 0: one host number for the batch; 1: one value in a device tensor; 2: one value per row.
+    if LAM_KIND == 0:
+        lam = lam_value
+    elif LAM_KIND == 1:
+        lam = tl.load(lam_ptr).to(tl.float32)
+    else:
+        lam = tl.load(lam_ptr + row * stride).to(tl.float32)
+    return lam
+
+
+@triton.jit
+def lam_ok(lam, LAM_KIND: tl.constexpr):
+    # A host number was range-checked on the host; a device value is checked here (reading it on the host
+    # would cost a synchronization): a weight outside [0, 1], or NaN, makes its row NaN.
+    if LAM_KIND == 0:
+        ok = True
+    else:
+        ok = (lam >= 0.0) & (lam <= 1.0)
+    return ok
+
+
+@triton.jit
+def pixel_weight(lam, box_ptr, box_stride, box_y0, box_y1, box_x0, box_x1, row, hh, ww,
+                 BOX_KIND: tl.constexpr):
+    # Inside the CutMix box the pixel comes from the partner (weight 0); outside it is lam. BOX_KIND 0: no
+    # box; 1: one box for the batch as four scalars (y0, y1, x0, x1), no tensor; 2: int32 boxes in a
+    # tensor, row r's at box_ptr + r * box_stride.
+    if BOX_KIND == 0:
+        w = lam
+    else:
+        if BOX_KIND == 1:
+            y0, y1, x0, x1 = box_y0, box_y1, box_x0, box_x1
+        else:
+            y0 = tl.load(box_ptr + row * box_stride + 0)
+            y1 = tl.load(box_ptr + row * box_stride + 1)
+            x0 = tl.load(box_ptr + row * box_stride + 2)
+            x1 = tl.load(box_ptr + row * box_stride + 3)
+        inside = (hh >= y0) & (hh < y1) & (ww >= x0) & (ww < x1)
+        w = tl.where(inside, 0.0, lam)
+    return w
+
+
+@triton.jit
+def _smoothed(target_ptr, stride_tb, row, ks, kmask, off, keep, TARGET_DENSE: tl.constexpr):
+    # s(t) = t * (1 - smoothing) + smoothing / K; for class indices t is one-hot.
+    if TARGET_DENSE:
+        t = tl.load(target_ptr + row * stride_tb + ks, mask=kmask, other=0.0).to(tl.float32)
+    else:
+        t = (ks == tl.load(target_ptr + row)).to(tl.float32)
+    return t * keep + off
+
+
+@triton.jit
+def mix_labels(
+    target_ptr, soft_ptr, perm_ptr, lam_ptr, lam_value, lam_stride, group, B, K, stride_tb, stride_sb, off,
+    keep, PAIRED: tl.constexpr, LAM_KIND: tl.constexpr, TARGET_DENSE: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The soft labels of one row group (a flip pair, or one row with a permutation): timm's smoothed
+    targets, lerped with the rows' label λ."""
+    row_i = group
+    row_j, valid = partner(perm_ptr, row_i, B, PAIRED)
+    if not TARGET_DENSE:
+        # A class index outside [0, K) poisons its own row (and its partner's) with NaN: never silent.
+        ci = tl.load(target_ptr + row_i)
+        cj = tl.load(target_ptr + row_j)
+        valid = valid & (ci >= 0) & (ci < K) & (cj >= 0) & (cj < K)
+    lam_i = row_lam(lam_ptr, lam_value, row_i, lam_stride, LAM_KIND)
+    lam_j = row_lam(lam_ptr, lam_value, row_j, lam_stride, LAM_KIND)
+    valid_i = valid & lam_ok(lam_i, LAM_KIND)
+    valid_j = valid & lam_ok(lam_j, LAM_KIND)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < K
+        s_i = _smoothed(target_ptr, stride_tb, row_i, ks, kmask, off, keep, TARGET_DENSE)
+        s_j = _smoothed(target_ptr, stride_tb, row_j, ks, kmask, off, keep, TARGET_DENSE)
+        y_i = tl.where(valid_i, lerp(s_j, s_i, lam_i), float("nan"))
+        tl.store(soft_ptr + row_i * stride_sb + ks, y_i, mask=kmask)
+        if PAIRED:
+            y_j = tl.where(valid_j, lerp(s_i, s_j, lam_j), float("nan"))
+            tl.store(soft_ptr + row_j * stride_sb + ks, y_j, mask=kmask)
+
+
+def lam_kind(lam) -> tuple[int, int]:
+    """(LAM_KIND, stride) of a weight as the kernels take it: a number, a 0-d or a (B,) tensor."""
+    if not hasattr(lam, "ndim"):
+        return 0, 0
+    return (1, 0) if lam.ndim == 0 else (2, lam.stride(0))

@@ -27,50 +27,21 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cast_to, launch, lerp, per_channel, plan_for_interpreter
+from ._common import (
+    cast_to,
+    lam_kind,
+    lam_ok,
+    launch,
+    lerp,
+    mix_labels,
+    partner,
+    per_channel,
+    pixel_weight,
+    plan_for_interpreter,
+    row_lam,
+)
 
 __all__ = ["augment_mix_launch"]
-
-
-@triton.jit
-def _row_value(ptr, value, row, stride, SCALAR: tl.constexpr):
-    # λ of a row: a scalar argument, or a load (stride 0 for one value in a 0-d tensor). One return.
-    if SCALAR:
-        v = value
-    else:
-        v = tl.load(ptr + row * stride).to(tl.float32)
-    return v
-
-
-@triton.jit
-def _weight(lam, box_ptr, stride_box, box_y0, box_y1, box_x0, box_x1, row, hh, ww, HAS_BOX: tl.constexpr,
-            BOX_SCALAR: tl.constexpr):
-    # Inside the row's CutMix box the pixel is the partner's (weight 0), outside it is lam.
-    if HAS_BOX:
-        if BOX_SCALAR:
-            y0, y1, x0, x1 = box_y0, box_y1, box_x0, box_x1
-        else:
-            y0 = tl.load(box_ptr + row * stride_box + 0)
-            y1 = tl.load(box_ptr + row * stride_box + 1)
-            x0 = tl.load(box_ptr + row * stride_box + 2)
-            x1 = tl.load(box_ptr + row * stride_box + 3)
-        inside = (hh >= y0) & (hh < y1) & (ww >= x0) & (ww < x1)
-        w = tl.where(inside, 0.0, lam)
-    else:
-        w = lam
-    return w
-
-
-@triton.jit
-def _partner(perm_ptr, row_i, B, PAIRED: tl.constexpr):
-    """(row_j, valid): flip pairing or perm[row_i]; an out-of-range partner becomes the row itself and is
-    reported invalid (-> NaN output), never read."""
-    if PAIRED:
-        row_j = B - 1 - row_i
-    else:
-        row_j = tl.load(perm_ptr + row_i)
-    valid = (row_j >= 0) & (row_j < B)
-    return tl.where(valid, row_j, row_i), valid
 
 
 @triton.jit
@@ -105,13 +76,13 @@ def _augment_images(
     mean_ptr, inv_std_ptr, in_scale,
     pid, B, N, N_data, C, H, W, pad, stride_dn, stride_dc, stride_dh, stride_dw,
     stride_ob, stride_oc, stride_oh, stride_ow, n_blocks,
-    PAIRED: tl.constexpr, LAM_SCALAR: tl.constexpr, HAS_BOX: tl.constexpr, BOX_SCALAR: tl.constexpr,
+    PAIRED: tl.constexpr, LAM_KIND: tl.constexpr, BOX_KIND: tl.constexpr,
     HAS_CROP: tl.constexpr, HAS_FLIP: tl.constexpr, NORM_SELECT: tl.constexpr, ROUND_BF16: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
     row_i = pid // n_blocks
     blk = (pid % n_blocks).to(tl.int32)  # in-sample offsets stay int32 (N < 2**31 is checked on the host)
-    row_j, valid = _partner(perm_ptr, row_i, B, PAIRED)
+    row_j, valid = partner(perm_ptr, row_i, B, PAIRED)
 
     offs = blk * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)  # offset inside one output sample, in memory order
     mask = offs < N
@@ -130,43 +101,18 @@ def _augment_images(
     good = valid & ok_i & ok_j
     out_dtype = out_ptr.dtype.element_ty
 
-    lam_i = _row_value(lam_ptr, lam_value, row_i, stride_lam, LAM_SCALAR)
-    w_i = _weight(lam_i, box_ptr, stride_box, box_y0, box_y1, box_x0, box_x1, row_i, hh, ww, HAS_BOX,
-                  BOX_SCALAR)
-    out_i = tl.where(good, lerp(b, a, w_i), float("nan"))
+    lam_i = row_lam(lam_ptr, lam_value, row_i, stride_lam, LAM_KIND)
+    w_i = pixel_weight(lam_i, box_ptr, stride_box, box_y0, box_y1, box_x0, box_x1, row_i, hh, ww,
+                       BOX_KIND)
+    out_i = tl.where(good & lam_ok(lam_i, LAM_KIND), lerp(b, a, w_i), float("nan"))
     tl.store(out_ptr + row_i * stride_ob + offs, cast_to(out_i, out_dtype, ROUND_BF16), mask=mask)
     if PAIRED:
         # The partner row from the same two gathers (with an odd B the middle row writes itself twice).
-        lam_j = _row_value(lam_ptr, lam_value, row_j, stride_lam, LAM_SCALAR)
-        w_j = _weight(lam_j, box_ptr, stride_box, box_y0, box_y1, box_x0, box_x1, row_j, hh, ww, HAS_BOX,
-                      BOX_SCALAR)
-        out_j = tl.where(good, lerp(a, b, w_j), float("nan"))
+        lam_j = row_lam(lam_ptr, lam_value, row_j, stride_lam, LAM_KIND)
+        w_j = pixel_weight(lam_j, box_ptr, stride_box, box_y0, box_y1, box_x0, box_x1, row_j, hh, ww,
+                           BOX_KIND)
+        out_j = tl.where(good & lam_ok(lam_j, LAM_KIND), lerp(a, b, w_j), float("nan"))
         tl.store(out_ptr + row_j * stride_ob + offs, cast_to(out_j, out_dtype, ROUND_BF16), mask=mask)
-
-
-@triton.jit
-def _augment_labels(
-    target_ptr, soft_ptr, perm_ptr, lam_ptr, lam_value, stride_lam, group, B, K, stride_sb, off, keep,
-    PAIRED: tl.constexpr, LAM_SCALAR: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    # Soft targets s(t) = onehot(t) * (1 - smoothing) + smoothing / K, mixed with the label λ.
-    row_i = group
-    row_j, valid = _partner(perm_ptr, row_i, B, PAIRED)
-    ci = tl.load(target_ptr + row_i)
-    cj = tl.load(target_ptr + row_j)
-    valid = valid & (ci >= 0) & (ci < K) & (cj >= 0) & (cj < K)  # a bad class poisons its rows, never silent
-    lam_i = _row_value(lam_ptr, lam_value, row_i, stride_lam, LAM_SCALAR)
-    lam_j = _row_value(lam_ptr, lam_value, row_j, stride_lam, LAM_SCALAR)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        kmask = ks < K
-        s_i = (ks == ci).to(tl.float32) * keep + off
-        s_j = (ks == cj).to(tl.float32) * keep + off
-        tl.store(soft_ptr + row_i * stride_sb + ks, tl.where(valid, lerp(s_j, s_i, lam_i), float("nan")),
-                 mask=kmask)
-        if PAIRED:
-            tl.store(soft_ptr + row_j * stride_sb + ks, tl.where(valid, lerp(s_i, s_j, lam_j), float("nan")),
-                     mask=kmask)
 
 
 # The scalar box moves every call: specializing on its values would compile new variants as it moves.
@@ -178,8 +124,8 @@ def _augment_mix_kernel(
     target_ptr, soft_ptr, lamy_ptr, lamy_value, stride_lamy, off, keep,
     B, N, N_data, C, H, W, K, pad, stride_dn, stride_dc, stride_dh, stride_dw,
     stride_ob, stride_oc, stride_oh, stride_ow, stride_sb, n_blocks, n_image_programs,
-    PAIRED: tl.constexpr, LAMX_SCALAR: tl.constexpr, LAMY_SCALAR: tl.constexpr, HAS_BOX: tl.constexpr,
-    BOX_SCALAR: tl.constexpr, HAS_CROP: tl.constexpr, HAS_FLIP: tl.constexpr, NORM_SELECT: tl.constexpr,
+    PAIRED: tl.constexpr, LAMX_KIND: tl.constexpr, LAMY_KIND: tl.constexpr, BOX_KIND: tl.constexpr,
+    HAS_CROP: tl.constexpr, HAS_FLIP: tl.constexpr, NORM_SELECT: tl.constexpr,
     HAS_TARGET: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)  # int64: row * stride overflows int32 on big batches
@@ -190,12 +136,13 @@ def _augment_mix_kernel(
             mean_ptr, inv_std_ptr, in_scale,
             pid, B, N, N_data, C, H, W, pad, stride_dn, stride_dc, stride_dh, stride_dw,
             stride_ob, stride_oc, stride_oh, stride_ow, n_blocks,
-            PAIRED, LAMX_SCALAR, HAS_BOX, BOX_SCALAR, HAS_CROP, HAS_FLIP, NORM_SELECT, ROUND_BF16, BLOCK_SIZE,
+            PAIRED, LAMX_KIND, BOX_KIND, HAS_CROP, HAS_FLIP, NORM_SELECT, ROUND_BF16, BLOCK_SIZE,
         )
     if HAS_TARGET:
         if pid >= n_image_programs:
-            _augment_labels(target_ptr, soft_ptr, perm_ptr, lamy_ptr, lamy_value, stride_lamy,
-                            pid - n_image_programs, B, K, stride_sb, off, keep, PAIRED, LAMY_SCALAR, BLOCK_K)
+            mix_labels(target_ptr, soft_ptr, perm_ptr, lamy_ptr, lamy_value, stride_lamy,
+                       pid - n_image_programs, B, K, 0, stride_sb, off, keep, PAIRED, LAMY_KIND, False,
+                       BLOCK_K)
 
 
 def _block_size(n: int) -> tuple[int, int]:
@@ -205,13 +152,6 @@ def _block_size(n: int) -> tuple[int, int]:
     if n >= 8192:
         return 4096, 8
     return max(128, min(triton.next_power_of_2(n), 2048)), 4
-
-
-def _scalar_or_tensor(v):
-    """(pointer-or-None, value, stride) of a λ: a float, a 0-d tensor (stride 0) or a (B,) tensor."""
-    if isinstance(v, torch.Tensor):
-        return v, 0.0, (v.stride(0) if v.ndim else 0)
-    return None, float(v), 0
 
 
 def augment_mix_launch(
@@ -262,15 +202,17 @@ def augment_mix_launch(
     n_programs = n_image_programs + (n_groups if has_target else 0)
     if n_programs == 0:
         return
-    dummy = torch.empty(1, dtype=torch.float32, device=out.device)
+    dummy = out  # stands in for pointers the kernel never reads
     num_classes = soft.shape[1] if has_target else 1
     block_k = min(triton.next_power_of_2(num_classes), 1 << 14 if plan_for_interpreter() else 2048)
-    lamx_ptr, lamx_value, stride_lamx = _scalar_or_tensor(lam_x)
-    lamy_ptr, lamy_value, stride_lamy = _scalar_or_tensor(lam_y)
-    box_scalar = isinstance(box, tuple)
-    box_values = tuple(int(v) for v in box) if box_scalar else (0, 0, 0, 0)
-    box_tensor = box if isinstance(box, torch.Tensor) else None
-    stride_box = (box.stride(0) if box.ndim == 2 else 0) if box_tensor is not None else 0
+    lamx_kind, stride_lamx = lam_kind(lam_x)
+    lamy_kind, stride_lamy = lam_kind(lam_y)
+    lamx_ptr, lamx_value = (lam_x, 0.0) if lamx_kind else (None, float(lam_x))
+    lamy_ptr, lamy_value = (lam_y, 0.0) if lamy_kind else (None, float(lam_y))
+    box_kind = 0 if box is None else 1 if isinstance(box, tuple) else 2
+    box_values = tuple(int(v) for v in box) if box_kind == 1 else (0, 0, 0, 0)
+    box_tensor = box if box_kind == 2 else None
+    stride_box = (box.stride(0) if box.ndim == 2 else 0) if box_kind == 2 else 0
     has_crop = oy is not None
     round_bf16 = out.dtype == torch.bfloat16 and plan_for_interpreter()
 
@@ -288,8 +230,8 @@ def augment_mix_launch(
         data.stride(0), data.stride(1), data.stride(2), data.stride(3),
         out.stride(0), out.stride(1), out.stride(2), out.stride(3), soft.stride(0) if has_target else 0,
         n_blocks, n_image_programs,
-        PAIRED=paired, LAMX_SCALAR=lamx_ptr is None, LAMY_SCALAR=lamy_ptr is None,
-        HAS_BOX=box is not None, BOX_SCALAR=box_scalar, HAS_CROP=has_crop, HAS_FLIP=flip is not None,
+        PAIRED=paired, LAMX_KIND=lamx_kind, LAMY_KIND=lamy_kind, BOX_KIND=box_kind, HAS_CROP=has_crop,
+        HAS_FLIP=flip is not None,
         NORM_SELECT=channels <= 4, HAS_TARGET=has_target, ROUND_BF16=round_bf16,
         BLOCK_SIZE=block, BLOCK_K=block_k, num_warps=warps,
     )

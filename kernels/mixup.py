@@ -18,7 +18,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import Launch, cast_to, lerp, per_channel, plan_for_interpreter
+from ._common import (
+    Launch,
+    cast_to,
+    lam_kind,
+    lam_ok,
+    lerp,
+    mix_labels,
+    partner,
+    per_channel,
+    pixel_weight,
+    plan_for_interpreter,
+    row_lam,
+)
 
 __all__ = ["mix_launch"]
 
@@ -26,65 +38,11 @@ __all__ = ["mix_launch"]
 # Helpers below assign in both branches of a constexpr `if` and return once: `triton.compile` rejects a
 # function whose branches return different types (a block vs a scalar), which the interpreter accepts.
 @triton.jit
-def _row_lam(lam_ptr, lam_value, row, LAM_KIND: tl.constexpr):
-    # LAM_KIND 0: one host number for the batch; 1: one value in a device tensor; 2: one value per row.
-    if LAM_KIND == 0:
-        lam = lam_value
-    elif LAM_KIND == 1:
-        lam = tl.load(lam_ptr).to(tl.float32)
-    else:
-        lam = tl.load(lam_ptr + row).to(tl.float32)
-    return lam
-
-
-@triton.jit
-def _lam_ok(lam, LAM_KIND: tl.constexpr):
-    # A host number was range-checked on the host; a device value is checked here (reading it on the host
-    # would cost a synchronization): a weight outside [0, 1], or NaN, makes its row NaN.
-    if LAM_KIND == 0:
-        ok = True
-    else:
-        ok = (lam >= 0.0) & (lam <= 1.0)
-    return ok
-
-
-@triton.jit
-def _pixel_weight(lam, box_ptr, box_y0, box_y1, box_x0, box_x1, row, hh, ww, BOX_KIND: tl.constexpr):
-    # Inside the CutMix box the pixel comes from the partner (weight 0); outside it is lam. BOX_KIND 0: no
-    # box; 1: one box for the batch as four scalars (y0, y1, x0, x1), no tensor; 2: an int32 (B, 4) tensor.
-    if BOX_KIND == 0:
-        w = lam
-    else:
-        if BOX_KIND == 1:
-            y0, y1, x0, x1 = box_y0, box_y1, box_x0, box_x1
-        else:
-            y0 = tl.load(box_ptr + row * 4 + 0)
-            y1 = tl.load(box_ptr + row * 4 + 1)
-            x0 = tl.load(box_ptr + row * 4 + 2)
-            x1 = tl.load(box_ptr + row * 4 + 3)
-        inside = (hh >= y0) & (hh < y1) & (ww >= x0) & (ww < x1)
-        w = tl.where(inside, 0.0, lam)
-    return w
-
-
-@triton.jit
 def _load_normalized(ptr, offs, mask, mean, std, in_scale, HAS_NORM: tl.constexpr):
     v = tl.load(ptr + offs, mask=mask, other=0).to(tl.float32) * in_scale  # 1/255 for uint8, else exact
     if HAS_NORM:
         v = (v - mean) / std
     return v
-
-
-@triton.jit
-def _partner(perm_ptr, row_i, B, PAIRED: tl.constexpr):
-    """(row_j, valid): flip pairing or perm[row_i] (int32 or int64). Bad indices can't be checked on the
-    host without a sync, so an out-of-range partner is replaced by the row itself and reported invalid."""
-    if PAIRED:
-        row_j = B - 1 - row_i
-    else:
-        row_j = tl.load(perm_ptr + row_i).to(tl.int64)
-    valid = (row_j >= 0) & (row_j < B)
-    return tl.where(valid, row_j, row_i), valid
 
 
 @triton.jit
@@ -98,7 +56,7 @@ def _mix_images(
     group = pid // n_blocks
     blk = (pid % n_blocks).to(tl.int32)  # in-sample offsets stay int32 (ops checks N < 2**31): cheap div/mod
     row_i = group
-    row_j, valid = _partner(perm_ptr, row_i, B, PAIRED)
+    row_j, valid = partner(perm_ptr, row_i, B, PAIRED)
 
     offs = blk * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)  # offset inside one sample, in memory order
     mask = offs < N
@@ -117,55 +75,17 @@ def _mix_images(
     a = _load_normalized(x_ptr + row_i * stride_xb, offs, mask, mean, std, in_scale, HAS_NORM)
     b = _load_normalized(x_ptr + row_j * stride_xb, offs, mask, mean, std, in_scale, HAS_NORM)
 
-    lam_i = _row_lam(lam_ptr, lam_value, row_i, LAM_KIND)
-    w_i = _pixel_weight(lam_i, box_ptr, box_y0, box_y1, box_x0, box_x1, row_i, hh, ww, BOX_KIND)
-    out_i = tl.where(valid & _lam_ok(lam_i, LAM_KIND), lerp(b, a, w_i), float("nan"))
+    lam_i = row_lam(lam_ptr, lam_value, row_i, 1, LAM_KIND)  # (B,) weights and (B, 4) boxes: contiguous
+    w_i = pixel_weight(lam_i, box_ptr, 4, box_y0, box_y1, box_x0, box_x1, row_i, hh, ww, BOX_KIND)
+    out_i = tl.where(valid & lam_ok(lam_i, LAM_KIND), lerp(b, a, w_i), float("nan"))
     out_dtype = out_ptr.dtype.element_ty
     tl.store(out_ptr + row_i * stride_ob + offs, cast_to(out_i, out_dtype, ROUND_BF16), mask=mask)
     if PAIRED:
         # The partner row, from the same two loads: this is what makes the in-place pass safe.
-        lam_j = _row_lam(lam_ptr, lam_value, row_j, LAM_KIND)
-        w_j = _pixel_weight(lam_j, box_ptr, box_y0, box_y1, box_x0, box_x1, row_j, hh, ww, BOX_KIND)
-        out_j = tl.where(_lam_ok(lam_j, LAM_KIND), lerp(a, b, w_j), float("nan"))
+        lam_j = row_lam(lam_ptr, lam_value, row_j, 1, LAM_KIND)
+        w_j = pixel_weight(lam_j, box_ptr, 4, box_y0, box_y1, box_x0, box_x1, row_j, hh, ww, BOX_KIND)
+        out_j = tl.where(lam_ok(lam_j, LAM_KIND), lerp(a, b, w_j), float("nan"))
         tl.store(out_ptr + row_j * stride_ob + offs, cast_to(out_j, out_dtype, ROUND_BF16), mask=mask)
-
-
-@triton.jit
-def _smoothed(target_ptr, stride_tb, row, ks, kmask, off, keep, TARGET_DENSE: tl.constexpr):
-    # s(t) = t * (1 - smoothing) + smoothing / K; for class indices t is one-hot.
-    if TARGET_DENSE:
-        t = tl.load(target_ptr + row * stride_tb + ks, mask=kmask, other=0.0).to(tl.float32)
-    else:
-        t = (ks == tl.load(target_ptr + row)).to(tl.float32)
-    return t * keep + off
-
-
-@triton.jit
-def _mix_labels(
-    target_ptr, soft_ptr, perm_ptr, lam_ptr, lam_value, group, B, K, stride_tb, stride_sb, off, keep,
-    PAIRED: tl.constexpr, LAM_KIND: tl.constexpr, TARGET_DENSE: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    row_i = group
-    row_j, valid = _partner(perm_ptr, row_i, B, PAIRED)
-    if not TARGET_DENSE:
-        # A class index outside [0, K) poisons its own row (and its partner's) with NaN: never silent.
-        ci = tl.load(target_ptr + row_i)
-        cj = tl.load(target_ptr + row_j)
-        valid = valid & (ci >= 0) & (ci < K) & (cj >= 0) & (cj < K)
-    lam_i = _row_lam(lam_ptr, lam_value, row_i, LAM_KIND)
-    lam_j = _row_lam(lam_ptr, lam_value, row_j, LAM_KIND)
-    valid_i = valid & _lam_ok(lam_i, LAM_KIND)
-    valid_j = valid & _lam_ok(lam_j, LAM_KIND)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        kmask = ks < K
-        s_i = _smoothed(target_ptr, stride_tb, row_i, ks, kmask, off, keep, TARGET_DENSE)
-        s_j = _smoothed(target_ptr, stride_tb, row_j, ks, kmask, off, keep, TARGET_DENSE)
-        y_i = tl.where(valid_i, lerp(s_j, s_i, lam_i), float("nan"))
-        tl.store(soft_ptr + row_i * stride_sb + ks, y_i, mask=kmask)
-        if PAIRED:
-            y_j = tl.where(valid_j, lerp(s_i, s_j, lam_j), float("nan"))
-            tl.store(soft_ptr + row_j * stride_sb + ks, y_j, mask=kmask)
 
 
 # The scalar box's values change every call: specializing on them (== 1, multiples of 16) would compile
@@ -192,8 +112,8 @@ def _mix_fwd_kernel(
             )
     if HAS_TARGET:
         if pid >= n_image_programs:
-            _mix_labels(
-                target_ptr, soft_ptr, perm_ptr, lamy_ptr, lamy_value, pid - n_image_programs, B, K,
+            mix_labels(
+                target_ptr, soft_ptr, perm_ptr, lamy_ptr, lamy_value, 1, pid - n_image_programs, B, K,
                 stride_tb, stride_sb, off, keep, PAIRED, LAMY_KIND, TARGET_DENSE, BLOCK_K,
             )
 
@@ -205,12 +125,6 @@ def _block_size(n: int) -> tuple[int, int]:
     if n >= 8192:
         return 4096, 8
     return max(128, min(triton.next_power_of_2(n), 2048)), 4
-
-
-def _lam_kind(lam) -> int:
-    if not isinstance(lam, torch.Tensor):
-        return 0
-    return 1 if lam.numel() == 1 and lam.ndim == 0 else 2
 
 
 def _meta(t):
@@ -252,7 +166,7 @@ def _make_plan(x, out, target, soft, perm, lam_x, lam_y, box, mean, std, batch_s
     num_classes = soft.shape[1] if has_target else 1
     box_kind = 0 if box is None else 2 if isinstance(box, torch.Tensor) else 1
     constexprs = dict(
-        PAIRED=paired, LAMX_KIND=_lam_kind(lam_x), LAMY_KIND=_lam_kind(lam_y), HAS_IMAGE=has_image,
+        PAIRED=paired, LAMX_KIND=lam_kind(lam_x)[0], LAMY_KIND=lam_kind(lam_y)[0], HAS_IMAGE=has_image,
         BOX_KIND=box_kind, HAS_NORM=mean is not None, NORM_SELECT=mean is not None and channels <= 4,
         HAS_TARGET=has_target, TARGET_DENSE=has_target and target.ndim == 2,
         ROUND_BF16=has_image and out.dtype == torch.bfloat16 and plan_for_interpreter(),

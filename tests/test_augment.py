@@ -229,11 +229,12 @@ def test_every_augment_launch_compiles_for_sm80_and_sm90(tmp_path):
     descs = record_augment()
     assert {d["kernel"].split(":")[1] for d in descs} == {"_augment_mix_kernel"}
     switches = {k for d in descs for k, v in d["kwargs"].items() if v == {"const": True}}
-    for name in ("PAIRED", "LAMX_SCALAR", "HAS_BOX", "BOX_SCALAR", "HAS_CROP", "HAS_FLIP", "HAS_TARGET",
-                 "NORM_SELECT"):
+    for name in ("PAIRED", "HAS_CROP", "HAS_FLIP", "HAS_TARGET", "NORM_SELECT"):
         assert name in switches, name
-    for name in ("PAIRED", "LAMX_SCALAR", "HAS_BOX", "HAS_CROP", "HAS_FLIP", "HAS_TARGET", "NORM_SELECT"):
         assert any(d["kwargs"][name] == {"const": False} for d in descs), name
+    kinds = {(k, v["int"]) for d in descs for k, v in d["kwargs"].items() if k.endswith("_KIND")}
+    for name in ("LAMX_KIND", "BOX_KIND"):  # a number, one device value / four numbers, one per row
+        assert {(name, 0), (name, 1), (name, 2)} <= kinds, (name, kinds)
     launches = tmp_path / "launches.json"
     launches.write_text(json.dumps(descs))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
