@@ -12,12 +12,13 @@ from __future__ import annotations
 import contextlib
 import os
 
+import torch
 import triton
 import triton.language as tl
 
-__all__ = ["interpreting", "plan_for_interpreter", "launch", "Launch", "record_launches", "to_bf16_rne",
-           "cast_to", "lerp", "per_channel", "partner", "row_lam", "lam_ok", "pixel_weight", "mix_labels",
-           "lam_kind"]
+__all__ = ["interpreting", "plan_for_interpreter", "launch", "Launch", "launch_planned", "record_launches",
+           "to_bf16_rne", "cast_to", "lerp", "per_channel", "partner", "row_lam", "lam_ok", "pixel_weight",
+           "mix_labels", "lam_kind"]
 
 _launch_recorder = None  # the active LaunchRecorder, if any
 
@@ -154,6 +155,36 @@ def per_channel(ptr, ch, C, mask, other, SELECT: tl.constexpr):
     else:
         v = tl.load(ptr + ch, mask=mask, other=other)
     return v
+
+
+def _specialization(value, exact: bool):
+    """What of one runtime argument can change Triton's specialization, a little finer than Triton's own
+    binder (finer only costs another look-up through the JIT): a tensor's dtype and 16-byte alignment; an
+    int's value (``exact``) or, for a do_not_specialize one, whether it fits int32; a float nothing."""
+    if isinstance(value, torch.Tensor):
+        return value.dtype, value.data_ptr() % 16 == 0
+    if isinstance(value, bool) or not isinstance(value, int):
+        return type(value)
+    return value if exact else -2**31 <= value < 2**31
+
+
+_LAUNCHES: dict = {}
+
+
+def launch_planned(kernel, grid: tuple, args: tuple, constexprs: dict) -> None:
+    """``kernel[grid](*args, **constexprs)`` through a :class:`Launch` kept per specialization: after the
+    first call of one, a GPU runs the compiled kernel directly. The key is derived from the arguments
+    themselves (:func:`_specialization`), so it cannot miss what Triton specializes on."""
+    loose = getattr(kernel, "do_not_specialize", None) or ()
+    key = (kernel, grid, tuple(sorted(constexprs.items())), plan_for_interpreter(),
+           tuple(_specialization(v, i not in loose and kernel.arg_names[i] not in loose)
+                 for i, v in enumerate(args)))
+    run = _LAUNCHES.get(key)
+    if run is None:
+        if len(_LAUNCHES) >= 256:
+            _LAUNCHES.clear()
+        run = _LAUNCHES[key] = Launch(kernel, grid, constexprs)
+    run(*args)
 
 
 # Helpers below assign in both branches of a constexpr `if` and return once: `triton.compile` rejects a

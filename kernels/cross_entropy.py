@@ -21,11 +21,9 @@ loss and as every element of its gradient row; the other rows are unaffected.
 
 Launch cost: a float ``lam`` (one weight for the batch) is a kernel scalar, so a call makes no tensor but its
 outputs. Scalars that change from call to call (``lam_value``, the batch size, the gradient's scale) are
-``do_not_specialize``: a last batch of another size or a new lam never compiles a new variant. The compiled
-kernel is not cached and called directly (``CompiledKernel.run``): its cache key would have to repeat the
-binder's rules (dtypes, 16-byte alignment of every pointer, ints equal to 1) by hand, which change between
-Triton releases (3.6 on the GPU machine, 3.8 here), and the interpreter, where the tests run, has no
-compiled kernel to test that path with.
+``do_not_specialize``: a last batch of another size or a new lam never compiles a new variant. Launches go
+through ``_common.launch_planned``: after the first call of a specialization a GPU runs the compiled kernel
+directly, keyed by what the arguments could specialize on (dtypes, pointer alignment, int values).
 """
 
 from __future__ import annotations
@@ -34,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cast_to, interpreting, launch, plan_for_interpreter
+from ._common import cast_to, interpreting, launch_planned, plan_for_interpreter
 
 __all__ = ["mixup_ce_fwd", "mixup_ce_bwd"]
 
@@ -202,12 +200,12 @@ def mixup_ce_fwd(
         lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     block = _block_k(n_cols, block_k)
     align = _align(logits.stride(0), n_cols)
-    launch(
+    launch_planned(
         _mixup_ce_fwd_kernel, (n_rows,),
-        logits, logits.stride(0) // align, target, target if perm is None else perm,  # target: unread
-        lam_ptr, lam_value, stride_lam, loss, lse, n_rows, n_cols // align, float(smoothing),
-        HAS_PERM=perm is not None, LAM_SCALAR=lam_scalar, HAS_SMOOTHING=smoothing > 0, BLOCK_K=block,
-        ALIGN=align, num_warps=_num_warps(block),
+        (logits, logits.stride(0) // align, target, target if perm is None else perm,  # target: unread
+         lam_ptr, lam_value, stride_lam, loss, lse, n_rows, n_cols // align, float(smoothing)),
+        dict(HAS_PERM=perm is not None, LAM_SCALAR=lam_scalar, HAS_SMOOTHING=smoothing > 0, BLOCK_K=block,
+             ALIGN=align, num_warps=_num_warps(block)),
     )
     return loss, lse
 
@@ -245,14 +243,14 @@ def mixup_ce_bwd(
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
     block = _block_k(n_cols, block_k)
     align = _align(logits.stride(0), grad.stride(0), n_cols)
-    launch(
+    launch_planned(
         _mixup_ce_bwd_kernel, (n_rows,),
-        logits, logits.stride(0) // align, grad, grad.stride(0) // align,
-        grad_loss, grad_loss.stride(0) if grad_loss.ndim else 0, float(grad_scale), lse, target,
-        target if perm is None else perm, lam_ptr, lam_value, stride_lam, n_rows, n_cols // align,
-        float(smoothing),
-        HAS_PERM=perm is not None, LAM_SCALAR=lam_scalar,
-        ROUND_BF16=grad.dtype == torch.bfloat16 and plan_for_interpreter(), BLOCK_K=block, ALIGN=align,
-        num_warps=_num_warps(block),
+        (logits, logits.stride(0) // align, grad, grad.stride(0) // align,
+         grad_loss, grad_loss.stride(0) if grad_loss.ndim else 0, float(grad_scale), lse, target,
+         target if perm is None else perm, lam_ptr, lam_value, stride_lam, n_rows, n_cols // align,
+         float(smoothing)),
+        dict(HAS_PERM=perm is not None, LAM_SCALAR=lam_scalar,
+             ROUND_BF16=grad.dtype == torch.bfloat16 and plan_for_interpreter(), BLOCK_K=block, ALIGN=align,
+             num_warps=_num_warps(block)),
     )
     return grad

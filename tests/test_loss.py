@@ -465,3 +465,23 @@ def test_soft_target_cross_entropy_bad_input():
         SoftTargetCrossEntropy()(_X, torch.rand(4, 6))
     with pytest.raises(ValueError, match="reduction"):
         SoftTargetCrossEntropy(reduction="avg")
+
+
+def test_loss_launches_are_planned_once_per_specialization(triton_device):
+    """Forward and backward each keep one launch per specialization: other weights reuse it, and on a GPU
+    the calls after the first run the compiled kernel directly (the interpreter has none)."""
+    from mixrecipe.kernels import _common
+
+    device = triton_device
+    _common._LAUNCHES.clear()
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 10, generator=g).to(device).requires_grad_()
+    y = torch.randint(0, 10, (8,), generator=g).to(device)
+    with cpu_backend("triton") if device == "cpu" else contextlib.nullcontext():
+        for lam in (0.3, 0.7, 0.9):
+            loss = mixup_cross_entropy(logits, y, lam, label_smoothing=0.1)
+            want = SoftTargetCrossEntropy()(logits, mixup_target_reference(y, 10, lam, label_smoothing=0.1))
+            torch.testing.assert_close(loss, want)
+            loss.backward()
+    assert len(_common._LAUNCHES) == 2  # the forward and the backward
+    assert all(run.direct == (device == "cuda") for run in _common._LAUNCHES.values())
