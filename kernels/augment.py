@@ -31,7 +31,7 @@ from ._common import (
     cast_to,
     lam_kind,
     lam_ok,
-    launch,
+    launch_planned,
     lerp,
     mix_labels,
     partner,
@@ -216,22 +216,26 @@ def augment_mix_launch(
     has_crop = oy is not None
     round_bf16 = out.dtype == torch.bfloat16 and plan_for_interpreter()
 
-    launch(
+    launch_planned(
         _augment_mix_kernel, (n_programs,),
-        data, idx, oy if has_crop else dummy, ox if has_crop else dummy, flip if flip is not None else dummy,
-        out, perm if perm is not None else dummy,
-        lamx_ptr if lamx_ptr is not None else dummy, lamx_value, stride_lamx,
-        box_tensor if box_tensor is not None else dummy, stride_box, *box_values,
-        mean, inv_std, float(in_scale),
-        target if has_target else dummy, soft if has_target else dummy,
-        lamy_ptr if lamy_ptr is not None else dummy, lamy_value, stride_lamy,
-        float(label_off), float(label_keep),
-        batch, n_elems, data.shape[0], channels, height, width, num_classes, int(pad) if has_crop else 0,
-        data.stride(0), data.stride(1), data.stride(2), data.stride(3),
-        out.stride(0), out.stride(1), out.stride(2), out.stride(3), soft.stride(0) if has_target else 0,
-        n_blocks, n_image_programs,
-        PAIRED=paired, LAMX_KIND=lamx_kind, LAMY_KIND=lamy_kind, BOX_KIND=box_kind, HAS_CROP=has_crop,
-        HAS_FLIP=flip is not None,
-        NORM_SELECT=channels <= 4, HAS_TARGET=has_target, ROUND_BF16=round_bf16,
-        BLOCK_SIZE=block, BLOCK_K=block_k, num_warps=warps,
+        (
+            data, idx, oy if has_crop else dummy, ox if has_crop else dummy,
+            flip if flip is not None else dummy, out, perm if perm is not None else dummy,
+            lamx_ptr if lamx_ptr is not None else dummy, lamx_value, stride_lamx,
+            box_tensor if box_tensor is not None else dummy, stride_box, *box_values,
+            mean, inv_std, float(in_scale),
+            target if has_target else dummy, soft if has_target else dummy,
+            lamy_ptr if lamy_ptr is not None else dummy, lamy_value, stride_lamy,
+            float(label_off), float(label_keep),
+            batch, n_elems, data.shape[0], channels, height, width, num_classes, int(pad) if has_crop else 0,
+            data.stride(0), data.stride(1), data.stride(2), data.stride(3),
+            out.stride(0), out.stride(1), out.stride(2), out.stride(3), soft.stride(0) if has_target else 0,
+            n_blocks, n_image_programs,
+        ),
+        dict(
+            PAIRED=paired, LAMX_KIND=lamx_kind, LAMY_KIND=lamy_kind, BOX_KIND=box_kind, HAS_CROP=has_crop,
+            HAS_FLIP=flip is not None,
+            NORM_SELECT=channels <= 4, HAS_TARGET=has_target, ROUND_BF16=round_bf16,
+            BLOCK_SIZE=block, BLOCK_K=block_k, num_warps=warps,
+        ),
     )
