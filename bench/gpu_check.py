@@ -185,8 +185,9 @@ def _run(cmd: list[str], log: Path, timeout: float, env: dict | None = None) -> 
 
 
 TEST_FILES = ("tests/test_ops.py", "tests/test_loss.py", "tests/test_policy.py", "tests/test_transforms.py",
-              "tests/test_bench.py")
-TEST_SELECTION = "cuda or triton or gpu or kernel"
+              "tests/test_bench.py", "tests/test_augment.py", "tests/test_gpu_data.py")
+# Module names count as keywords: "gpu" and "augment" select every test of test_gpu_data and test_augment.
+TEST_SELECTION = "cuda or triton or gpu or kernel or augment"
 
 
 def test_command(workers: int | None = None) -> list[str]:

@@ -467,7 +467,7 @@ def test_soft_target_cross_entropy_bad_input():
         SoftTargetCrossEntropy(reduction="avg")
 
 
-def test_loss_launches_are_planned_once_per_specialization(triton_device):
+def test_loss_kernel_launches_are_planned_once_per_specialization(triton_device):
     """Forward and backward each keep one launch per specialization: other weights reuse it, and on a GPU
     the calls after the first run the compiled kernel directly (the interpreter has none)."""
     from mixrecipe.kernels import _common

@@ -320,7 +320,7 @@ def test_kernel_poisons_rows_whose_device_weight_is_out_of_range(triton_device, 
     assert out.isnan().all() and soft.isnan().all()
 
 
-def test_launch_plans_are_made_once_per_signature(triton_device):
+def test_kernel_launch_plans_are_made_once_per_signature(triton_device):
     """A call signature is planned once; later calls with other weights and boxes reuse the plan, and a
     tensor off a 16-byte boundary (another Triton specialization) gets a plan of its own."""
     from mixrecipe.kernels import mixup as kernel_module
