@@ -162,7 +162,7 @@ def _loop_parts(device: torch.device, model_name: str, n_images: int, batch: int
     in_dtype = torch.bfloat16 if cuda else torch.float32
     mixup = mixrecipe.Mixup(mixup_alpha=1.0, pairing="random", label_smoothing=0.0, num_classes=10,
                             mean=list(CIFAR_MEAN), std=list(CIFAR_STD), out_dtype=in_dtype,
-                            generator=torch.Generator(device=device).manual_seed(0))
+                            generator=torch.Generator().manual_seed(0))  # the draws are the host's
     model = create_model(model_name, 10, 3, False, img_size=32).to(device)
     if cuda:
         model = model.to(memory_format=torch.channels_last)

@@ -192,7 +192,7 @@ def prepare(cfg: Config, d: DistContext) -> RunState:
     scheduler = create_schedule(optimizer, cfg, steps)
     amp = cuda and cfg.amp
     in_dtype = torch.bfloat16 if amp else torch.float32
-    generator = torch.Generator(device=d.device)
+    generator = torch.Generator()  # the mixing draws are made on the host (mixrecipe.draws)
     mixup = build_mixup(cfg, bundle.num_classes, mean=bundle.mean, std=bundle.std, out_dtype=in_dtype,
                         generator=generator)
     state = RunState(
