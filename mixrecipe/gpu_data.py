@@ -199,16 +199,19 @@ class DeviceImages:
 
         Args:
             indices: the batch's sample indices (a list from the loader's batch sampler, or a tensor).
-            mixup: a ``mixrecipe.Mixup`` (its ``sample`` draws λ, partners and box; ``mixup_enabled``
+            mixup: a ``mixrecipe.Mixup`` (its ``draw`` gives λ, partners and box; ``mixup_enabled``
                 honoured) or None for ERM.
             mean, std, out_dtype: the normalization and the network's input dtype.
 
         Returns:
-            x (B, C, H, W) ``out_dtype``; y (B,) labels; lam (B,) float32 label weights (the float 1.0 for
-            ERM); perm (None: flip pairing); the label smoothing for the loss. The same as
-            ``Mixup.mix_batch`` returns for the loader's batch of these indices and draws.
+            x (B, C, H, W) ``out_dtype``; y (B,) labels; lam: the label weights, a float (one λ for the
+            batch, 1.0 for ERM) or (B,) float32; perm (None: flip pairing); the label smoothing for the loss.
+            The same as ``Mixup.mix_batch`` returns for the loader's batch of these indices and draws.
         """
-        idx = torch.as_tensor(indices, dtype=torch.long).to(self.device, non_blocking=True)
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        if self.device.type == "cuda":  # from pinned memory the copy is asynchronous: no wait on the GPU
+            idx = idx.pin_memory()
+        idx = idx.to(self.device, non_blocking=True)
         batch = idx.shape[0]
         oy, ox, flip = self.ds.draw(batch)
         y = self.targets[idx]
