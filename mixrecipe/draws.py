@@ -26,7 +26,7 @@ import torch
 from .checks import check_generator
 
 __all__ = ["Draw", "host_generator", "uniforms", "beta", "cut_box", "minmax_box", "box_area_lam",
-           "draw_mix", "random_permutation", "random_involution"]
+           "draw_mix", "random_permutation", "random_involution", "to_device"]
 
 
 def host_generator(generator):
@@ -178,3 +178,34 @@ def random_involution(n: int, generator) -> tuple[np.ndarray, np.ndarray]:
     perm[sigma] = sigma[partner]
     pair[sigma] = pos // 2
     return perm, pair
+
+
+_ROW_DTYPES = {"f": (np.float32, torch.float32), "i": (np.int32, torch.int32), "l": (np.int64, torch.int64)}
+
+
+def to_device(device, *rows) -> list:
+    """Host values (a call's per-sample draws) on ``device`` in ONE copy: each of ``rows`` is None, a float
+    array (-> float32), an int64 array (a permutation, stays int64) or another integer array (-> int32; a
+    box is (n, 4)); numpy arrays or CPU tensors. They travel packed in one buffer (pinned on CUDA, so the
+    copy is asynchronous: no wait on the GPU) and come back as views of it."""
+    device = torch.device(device)
+    parts = []
+    for r in rows:
+        a = None if r is None else np.asarray(r.numpy() if isinstance(r, torch.Tensor) else r)
+        kind = None if a is None else "f" if a.dtype.kind == "f" else "l" if a.dtype == np.int64 else "i"
+        parts.append(None if a is None else (np.ascontiguousarray(a, _ROW_DTYPES[kind][0]), kind))
+    words = [0 if p is None else p[0].nbytes // 4 for p in parts]
+    offsets, at = {}, 0
+    for i in sorted(range(len(parts)), key=lambda i: parts[i] is None or parts[i][1] != "l"):  # 8-byte first
+        offsets[i], at = at, at + words[i]
+    buf = np.empty(at, np.int32)
+    for i, p in enumerate(parts):
+        if p is not None:
+            buf[offsets[i]:offsets[i] + words[i]] = p[0].reshape(-1).view(np.int32)
+    packed = torch.from_numpy(buf)
+    if device.type != "cpu":
+        if torch.cuda.is_available():
+            packed = packed.pin_memory()
+        packed = packed.to(device, non_blocking=True)
+    return [None if p is None else packed[offsets[i]:offsets[i] + words[i]].view(_ROW_DTYPES[p[1]][1])
+            .view(p[0].shape) for i, p in enumerate(parts)]

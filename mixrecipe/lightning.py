@@ -40,7 +40,7 @@ from collections.abc import Mapping, MutableMapping
 import torch
 from torch import Tensor
 
-from . import ops
+from . import draws, ops
 from .checks import check_alpha, check_count, check_num_classes
 from .policy import Mixup, sample_beta
 
@@ -366,7 +366,7 @@ class _MixupCallbackMixin:
         lam = sample_beta(self.alpha, (batch,), generator=self.generator)
         lam = torch.maximum(lam, 1.0 - lam)  # the sample itself keeps the larger weight
         perm = _random_partners(batch, self.generator)
-        lam, perm = lam.to(x.device, non_blocking=True), perm.to(x.device, non_blocking=True)
+        lam, perm = draws.to_device(x.device, lam, perm)  # one asynchronous copy
         if x.dtype in _OP_DTYPES:
             x_out, soft = ops.mixup(x, target, lam, perm, num_classes=k)
         else:  # float64: the op's formula in plain torch

@@ -80,35 +80,6 @@ def _device(device) -> torch.device:
     return torch.device(device) if device is not None else torch.device("cpu")
 
 
-_ROW_DTYPES = {"f": (np.float32, torch.float32), "i": (np.int32, torch.int32), "l": (np.int64, torch.int64)}
-
-
-def _rows_on(device: torch.device, *rows):
-    """Per-sample host values on ``device`` in ONE copy: each of ``rows`` is None, a float array (-> float32),
-    an int64 array (a permutation, stays int64) or another integer array (-> int32; a box is (n, 4)). They
-    travel packed in one buffer (pinned, so the copy is asynchronous) and come back as views of it."""
-    parts = []
-    for r in rows:
-        a = None if r is None else np.asarray(r)
-        kind = None if a is None else "f" if a.dtype.kind == "f" else "l" if a.dtype == np.int64 else "i"
-        parts.append(None if a is None else (np.ascontiguousarray(a, _ROW_DTYPES[kind][0]), kind))
-    words = [0 if p is None else p[0].nbytes // 4 for p in parts]
-    offsets, at = {}, 0
-    for i in sorted(range(len(parts)), key=lambda i: parts[i] is None or parts[i][1] != "l"):  # 8-byte first
-        offsets[i], at = at, at + words[i]
-    buf = np.empty(at, np.int32)
-    for i, p in enumerate(parts):
-        if p is not None:
-            buf[offsets[i]:offsets[i] + words[i]] = p[0].reshape(-1).view(np.int32)
-    packed = torch.from_numpy(buf)
-    if device.type != "cpu":
-        if torch.cuda.is_available():
-            packed = packed.pin_memory()
-        packed = packed.to(device, non_blocking=True)
-    return [None if p is None else packed[offsets[i]:offsets[i] + words[i]].view(_ROW_DTYPES[p[1]][1])
-            .view(p[0].shape) for i, p in enumerate(parts)]
-
-
 def _as_rows(value, n: int) -> np.ndarray:
     """A draw as n values (one host draw made for a batch of size n)."""
     return np.full(n, value) if np.ndim(value) == 0 else np.asarray(value)
@@ -337,7 +308,7 @@ def cutmix(
             cut = draws.cut_box(h, w, lam, *draws.uniforms(2, n, g))
         lam_y = draws.box_area_lam(cut, h, w) if correct_lam or minmax is not None else lam
         if per_sample:
-            lam_y, box = _rows_on(x.device, lam_y, np.stack(cut, -1).astype(np.int32))
+            lam_y, box = draws.to_device(x.device, lam_y, np.stack(cut, -1).astype(np.int32))
         else:
             box = tuple(int(v) for v in cut)
     else:
@@ -525,7 +496,7 @@ class Mixup:
             box = tuple(int(v) for v in d.box) if d.cut else None
             perm = None
             if self.pairing == "random":
-                perm = _rows_on(device, draws.random_permutation(batch, g))[0]
+                perm = draws.to_device(device, draws.random_permutation(batch, g))[0]
             return d.lam_x, d.lam_y, perm, box
         lam_x, lam_y = d.lam_x, d.lam_y
         box = None if d.box is None else np.stack(d.box, -1).astype(np.int32)
@@ -545,7 +516,7 @@ class Mixup:
         elif self.pairing == "random":
             perm = draws.random_permutation(batch, g)
         same = d.lam_y is d.lam_x
-        lam_x, lam_y, box, perm = _rows_on(device, lam_x, None if same else lam_y, box, perm)
+        lam_x, lam_y, box, perm = draws.to_device(device, lam_x, None if same else lam_y, box, perm)
         return lam_x, lam_x if same else lam_y, perm, box
 
     def sample(self, x_shape, device=None) -> MixParams:

@@ -40,7 +40,7 @@ from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from . import ops
+from . import draws, ops
 from .checks import check_alpha, check_choice, check_num_classes, check_unit_interval
 from .reference import lerp, pixel_weights
 
@@ -73,7 +73,7 @@ def _is_image_like(inpt) -> bool:
 def _roll_perm(batch: int, device) -> Tensor:
     """Partner indices of ``x.roll(1, 0)``: sample i takes sample i - 1 (sample 0 takes B - 1). Made on the
     host and copied: one device op (kept per batch size by the transform)."""
-    return torch.arange(batch).roll(1).to(device, non_blocking=True)
+    return draws.to_device(device, torch.arange(batch).roll(1))[0]
 
 
 def _torchvision_box(lam: Tensor, r_x: Tensor, r_y: Tensor, height: int, width: int) -> Tensor:
@@ -165,10 +165,9 @@ class _FusedMixMixin:
             x4 = x
         if x.dtype in _OP_DTYPES:
             target, num_classes = self._op_target(labels) if with_labels else (None, None)
-            # one box (a (4,) CPU tensor) reaches the kernel as four numbers; per-sample boxes are copied
-            if box is not None and box.ndim == 2:
-                box = box.to(x.device, non_blocking=True)
-            out, soft = ops.mix(x4, target, _lam(lam_x, x.device), _lam(lam_y, x.device), perm, box,
+            # one box (a (4,) CPU tensor) reaches the kernel as four numbers; per-sample values are copied
+            lam_x, lam_y, box = _on_device(x.device, lam_x, lam_y, box)
+            out, soft = ops.mix(x4, target, lam_x, lam_y, perm, box,
                                 num_classes=num_classes, label_smoothing=self.label_smoothing,
                                 inplace=self.inplace and _writable_view(x4, x))
             if soft is not None:
@@ -206,7 +205,7 @@ class _FusedMixMixin:
         """Labels alone (no image on their device): the same mix of the labels, on their device."""
         _, lam_y, _ = self._mix_params(params)
         target, num_classes = self._op_target(labels)
-        soft = ops.mixup_target(target, num_classes, _lam(lam_y, labels.device),
+        soft = ops.mixup_target(target, num_classes, _on_device(labels.device, lam_y, lam_y, None)[1],
                                 self._perm(labels.shape[0], labels.device), self.label_smoothing)
         return self._label_dtype(soft, labels)
 
@@ -217,8 +216,15 @@ def _writable_view(x4: Tensor, x: Tensor) -> bool:
     return dense and x4.data_ptr() == x.data_ptr()
 
 
-def _lam(lam, device):
-    return lam.to(device, non_blocking=True) if isinstance(lam, Tensor) else lam
+def _on_device(device, lam_x, lam_y, box):
+    """(lam_x, lam_y, box) for the op on ``device``: (B,) weights and (B, 4) boxes travel in one
+    asynchronous copy; numbers and one box for the batch stay on the host (the kernel's scalars)."""
+    values = (lam_x, lam_y, box)
+    moving = [isinstance(v, Tensor) and v.ndim == ndim for v, ndim in zip(values, (1, 1, 2))]
+    if not any(moving):
+        return values
+    moved = draws.to_device(device, *(v if m else None for v, m in zip(values, moving)))
+    return tuple(c if m else v for v, c, m in zip(values, moved, moving))
 
 
 class MixUp(_FusedMixMixin, v2.MixUp):
