@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 
 import torch
 import triton
@@ -79,6 +80,15 @@ _DIRECT = (os.environ.get("MIXRECIPE_DIRECT_LAUNCH", "1") != "0"
            and tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 3))
 
 
+def _warn_direct_off(exc: Exception) -> None:
+    """Turn direct calls off for the process, once, saying why (every launch then goes through the JIT)."""
+    global _DIRECT
+    if _DIRECT:
+        _DIRECT = False
+        warnings.warn(f"mixrecipe: calling Triton's compiled kernel directly failed ({type(exc).__name__}: "
+                      f"{exc}); every launch now goes through the JIT", RuntimeWarning, stacklevel=3)
+
+
 class Launch:
     """One launch configuration of one kernel, made once per call signature and then called per call.
 
@@ -87,9 +97,10 @@ class Launch:
     that are 1 or multiples of 16): the caller's plan key holds what decides it. The first call goes through
     the JIT, which compiles (or finds) the kernel; on a GPU later calls run that compiled kernel directly
     with the same arguments the JIT would pass it (the runtime ones, then the constexprs, in the kernel's
-    parameter order)."""
+    parameter order). Should the first direct call be refused (a Triton that takes them otherwise), that
+    launch and every later one in the process go through the JIT, with a warning."""
 
-    __slots__ = ("kernel", "grid", "constexprs", "_tail", "_runner")
+    __slots__ = ("kernel", "grid", "constexprs", "_tail", "_runner", "_proven")
 
     def __init__(self, kernel, grid: tuple, constexprs: dict):
         self.kernel, self.grid, self.constexprs = kernel, grid, constexprs
@@ -98,6 +109,7 @@ class Launch:
             raise ValueError("Launch needs every constexpr of the kernel given, as its last parameters")
         self._tail = tuple(constexprs[n] for n in names)
         self._runner = None
+        self._proven = False  # whether a direct call has gone through
 
     @property
     def direct(self) -> bool:
@@ -107,8 +119,17 @@ class Launch:
     def __call__(self, *args) -> None:
         runner = self._runner
         if runner is not None and _launch_recorder is None:
-            runner(*args, *self._tail)
-            return
+            if self._proven:
+                runner(*args, *self._tail)
+                return
+            try:  # the first direct call: a Triton whose compiled kernel takes its arguments otherwise
+                runner(*args, *self._tail)  # refuses them here, before anything runs
+            except (TypeError, ValueError, RuntimeError) as exc:
+                self._runner = None
+                _warn_direct_off(exc)
+            else:
+                self._proven = True
+                return
         compiled = launch(self.kernel, self.grid, *args, **self.constexprs)
         if _DIRECT and compiled is not None and hasattr(compiled, "__getitem__") and not interpreting():
             self._runner = compiled[self.grid]

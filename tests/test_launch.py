@@ -68,6 +68,36 @@ def test_no_direct_call_without_a_compiled_kernel_or_when_switched_off(monkeypat
     assert [c[0] for c in kernel.calls] == ["jit", "jit"] and not run.direct
 
 
+class _Refusing(_Compiled):
+    """A compiled kernel that takes its arguments otherwise (another Triton's calling convention)."""
+
+    def __getitem__(self, grid):
+        def runner(*args):
+            raise TypeError("function takes 11 arguments (13 given)")
+        return runner
+
+
+class _KernelRefusingDirectCalls(_Kernel):
+    def __getitem__(self, grid):
+        def jit(*args, **kwargs):
+            self.calls.append(("jit", grid, args, kwargs))
+            return _Refusing(self.calls)
+        return jit
+
+
+def test_a_refused_direct_call_falls_back_to_the_jit_with_a_warning(on_a_gpu):
+    """A refused direct call costs a warning, never a launch: the call goes through the JIT, and so does
+    every later one in the process."""
+    kernel = _KernelRefusingDirectCalls()
+    run = _common.Launch(kernel, (1,), dict(A=1, B=False))
+    run("a", 1)
+    with pytest.warns(RuntimeWarning, match="every launch now goes through the JIT"):
+        run("b", 2)
+    run("c", 3)
+    assert [c[0] for c in kernel.calls] == ["jit", "jit", "jit"] and not run.direct
+    assert not _common._DIRECT
+
+
 def test_a_launch_needs_every_constexpr_as_the_last_parameters():
     with pytest.raises(ValueError, match="every constexpr"):
         _common.Launch(_Kernel(), (1,), dict(A=1))  # B missing
