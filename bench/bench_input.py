@@ -223,9 +223,37 @@ def bench_memory(args, device: torch.device, rows: list[dict]) -> None:
         common.sync(device)
         return steps * batch
 
+    # The device path (data.on_device): the training set on the device, each batch its indices and one
+    # fused crop/flip/normalize/mix pass (on CPU its twin: the same gather, then the op).
+    from mixrecipe.gpu_data import DeviceImages
+
+    device_ds = ImageTensors(loader.dataset.images, loader.dataset.targets, "crop_flip", 4)
+    device_ds.move_generator(device)
+    resident = DeviceImages(device_ds, device, cl)
+    sampler = loader.batch_sampler
+
+    def device_batches():
+        for idx in sampler:
+            yield resident.batch(idx, mixup=mixup, mean=CIFAR_MEAN, std=CIFAR_STD, out_dtype=in_dtype)
+
+    def device_input_only():
+        n = sum(x.shape[0] for x, *_ in device_batches())
+        common.sync(device)
+        return n
+
+    def device_whole_loop():
+        n = 0
+        for x, y, lam, perm, _ in device_batches():
+            step(x, y, lam, perm)
+            n += x.shape[0]
+        common.sync(device)
+        return n
+
     cases = {"input pipeline alone (gather, crop, flip, H2D, normalize + mix)": input_only,
              f"whole loop ({model_name}, mixup on)": whole_loop,
-             f"model-only step ({model_name}, batch on the device)": model_only}
+             f"model-only step ({model_name}, batch on the device)": model_only,
+             "device path: input pipeline alone (one fused kernel per batch)": device_input_only,
+             f"device path: whole loop ({model_name}, mixup on)": device_whole_loop}
     rounds = 1 if args.quick else max(2, args.rounds // 2)
     for fn in cases.values():
         fn()  # warm-up (cudnn.benchmark, Triton compiles, allocator)
@@ -241,7 +269,8 @@ def bench_memory(args, device: torch.device, rows: list[dict]) -> None:
     model_rate = rate[next(k for k in cases if k.startswith("model-only"))]
     for name in cases:
         rows.append({
-            "part": "in memory (cifar10 recipe)", "case": name, "provider": "workers path",
+            "part": "in memory (cifar10 recipe)", "case": name.removeprefix("device path: "),
+            "provider": "device path" if name.startswith("device path") else "workers path",
             "shape": f"{n_images} x 3x32x32 uint8, batch {batch}", "threads": torch.get_num_threads(),
             "images_per_s": rate[name], "vs_model_only": rate[name] / model_rate, "rounds": rounds,
             "device": common.device_name(device), "load_before": load0, "load_after": load1,

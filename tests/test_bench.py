@@ -28,7 +28,8 @@ def _run(script: str, out: Path, device: str, *extra: str) -> list[dict]:
            "--out", str(out), *extra]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    name = {"bench_mixup.py": "mixup", "bench_loss.py": "loss", "bench_step.py": "step"}[script]
+    name = {"bench_mixup.py": "mixup", "bench_loss.py": "loss", "bench_step.py": "step",
+            "bench_input.py": "input"}[script]
     prefix = common.results_prefix(torch.device(device))
     with open(out / f"{prefix}-{name}.csv") as f:
         rows = list(csv.DictReader(f))
@@ -107,6 +108,17 @@ def test_bench_step_quick(tmp_path, device):
         assert _positive(r["step_median_ms"])
         if name != "off":
             assert 0 < float(r["mix_share_pct"]) < 100
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bench_input_quick(tmp_path, device):
+    """Both image-folder decoders and, in memory, the workers path and the device path (data.on_device)
+    against the model-only step."""
+    rows = _run("bench_input.py", tmp_path, device)
+    providers = {(r["part"].split(" (")[0], r["provider"]) for r in rows}
+    assert {("image folder", "pil"), ("image folder", "torchvision"), ("in memory", "workers path"),
+            ("in memory", "device path")} <= providers, providers
+    assert all(_positive(r["images_per_s"]) for r in rows)
 
 
 def test_interleaved_timing_shuffles_the_order_every_round():
