@@ -19,7 +19,7 @@ import triton.language as tl
 
 __all__ = ["interpreting", "plan_for_interpreter", "launch", "Launch", "launch_planned", "record_launches",
            "to_bf16_rne", "cast_to", "lerp", "per_channel", "partner", "row_lam", "lam_ok", "pixel_weight",
-           "mix_labels", "lam_kind"]
+           "mix_labels", "lam_kind", "image_block", "label_block"]
 
 _launch_recorder = None  # the active LaunchRecorder, if any
 
@@ -176,6 +176,21 @@ def per_channel(ptr, ch, C, mask, other, SELECT: tl.constexpr):
     else:
         v = tl.load(ptr + ch, mask=mask, other=other)
     return v
+
+
+def image_block(n: int) -> tuple[int, int]:
+    """(BLOCK_SIZE, num_warps) of a mixing kernel's image programs for samples of ``n`` elements. The
+    interpreter runs programs one by one, so it gets few, big ones."""
+    if plan_for_interpreter():
+        return min(triton.next_power_of_2(max(n, 1)), 1 << 14), 1
+    if n >= 8192:
+        return 4096, 8
+    return max(128, min(triton.next_power_of_2(n), 2048)), 4
+
+
+def label_block(num_classes: int) -> int:
+    """BLOCK_K of a mixing kernel's soft-label programs: the classes a program writes per step."""
+    return min(triton.next_power_of_2(num_classes), 1 << 14 if plan_for_interpreter() else 2048)
 
 
 def _specialization(value, exact: bool):

@@ -29,6 +29,8 @@ import triton.language as tl
 
 from ._common import (
     cast_to,
+    image_block,
+    label_block,
     lam_kind,
     lam_ok,
     launch_planned,
@@ -145,15 +147,6 @@ def _augment_mix_kernel(
                        BLOCK_K)
 
 
-def _block_size(n: int) -> tuple[int, int]:
-    """(BLOCK_SIZE, num_warps). The interpreter runs programs one by one, so it gets few, big ones."""
-    if plan_for_interpreter():
-        return min(triton.next_power_of_2(max(n, 1)), 1 << 14), 1
-    if n >= 8192:
-        return 4096, 8
-    return max(128, min(triton.next_power_of_2(n), 2048)), 4
-
-
 def augment_mix_launch(
     data: torch.Tensor,
     idx: torch.Tensor,
@@ -195,7 +188,7 @@ def augment_mix_launch(
     paired = perm is None
     n_groups = (batch + 1) // 2 if paired else batch
     n_elems = channels * height * width
-    block, warps = _block_size(n_elems)
+    block, warps = image_block(n_elems)
     n_blocks = triton.cdiv(n_elems, block) if batch else 0
     n_image_programs = n_groups * n_blocks
     has_target = target is not None
@@ -204,7 +197,7 @@ def augment_mix_launch(
         return
     dummy = out  # stands in for pointers the kernel never reads
     num_classes = soft.shape[1] if has_target else 1
-    block_k = min(triton.next_power_of_2(num_classes), 1 << 14 if plan_for_interpreter() else 2048)
+    block_k = label_block(num_classes)
     lamx_kind, stride_lamx = lam_kind(lam_x)
     lamy_kind, stride_lamy = lam_kind(lam_y)
     lamx_ptr, lamx_value = (lam_x, 0.0) if lamx_kind else (None, float(lam_x))

@@ -21,6 +21,8 @@ import triton.language as tl
 from ._common import (
     Launch,
     cast_to,
+    image_block,
+    label_block,
     lam_kind,
     lam_ok,
     lerp,
@@ -118,15 +120,6 @@ def _mix_fwd_kernel(
             )
 
 
-def _block_size(n: int) -> tuple[int, int]:
-    """(BLOCK_SIZE, num_warps). The interpreter runs programs one by one, so it gets few, big ones."""
-    if plan_for_interpreter():
-        return min(triton.next_power_of_2(max(n, 1)), 1 << 14), 1
-    if n >= 8192:
-        return 4096, 8
-    return max(128, min(triton.next_power_of_2(n), 2048)), 4
-
-
 def _meta(t):
     """What of a tensor decides its kernel specialization and layout (None stays None)."""
     if t is None:
@@ -155,7 +148,7 @@ def _make_plan(x, out, target, soft, perm, lam_x, lam_y, box, mean, std, batch_s
     block, warps = 128, 4
     if has_image:
         n_elems = x[0].numel() if batch_size else 0
-        block, warps = _block_size(n_elems)
+        block, warps = image_block(n_elems)
         n_blocks = triton.cdiv(n_elems, block)
         if x.ndim >= 2:
             channels, stride_c = x.shape[1], x.stride(1)
@@ -171,7 +164,7 @@ def _make_plan(x, out, target, soft, perm, lam_x, lam_y, box, mean, std, batch_s
         HAS_TARGET=has_target, TARGET_DENSE=has_target and target.ndim == 2,
         ROUND_BF16=has_image and out.dtype == torch.bfloat16 and plan_for_interpreter(),
         BLOCK_SIZE=block,
-        BLOCK_K=min(triton.next_power_of_2(num_classes), 1 << 14 if plan_for_interpreter() else 2048),
+        BLOCK_K=label_block(num_classes),
         num_warps=warps,
     )
     layout = (
