@@ -58,6 +58,7 @@ __all__ = [
     "check_target",
     "check_minmax",
     "check_images",
+    "channel_vector",
     "check_box",
 ]
 
@@ -264,7 +265,9 @@ def check_target(target, batch: int, num_classes, device: torch.device, values: 
 _CONSTANTS: dict = {}
 
 
-def _channel_vector(name: str, values, channels: int, device: torch.device) -> Tensor:
+def channel_vector(name: str, values, channels: int, device: torch.device) -> Tensor:
+    """Per-channel constants (mean, std) as a float32 (C,) tensor on ``device``; a sequence of numbers is
+    made on the device once per (values, device) and kept."""
     if isinstance(values, Tensor):
         check_device(name, values, device)
         t = values.float().reshape(-1)
@@ -302,8 +305,8 @@ def check_images(x, mean, std, out_dtype, inplace):
         if x.ndim < 2:
             raise ValueError("mean/std normalize dim 1 (channels): x must have at least 2 dimensions")
         channels = x.shape[1]
-        mean = _channel_vector("mean", mean, channels, x.device)
-        std = _channel_vector("std", std, channels, x.device)
+        mean = channel_vector("mean", mean, channels, x.device)
+        std = channel_vector("std", std, channels, x.device)
         if can_inspect(std) and not bool((std > 0).all()):
             raise ValueError("std must be positive")
     dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from . import ops
 from .backend import runs_kernel
+from .checks import channel_vector
 from .data import crop_flip
 from .kernels.augment import augment_mix_launch
 
@@ -55,6 +56,11 @@ def _check(data, idx, oy, ox, flip, pad, out_dtype):
 
 
 def _stats(values, channels: int, name: str, device) -> Tensor:
+    if not isinstance(values, Tensor):  # numbers: kept on the device (checks.channel_vector), no copy a step
+        values = tuple(float(v) for v in (values if hasattr(values, "__len__") else (values,)))
+        if len(values) not in (1, channels):
+            raise ValueError(f"{name} needs 1 or {channels} values, got {len(values)}")
+        return channel_vector(name, values * channels if len(values) == 1 else values, channels, device)
     t = torch.as_tensor(values, dtype=torch.float32).flatten()
     if t.numel() == 1:
         t = t.expand(channels)
