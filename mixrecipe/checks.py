@@ -219,10 +219,8 @@ def check_index_range(lo: int, hi: int, num_classes: int) -> None:
                          f"[0, num_classes={num_classes})")
 
 
-def check_index_target(target, batch: int, num_classes: int, device: torch.device,
-                       values: bool = True) -> Tensor:
-    """Class indices (B,) -> a contiguous int32 or int64 tensor (other integer dtypes become int64).
-    ``values=False`` leaves the range check to the caller."""
+def check_index_target(target, batch: int, num_classes: int, device: torch.device) -> Tensor:
+    """Class indices (B,) -> a contiguous int32 or int64 tensor (other integer dtypes become int64)."""
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a tensor, got {type(target).__name__}")
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
@@ -230,7 +228,7 @@ def check_index_target(target, batch: int, num_classes: int, device: torch.devic
     if target.shape != (batch,):
         raise ValueError(f"target must have shape ({batch},), got {tuple(target.shape)}")
     check_device("target", target, device)
-    if values and can_inspect(target) and target.numel():
+    if can_inspect(target) and target.numel():
         lo, hi = target.aminmax()
         check_index_range(int(lo), int(hi), num_classes)
     if target.dtype not in (torch.int64, torch.int32):
@@ -238,9 +236,8 @@ def check_index_target(target, batch: int, num_classes: int, device: torch.devic
     return target if target.is_contiguous() else target.contiguous()
 
 
-def check_target(target, batch: int, num_classes, device: torch.device, values: bool = True):
-    """Class indices (B,) or dense float targets (B, K) -> (target, num_classes); ``values`` as for
-    :func:`check_index_target`."""
+def check_target(target, batch: int, num_classes, device: torch.device):
+    """Class indices (B,) or dense float targets (B, K) -> (target, num_classes)."""
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a tensor, got {type(target).__name__}")
     if target.ndim == 1:
@@ -249,7 +246,7 @@ def check_target(target, batch: int, num_classes, device: torch.device, values: 
         if num_classes is None:
             raise ValueError("num_classes is required when target holds class indices")
         num_classes = check_num_classes(num_classes)
-        return check_index_target(target, batch, num_classes, device, values), num_classes
+        return check_index_target(target, batch, num_classes, device), num_classes
     if target.ndim == 2:
         if not target.is_floating_point():
             raise TypeError(f"target of shape (B, K) must be floating point, got {target.dtype}")
