@@ -355,6 +355,9 @@ def check_values(cfg: Config) -> Config:
         _check_bounds(values[key], fld, key)
     _check_pair(cfg.data.scale, "data.scale")
     _check_pair(cfg.mixup.cutmix_minmax, "mixup.cutmix_minmax")
+    if cfg.engine == "fastai" and cfg.data.on_device:  # null (auto) means the loader there
+        raise ConfigError("data.on_device=true is supported by engine=torch only: with engine=fastai set "
+                          "data.on_device=null or false")
     return cfg
 
 

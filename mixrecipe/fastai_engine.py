@@ -102,9 +102,6 @@ class FastaiEngine(Engine):
                               "several")
         if state.cfg.compile:
             raise RecipeError("compile=true is supported by engine=torch only")
-        if state.cfg.data.on_device:  # null (auto) means the loader here: the fused path is the torch loop's
-            raise RecipeError("data.on_device=true is supported by engine=torch only: with engine=fastai "
-                              "set data.on_device=null or false")
         policy = state.mixup if state.mixup is not None else _erm_policy(state)
         self.driver = _EpochDriver(state)
         cbs = [MixupCallback(policy), _Normalize(state.bundle.mean, state.bundle.std, state.in_dtype),

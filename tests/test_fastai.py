@@ -610,11 +610,9 @@ def test_fastai_engine_reports_memorization_with_label_noise(tmp_path):
 
 def test_engine_fastai_refuses_device_resident_data(tmp_path):
     """data.on_device=true is the torch loop's fused path: the fastai engine says so instead of ignoring it
-    (null, the default, keeps the loader)."""
+    (null, the default, keeps the loader), before the output folder is touched."""
     from mixrecipe.config import RecipeError, load_config
-    from mixrecipe.train import run
 
-    cfg = load_config(_RECIPE, [f"output={tmp_path}", "data.train_subset=64", "batch_size=32", "epochs=1",
-                                "progress=false", "preview=false", "data.on_device=true"])
     with pytest.raises(RecipeError, match="data.on_device=true is supported by engine=torch only"):
-        run(cfg)
+        load_config(_RECIPE, [f"output={tmp_path / 'run'}", "data.on_device=true"])
+    assert not (tmp_path / "run").exists()
