@@ -228,7 +228,6 @@ def bench_memory(args, device: torch.device, rows: list[dict]) -> None:
     from mixrecipe.gpu_data import DeviceImages
 
     device_ds = ImageTensors(loader.dataset.images, loader.dataset.targets, "crop_flip", 4)
-    device_ds.move_generator(device)
     resident = DeviceImages(device_ds, device, cl)
     sampler = loader.batch_sampler
 

@@ -184,6 +184,25 @@ def _transform_case(name):
     return run
 
 
+def _device_data_case(**kwargs):
+    """One training step's batch from a device-resident CIFAR-sized set (``data.on_device``): the batch's
+    indices, labels and crop/flip draws in one copy, then the fused gather/crop/flip/normalize/mix launch."""
+    made = {}
+
+    def run(x, y):
+        if "data" not in made:  # the set is copied to the device once, before training
+            from mixrecipe.data import ImageTensors
+            from mixrecipe.gpu_data import DeviceImages
+
+            images = torch.zeros(1024, 3, 32, 32, dtype=torch.uint8)
+            ds = ImageTensors(images, torch.zeros(1024, dtype=torch.int64), "crop_flip", 4)
+            made["data"] = DeviceImages(ds, torch.device("cuda"))
+            made["mixup"] = _policy(**kwargs) if kwargs else None
+        made["data"].batch(list(range(x.shape[0])), mixup=made["mixup"], mean=MEAN, std=STD,
+                           out_dtype=torch.bfloat16)
+    return run
+
+
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 _CPU = {"generator": "cpu"}  # a seeded CPU torch.Generator (built per call); else the default generators
 # name -> (call(x, y), batch dtype). Batch modes, then per-sample modes, then the other entry points.
@@ -212,6 +231,9 @@ CASES = {
                           torch.float32),
     "transforms.MixUp": (_transform_case("MixUp"), torch.float32),
     "transforms.CutMix": (_transform_case("CutMix"), torch.float32),
+    "device data ERM": (_device_data_case(), torch.uint8),
+    "device data Mixup batch": (_device_data_case(mixup_alpha=1.0), torch.uint8),
+    "device data Mixup+CutMix batch": (_device_data_case(mixup_alpha=0.8, cutmix_alpha=1.0), torch.uint8),
 }
 
 

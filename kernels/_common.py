@@ -166,7 +166,7 @@ def lerp(start, end, w):
 @triton.jit
 def per_channel(ptr, ch, C, mask, other, SELECT: tl.constexpr):
     # Up to 4 channels: 4 uniform scalar loads and 3 selects per element. A gather would issue one load
-    # instruction per element per table (mean and inv_std), more than the image itself needs.
+    # instruction per element per table (mean and std), more than the image itself needs.
     if SELECT:
         v0 = tl.load(ptr)
         v1 = tl.load(ptr + 1, mask=C > 1, other=other)

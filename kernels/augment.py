@@ -47,7 +47,7 @@ __all__ = ["augment_mix_launch"]
 
 
 @triton.jit
-def _gather(data_ptr, idx_ptr, oy_ptr, ox_ptr, flip_ptr, row, ch, hh, ww, mask, mean, inv_std, in_scale,
+def _gather(data_ptr, idx_ptr, oy_ptr, ox_ptr, flip_ptr, row, ch, hh, ww, mask, mean, std, in_scale,
             N_data, H, W, pad, stride_dn, stride_dc, stride_dh, stride_dw,
             HAS_CROP: tl.constexpr, HAS_FLIP: tl.constexpr):
     """Row ``row`` of the batch at output pixels (ch, hh, ww), normalized fp32; (values, sample valid)."""
@@ -67,7 +67,7 @@ def _gather(data_ptr, idx_ptr, oy_ptr, ox_ptr, flip_ptr, row, ch, hh, ww, mask, 
     inb = mask & (sy >= 0) & (sy < H) & (sx >= 0) & (sx < W)
     src = data_ptr + sample * stride_dn
     v = tl.load(src + ch * stride_dc + sy * stride_dh + sx * stride_dw, mask=inb, other=0).to(tl.float32)
-    v = (v * in_scale - mean) * inv_std
+    v = (v * in_scale - mean) / std  # as kernels/mixup.py: the same rounding
     return v, ok
 
 
@@ -75,7 +75,7 @@ def _gather(data_ptr, idx_ptr, oy_ptr, ox_ptr, flip_ptr, row, ch, hh, ww, mask, 
 def _augment_images(
     data_ptr, idx_ptr, oy_ptr, ox_ptr, flip_ptr, out_ptr, perm_ptr,
     lam_ptr, lam_value, stride_lam, box_ptr, stride_box, box_y0, box_y1, box_x0, box_x1,
-    mean_ptr, inv_std_ptr, in_scale,
+    mean_ptr, std_ptr, in_scale,
     pid, B, N, N_data, C, H, W, pad, stride_dn, stride_dc, stride_dh, stride_dw,
     stride_ob, stride_oc, stride_oh, stride_ow, n_blocks,
     PAIRED: tl.constexpr, LAM_KIND: tl.constexpr, BOX_KIND: tl.constexpr,
@@ -92,12 +92,12 @@ def _augment_images(
     hh = (offs // stride_oh) % H
     ww = (offs // stride_ow) % W
     mean = per_channel(mean_ptr, ch, C, mask, 0.0, NORM_SELECT)
-    inv_std = per_channel(inv_std_ptr, ch, C, mask, 1.0, NORM_SELECT)
+    std = per_channel(std_ptr, ch, C, mask, 1.0, NORM_SELECT)
 
-    a, ok_i = _gather(data_ptr, idx_ptr, oy_ptr, ox_ptr, flip_ptr, row_i, ch, hh, ww, mask, mean, inv_std,
+    a, ok_i = _gather(data_ptr, idx_ptr, oy_ptr, ox_ptr, flip_ptr, row_i, ch, hh, ww, mask, mean, std,
                       in_scale, N_data, H, W, pad, stride_dn, stride_dc, stride_dh, stride_dw, HAS_CROP,
                       HAS_FLIP)
-    b, ok_j = _gather(data_ptr, idx_ptr, oy_ptr, ox_ptr, flip_ptr, row_j, ch, hh, ww, mask, mean, inv_std,
+    b, ok_j = _gather(data_ptr, idx_ptr, oy_ptr, ox_ptr, flip_ptr, row_j, ch, hh, ww, mask, mean, std,
                       in_scale, N_data, H, W, pad, stride_dn, stride_dc, stride_dh, stride_dw, HAS_CROP,
                       HAS_FLIP)
     good = valid & ok_i & ok_j
@@ -122,7 +122,7 @@ def _augment_images(
 def _augment_mix_kernel(
     data_ptr, idx_ptr, oy_ptr, ox_ptr, flip_ptr, out_ptr, perm_ptr,
     lamx_ptr, lamx_value, stride_lamx, box_ptr, stride_box, box_y0, box_y1, box_x0, box_x1,
-    mean_ptr, inv_std_ptr, in_scale,
+    mean_ptr, std_ptr, in_scale,
     target_ptr, soft_ptr, lamy_ptr, lamy_value, stride_lamy, off, keep,
     B, N, N_data, C, H, W, K, pad, stride_dn, stride_dc, stride_dh, stride_dw,
     stride_ob, stride_oc, stride_oh, stride_ow, stride_sb, n_blocks, n_image_programs,
@@ -135,7 +135,7 @@ def _augment_mix_kernel(
         _augment_images(
             data_ptr, idx_ptr, oy_ptr, ox_ptr, flip_ptr, out_ptr, perm_ptr,
             lamx_ptr, lamx_value, stride_lamx, box_ptr, stride_box, box_y0, box_y1, box_x0, box_x1,
-            mean_ptr, inv_std_ptr, in_scale,
+            mean_ptr, std_ptr, in_scale,
             pid, B, N, N_data, C, H, W, pad, stride_dn, stride_dc, stride_dh, stride_dw,
             stride_ob, stride_oc, stride_oh, stride_ow, n_blocks,
             PAIRED, LAMX_KIND, BOX_KIND, HAS_CROP, HAS_FLIP, NORM_SELECT, ROUND_BF16, BLOCK_SIZE,
@@ -163,7 +163,7 @@ def augment_mix_launch(
     lam_y: torch.Tensor | float,
     box: torch.Tensor | tuple | None,
     mean: torch.Tensor,
-    inv_std: torch.Tensor,
+    std: torch.Tensor,
     in_scale: float,
     label_off: float,
     label_keep: float,
@@ -181,7 +181,8 @@ def augment_mix_launch(
         perm: (B,) int64 partners, or None for the flip pairing i <-> B-1-i.
         lam_x, lam_y: pixel and label weight of each row itself: a float, a 0-d or a (B,) float32 tensor.
         box: CutMix boxes (y0, y1, x0, x1) in output pixels: (4,) or (B, 4) int32 tensor, four ints, or None.
-        mean, inv_std: (C,) float32 normalization; in_scale: multiplies the raw uint8 value first (1/255).
+        mean, std: (C,) float32 normalization, (value * in_scale - mean) / std; in_scale: 1/255 for
+            values in [0, 1] units.
         label_off, label_keep: soft target = onehot * label_keep + label_off.
     """
     batch, channels, height, width = out.shape
@@ -216,7 +217,7 @@ def augment_mix_launch(
             flip if flip is not None else dummy, out, perm if perm is not None else dummy,
             lamx_ptr if lamx_ptr is not None else dummy, lamx_value, stride_lamx,
             box_tensor if box_tensor is not None else dummy, stride_box, *box_values,
-            mean, inv_std, float(in_scale),
+            mean, std, float(in_scale),
             target if has_target else dummy, soft if has_target else dummy,
             lamy_ptr if lamy_ptr is not None else dummy, lamy_value, stride_lamy,
             float(label_off), float(label_keep),

@@ -128,7 +128,7 @@ class ImageTensors(Dataset):
         return x, self.targets[idx]
 
     def draw(self, batch: int) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        """The augmentation draws of the next batch of ``batch`` samples, from :attr:`generator` (its device).
+        """The augmentation draws of the next batch of ``batch`` samples, on the host from :attr:`generator`.
 
         Returns:
             (oy, ox, flip): (B,) int64 crop offsets in [0, 2 * pad] (None without crop) and (B,) bool flip
@@ -138,18 +138,11 @@ class ImageTensors(Dataset):
         g = self.generator
         oy = ox = flip = None
         if self.augment == "crop_flip":
-            oy = torch.randint(0, 2 * self.pad + 1, (batch,), generator=g, device=g.device)
-            ox = torch.randint(0, 2 * self.pad + 1, (batch,), generator=g, device=g.device)
+            oy = torch.randint(0, 2 * self.pad + 1, (batch,), generator=g)
+            ox = torch.randint(0, 2 * self.pad + 1, (batch,), generator=g)
         if self.augment in ("flip", "crop_flip"):
-            flip = torch.rand(batch, generator=g, device=g.device) < 0.5
+            flip = torch.rand(batch, generator=g) < 0.5
         return oy, ox, flip
-
-    def move_generator(self, device) -> None:
-        """Draw the augmentation on ``device`` from now on: a generator there replaces the CPU one (the
-        lifecycle reseeds it every epoch and saves its state with the run's other streams)."""
-        device = torch.device(device)
-        if self.generator.device.type != device.type:
-            self.generator = torch.Generator(device=device)
 
 
 def crop_flip(data: Tensor, idx: Tensor, oy: Tensor | None = None, ox: Tensor | None = None,
@@ -169,7 +162,7 @@ def crop_flip(data: Tensor, idx: Tensor, oy: Tensor | None = None, ox: Tensor | 
         x = padded[torch.arange(b, device=dev)[:, None, None, None],
                    torch.arange(c, device=dev)[None, :, None, None], rows, cols]
     if flip is not None:
-        x = torch.where(flip.to(dev).view(-1, 1, 1, 1), x.flip(-1), x)
+        x = torch.where((flip.to(dev) != 0).view(-1, 1, 1, 1), x.flip(-1), x)
     return x
 
 

@@ -4,8 +4,9 @@ mixed in one pass.
 CIFAR-10's training set is 150 MB of uint8, Fashion-MNIST's 47 MB, digits' 0.1 MB: they fit on any GPU. A
 :class:`DeviceImages` keeps the images there; a training step then needs only the batch's indices (from the
 loader's sampler), the augmentation draws (:meth:`mixrecipe.data.ImageTensors.draw`: crop offsets and flip
-bits, from the data set's generator, which lives on the device too) and the mixing draws
-(``Mixup.draw``). :func:`augment_mix` turns them into the batch:
+bits, on the host from the data set's generator, as the loader takes them) and the mixing draws
+(``Mixup.draw``); indices, labels and augmentation draws travel in one pinned copy. :func:`augment_mix` turns
+them into the batch:
 
 - on CUDA (and on CPU tensors under ``cpu_backend("triton")``, through Triton's interpreter), ONE kernel
   (``mixrecipe.kernels.augment``) reads sample ``idx[r]`` at its cropped and flipped coordinates, normalizes
@@ -27,6 +28,7 @@ from . import ops
 from .backend import runs_kernel
 from .checks import channel_vector
 from .data import crop_flip
+from .draws import to_device
 from .kernels.augment import augment_mix_launch
 
 __all__ = ["DeviceImages", "augment_mix", "fits_on_device"]
@@ -133,7 +135,7 @@ def augment_mix(
     if target is not None:
         soft = torch.empty((batch, num_classes), dtype=torch.float32, device=data.device)
     mean_t = _stats(mean, c, "mean", data.device)
-    inv_std = 1.0 / _stats(std, c, "std", data.device)
+    std_t = _stats(std, c, "std", data.device)
     if isinstance(box, list):
         box = tuple(box)
     if isinstance(box, Tensor):
@@ -142,7 +144,7 @@ def augment_mix(
     lam_y = lam_x if same else _device_value(lam_y, data.device)
     augment_mix_launch(
         data, idx, oy, ox, flip, out, target, soft, pad=pad, perm=perm, lam_x=lam_x, lam_y=lam_y, box=box,
-        mean=mean_t, inv_std=inv_std, in_scale=1.0 / 255.0,
+        mean=mean_t, std=std_t, in_scale=1.0 / 255.0,
         label_off=label_smoothing / num_classes if target is not None else 0.0,
         label_keep=1.0 - label_smoothing,
     )
@@ -181,8 +183,7 @@ class DeviceImages:
 
     Args:
         ds: the training set; its ``augment`` ("none", "flip", "crop_flip") and ``pad`` apply, its
-            ``generator`` draws the augmentation (use :meth:`ImageTensors.move_generator` to draw on the
-            device).
+            ``generator`` draws the augmentation on the host, in the order the loader's batches take it.
         device: where the images live and the batches are made.
         memory_format: layout of the copy (channels_last for a channels_last model: the kernel then reads
             and writes in the same order).
@@ -192,7 +193,6 @@ class DeviceImages:
                  memory_format: torch.memory_format = torch.contiguous_format):
         self.ds, self.device = ds, torch.device(device)
         self.images = ds.images.to(self.device).contiguous(memory_format=memory_format)
-        self.targets = ds.targets.to(self.device)
         self.memory_format = memory_format
 
     @property
@@ -215,12 +215,11 @@ class DeviceImages:
             The same as ``Mixup.mix_batch`` returns for the loader's batch of these indices and draws.
         """
         idx = torch.as_tensor(indices, dtype=torch.long)
-        if self.device.type == "cuda":  # from pinned memory the copy is asynchronous: no wait on the GPU
-            idx = idx.pin_memory()
-        idx = idx.to(self.device, non_blocking=True)
         batch = idx.shape[0]
-        oy, ox, flip = self.ds.draw(batch)
-        y = self.targets[idx]
+        oy, ox, flip = self.ds.draw(batch)  # on the host, from the data set's generator: the loader's stream
+        # The step's host values (indices, labels, crop offsets, flip bits) reach the device in ONE pinned,
+        # asynchronous copy: no device op draws or gathers them, no wait on the GPU.
+        idx, y, oy, ox, flip = to_device(self.device, idx, self.ds.targets[idx], oy, ox, flip)
         pad = self.ds.pad if oy is not None else 0
         common = dict(oy=oy, ox=ox, flip=flip, pad=pad, mean=mean, std=std, out_dtype=out_dtype,
                       memory_format=self.memory_format)

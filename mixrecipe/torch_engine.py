@@ -7,9 +7,10 @@ against the two labels, backward, optimizer step; the schedule is updated before
 With ``data.on_device`` (null: on for CUDA when an in-memory training set fits) the training set lives on the
 device (:class:`mixrecipe.gpu_data.DeviceImages`) and the loader's workers are skipped: each step takes the
 batch's indices from the loader's batch sampler (so shuffling, sharding and resuming inside an epoch are
-the loader's), draws the crop offsets and flip bits from the data set's generator (moved to the device) and
-makes the batch in one kernel: gather + crop/flip + normalize + mix. On CPU the same path runs its twin
-(crop/flip by indexing, then the mixing op): the batches the loader would give, bit for bit.
+the loader's), draws the crop offsets and flip bits on the host from the data set's generator (the loader's
+stream), copies them with the indices and labels in one pinned copy and makes the batch in one kernel:
+gather + crop/flip + normalize + mix. On CPU the same path runs its twin (crop/flip by indexing, then the
+mixing op): the batches the loader would give, bit for bit.
 """
 
 from __future__ import annotations
@@ -104,6 +105,5 @@ def _device_data(state: RunState) -> DeviceImages | None:
     if not in_memory:
         raise RecipeError("data.on_device=true needs an in-memory data set (digits, fashion_mnist, "
                           f"cifar10); {state.cfg.data.name} is read from files: set data.on_device=false")
-    ds.move_generator(d.device)  # the crop/flip draws happen where the batch is made
     fmt = torch.channels_last if state.channels_last else torch.contiguous_format
     return DeviceImages(ds, d.device, fmt)

@@ -32,8 +32,8 @@ def reference(data, idx, oy, ox, flip, pad, perm, lam_x, lam_y, box, mean, std, 
     b, c = idx.shape[0], data.shape[1]
     x = crop_flip(data, idx, oy, ox, flip, pad).float()
     m = torch.tensor(mean, dtype=torch.float32)[:c].view(1, c, 1, 1)
-    inv = (1.0 / torch.tensor(std, dtype=torch.float32)[:c]).view(1, c, 1, 1)
-    own = (x * (1.0 / 255.0) - m) * inv
+    sd = torch.tensor(std, dtype=torch.float32)[:c].view(1, c, 1, 1)
+    own = (x * (1.0 / 255.0) - m) / sd
     part = own.flip(0) if perm is None else own[perm]
     w = torch.as_tensor(lam_x, dtype=torch.float32).expand(b).reshape(b, 1, 1, 1).expand_as(own).clone()
     if box is not None:
@@ -89,11 +89,11 @@ def _launch(case, out_dtype, layout, smoothing=0.1, k=7, lam_y=None):
     out = out.contiguous(memory_format=fmt)
     soft = torch.full((b, k), float("nan"), device=data.device)
     mean = torch.tensor(MEAN[:c], device=data.device)
-    inv_std = 1.0 / torch.tensor(STD[:c], device=data.device)
+    std = torch.tensor(STD[:c], device=data.device)
     lam_y = case["lam"] if lam_y is None else lam_y
     augment_mix_launch(data, case["idx"], case["oy"], case["ox"], case["flip"], out, case["target"], soft,
                        pad=case["pad"], perm=case["perm"], lam_x=case["lam"], lam_y=lam_y, box=case["box"],
-                       mean=mean, inv_std=inv_std, in_scale=1.0 / 255.0, label_off=smoothing / k,
+                       mean=mean, std=std, in_scale=1.0 / 255.0, label_off=smoothing / k,
                        label_keep=1.0 - smoothing)
     return out, soft
 
@@ -145,13 +145,13 @@ def test_lam_one_is_the_augmentation_alone_and_raw_values_are_exact(triton_devic
     cpu = {key: (v.cpu() if isinstance(v, torch.Tensor) else v) for key, v in case.items()}
     x = crop_flip(cpu["data"], cpu["idx"], cpu["oy"], cpu["ox"], cpu["flip"], cpu["pad"]).float()
     m = torch.tensor(MEAN[:3]).view(1, 3, 1, 1)
-    inv = (1.0 / torch.tensor(STD[:3])).view(1, 3, 1, 1)
-    assert torch.equal(out.cpu(), (x * (1.0 / 255.0) - m) * inv) or triton_device == "cuda"
-    torch.testing.assert_close(out.cpu(), (x * (1.0 / 255.0) - m) * inv)
+    sd = torch.tensor(STD[:3]).view(1, 3, 1, 1)
+    assert torch.equal(out.cpu(), (x * (1.0 / 255.0) - m) / sd) or triton_device == "cuda"
+    torch.testing.assert_close(out.cpu(), (x * (1.0 / 255.0) - m) / sd)
     raw = torch.full((6, 3, 8, 8), float("nan"), device=triton_device)
     one = torch.ones(3, device=triton_device)
     augment_mix_launch(case["data"], case["idx"], case["oy"], case["ox"], case["flip"], raw, None, None,
-                       pad=4, perm=None, lam_x=1.0, lam_y=1.0, box=None, mean=one * 0, inv_std=one,
+                       pad=4, perm=None, lam_x=1.0, lam_y=1.0, box=None, mean=one * 0, std=one,
                        in_scale=1.0, label_off=0.0, label_keep=1.0)
     assert torch.equal(raw.cpu(), x)
 

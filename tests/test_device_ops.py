@@ -63,7 +63,8 @@ def test_host_work_runs_for_real():
 # --------------------------------------------------------------------------------------------------
 # Batch modes draw λ, the switch, the coin and the box on the host: the fused launch is the whole call.
 ONE_LAUNCH = [c for c in CASES if (" batch" in c or c.startswith(("cutmix", "transforms")))
-              and "random pairing" not in c and "mix_batch" not in c and "per sample" not in c]
+              and "random pairing" not in c and "mix_batch" not in c and "per sample" not in c
+              and not c.startswith("device data")]
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -73,7 +74,9 @@ def test_device_ops_per_call(case):
     fused = [op for op in ops.launches if op.startswith(("triton:", "mixrecipe::"))]
     assert fused and len(fused) <= 3, ops  # the mixing launch (and the loss's for mix_batch)
     assert not ops.host_reads, ops  # no call reads a device value on the host
-    if case in ONE_LAUNCH:
+    if case.startswith("device data"):  # indices, labels, crop/flip draws: one copy; then the fused pass
+        assert ops.launches == ["_to_copy", "triton:_augment_mix_kernel"], ops
+    elif case in ONE_LAUNCH:
         assert ops.launches == ["triton:_mix_fwd_kernel"], ops
     elif "mix_batch" not in case:  # per-sample values or a permutation: one copy to the device, the launch
         assert ops.count <= 3, ops
