@@ -310,6 +310,66 @@ def test_torchvision_decoder_matches_pil_and_timm(tmp_path):
     assert any(not torch.equal(tv.train[0][0], x1) for _ in range(5))
 
 
+def test_train_crop_resizes_its_box_like_torchvision_and_flips_on_its_coin():
+    """RandomResizedCropFlip = torchvision's resized_crop of the drawn box (bit for bit), mirrored when
+    the last uniform is below the flip probability; on a decoded JPEG's strided view and on a dense image."""
+    from torchvision.io import decode_jpeg, encode_jpeg
+    from torchvision.transforms.v2 import functional as F
+
+    from mixrecipe.data import RandomResizedCropFlip
+
+    g = torch.Generator().manual_seed(3)
+    dense = torch.randint(0, 256, (3, 75, 103), dtype=torch.uint8, generator=g)
+    decoded = decode_jpeg(encode_jpeg(dense, quality=90))  # decode_jpeg's layout: a permuted HWC buffer
+    tf = RandomResizedCropFlip(32, scale=(0.08, 1.0))
+    for img in (dense, decoded):
+        for seed in range(12):
+            torch.manual_seed(seed)
+            out = tf(img)
+            torch.manual_seed(seed)
+            u = torch.rand(tf.DRAWS, dtype=torch.float64).tolist()
+            top, left, h, w = tf.box(img.shape[-2], img.shape[-1], u)
+            expected = F.resized_crop(img.contiguous(), top, left, h, w, [32, 32], antialias=True)
+            if u[-1] < 0.5:
+                expected = expected.flip(-1)
+            assert out.dtype == torch.uint8 and out.shape == (3, 32, 32)
+            assert torch.equal(out, expected), (seed, (top, left, h, w))
+
+
+def test_train_crop_box_follows_scale_and_ratio():
+    """The box of a fitting try has the drawn area fraction and aspect ratio (to rounding) and lies inside
+    the image; when no try fits, the center crop of the clamped aspect ratio."""
+    import math
+
+    from mixrecipe.data import RandomResizedCropFlip
+
+    tf = RandomResizedCropFlip(16, scale=(0.25, 0.75), ratio=(0.5, 2.0))
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        height, width = (int(v) for v in rng.integers(20, 400, 2))
+        u = rng.random(tf.DRAWS).tolist()
+        top, left, h, w = tf.box(height, width, u)
+        assert 0 <= top <= height - h and 0 <= left <= width - w and h > 0 and w > 0
+        for t in range(tf.TRIES):
+            fraction = 0.25 + 0.5 * u[2 * t]
+            aspect = math.exp(math.log(0.5) + math.log(4.0) * u[2 * t + 1])
+            tw, th = round(math.sqrt(fraction * height * width * aspect)), \
+                round(math.sqrt(fraction * height * width / aspect))
+            if 0 < tw <= width and 0 < th <= height:  # the first fitting try is the box
+                assert (h, w) == (th, tw)
+                break
+    # Strips of 1000 x 10: no try of a fraction >= 0.9 with a ratio in [1/2, 2] fits; the center crop of
+    # the ratio clamped to the nearest bound (10 x 20) is taken
+    tall = RandomResizedCropFlip(16, scale=(0.9, 1.0), ratio=(0.5, 2.0))
+    assert tall.box(1000, 10, [0.5] * tall.DRAWS) == ((1000 - 20) // 2, 0, 20, 10)
+    wide = RandomResizedCropFlip(16, scale=(0.9, 1.0), ratio=(0.5, 2.0))
+    assert wide.box(10, 1000, [0.5] * wide.DRAWS) == (0, (1000 - 20) // 2, 10, 20)
+    with pytest.raises(ValueError, match="scale"):
+        RandomResizedCropFlip(16, scale=(0.5, 0.1))
+    with pytest.raises(ValueError, match="ratio"):
+        RandomResizedCropFlip(16, ratio=(0.0, 1.0))
+
+
 def test_torchvision_decoder_reads_every_format_pil_reads(tmp_path):
     """PNG and grayscale JPEGs through torchvision.io; BMP, TIFF and the rest through PIL: all RGB uint8."""
     from PIL import Image
