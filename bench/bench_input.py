@@ -102,7 +102,7 @@ def folder_readers(paths: list[str], size: int = 224) -> dict[str, dict[str, obj
     return out
 
 
-def bench_folder(args, rows: list[dict]) -> None:
+def bench_folder(args, device: torch.device, rows: list[dict]) -> None:
     n = 12 if args.quick else args.images
     rounds = 1 if args.quick else args.rounds
     threads = torch.get_num_threads()
@@ -137,8 +137,46 @@ def bench_folder(args, rows: list[dict]) -> None:
                     })
                 print(f"{mode:34s} " + "  ".join(f"{k} {v:8.1f}/s" for k, v in per_s.items())
                       + f"  ratio {per_s['torchvision'] / per_s['pil']:.2f}", flush=True)
+            _bench_device_decoder(args, device, paths, mean_kb, rows, pil_train=next(
+                r["images_per_s"] for r in rows if r["case"].startswith("train") and r["provider"] == "pil"))
     finally:
         torch.set_num_threads(threads)
+
+
+def _bench_device_decoder(args, device, paths, mean_kb, rows, pil_train: float) -> None:
+    """data.decoder=device: file reads (what the workers do), then a batch's decode + crop/resize/flip on
+    ``device`` (nvJPEG and one kernel on CUDA; on CPU libjpeg-turbo and the per-image twin, one thread)."""
+    from mixrecipe.data import RandomResizedCropFlip, collate_encoded
+    from mixrecipe.gpu_decode import DeviceDecoder
+
+    size, batch = (64, 4) if args.quick else (224, 32)
+    ds = ImageFiles(paths, torch.zeros(len(paths), dtype=torch.long), RandomResizedCropFlip(size),
+                    encoded=True)
+    decoder = DeviceDecoder(ds, device, torch.channels_last)
+    groups = [list(range(i, min(i + batch, len(paths)))) for i in range(0, len(paths), batch)]
+
+    def one_pass():
+        for g in groups:
+            decoder.batch(*collate_encoded([ds[i] for i in g]))
+        common.sync(device)
+
+    one_pass()  # warm-up: imports, the kernel's compilation, nvJPEG's handles
+    times = []
+    for _ in range(1 if args.quick else args.rounds):
+        t0 = time.perf_counter()
+        one_pass()
+        times.append(time.perf_counter() - t0)
+    n = len(paths)
+    per_s = n / float(np.median(times))
+    rows.append({
+        "part": "image folder", "case": f"train (rrc {size} + flip), batches of {batch}",
+        "provider": f"device decoder ({device.type})", "shape": f"{n} JPEGs, {mean_kb:.0f} KB mean",
+        "threads": 1, "images_per_s": per_s, "p20": n / float(np.quantile(times, 0.8)),
+        "p80": n / float(np.quantile(times, 0.2)), "vs_pil": per_s / pil_train, "rounds": len(times),
+        "device": common.device_name(device),
+    })
+    print(f"{'train, data.decoder=device':34s} {device.type} {per_s:8.1f}/s  vs pil {per_s / pil_train:.2f}",
+          flush=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -290,12 +328,14 @@ def _plot(rows: list[dict], path: Path) -> bool:
         return False
     folder = [r for r in rows if r["part"] == "image folder"]
     cases = list(dict.fromkeys(r["case"] for r in folder))
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    width = 0.38
-    for k, provider in enumerate(("pil", "torchvision")):
-        vals = [next(r["images_per_s"] for r in folder if r["case"] == c and r["provider"] == provider)
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    providers = list(dict.fromkeys(r["provider"] for r in folder))
+    width = 0.8 / len(providers)
+    for k, provider in enumerate(providers):
+        vals = [next((r["images_per_s"] for r in folder if r["case"] == c and r["provider"] == provider), 0.0)
                 for c in cases]
-        ax.barh([i + (k - 0.5) * width for i in range(len(cases))], vals, height=width, label=provider)
+        ax.barh([i + (k - (len(providers) - 1) / 2) * width for i in range(len(cases))], vals, height=width,
+                label=provider)
     ax.set_yticks(range(len(cases)), cases)
     ax.invert_yaxis()
     ax.set_xlabel("images/s on one core")
@@ -317,7 +357,9 @@ def write_results(rows: list[dict], args, device: torch.device) -> None:
              common.environment(device), "",
              "Image folders: one core (torch.set_num_threads(1), no loader workers): images/s of "
              "`ImageFiles.__getitem__` as a loader worker calls it, decoders timed interleaved "
-             "(median round). "
+             "(median round). The device decoder row (`data.decoder=device`): the workers' file reads, "
+             "then each batch of 32 decoded, cropped, resized and flipped on the bench's device "
+             "(CUDA: nvJPEG and one kernel; CPU: libjpeg-turbo and the per-image twin on one thread). "
              "In memory: the cifar10 recipe's pipeline on CIFAR-sized random images, mixup alpha 1 "
              "with a random permutation.", "", common.load_note(rows), ""]
     if train:
@@ -354,7 +396,7 @@ def main(argv=None) -> None:
     parts = set(args.parts.split(","))
     rows: list[dict] = []
     if "folder" in parts:
-        bench_folder(args, rows)
+        bench_folder(args, device, rows)
     if "memory" in parts:
         bench_memory(args, device, rows)
     write_results(rows, args, device)

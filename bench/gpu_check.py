@@ -185,9 +185,11 @@ def _run(cmd: list[str], log: Path, timeout: float, env: dict | None = None) -> 
 
 
 TEST_FILES = ("tests/test_ops.py", "tests/test_loss.py", "tests/test_policy.py", "tests/test_transforms.py",
-              "tests/test_bench.py", "tests/test_augment.py", "tests/test_gpu_data.py")
-# Module names count as keywords: "gpu" and "augment" select every test of test_gpu_data and test_augment.
-TEST_SELECTION = "cuda or triton or gpu or kernel or augment"
+              "tests/test_bench.py", "tests/test_augment.py", "tests/test_gpu_data.py",
+              "tests/test_resize.py")
+# Module names count as keywords: "gpu", "augment" and "resize" select every test of test_gpu_data,
+# test_augment and test_resize.
+TEST_SELECTION = "cuda or triton or gpu or kernel or augment or resize"
 
 
 def test_command(workers: int | None = None) -> list[str]:

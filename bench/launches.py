@@ -27,7 +27,8 @@ from mixrecipe.kernels import interpreting
 from mixrecipe.kernels._common import record_launches
 from mixrecipe.kernels.aot import describe
 
-__all__ = ["kernels_planned_for_gpu", "record_public_api", "record_augment", "main_paths", "IMAGE_PATHS"]
+__all__ = ["kernels_planned_for_gpu", "record_public_api", "record_augment", "record_resize", "main_paths",
+           "IMAGE_PATHS"]
 
 IMAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (B, C, H, W): odd and tiny (one small block), CIFAR (one block a sample), above 8192 elements (big blocks).
@@ -133,6 +134,25 @@ def _drive_loss(gen):
         perm = torch.randperm(b, generator=gen) if perm_kind == "perm" else None
         lam = 0.4 if lam_kind == "scalar" else torch.rand(b, generator=gen)
         mixrecipe.mixup_cross_entropy(logits, target, lam, perm, label_smoothing=smoothing).backward()
+
+
+def record_resize() -> list[dict]:
+    """Descriptions of the launches ``mixrecipe.gpu_decode.resize_crops`` makes (data.decoder=device: a batch
+    of random-resized crops), planned for a GPU: ImageNet's 224 and a small odd size, NCHW and channels_last
+    output, one image and several. Compiled for sm_80/sm_90 by tests/test_resize.py."""
+    if not interpreting():
+        return _in_interpreter("record_resize")
+    from mixrecipe.gpu_decode import resize_crops
+
+    gen = torch.Generator().manual_seed(0)
+    with kernels_planned_for_gpu() as recorder:
+        for size, n, cl in ((224, 3, True), (224, 1, False), (13, 4, False), (13, 2, True)):
+            images = [torch.randint(0, 256, (3, 40 + 7 * k, 50 + 3 * k), dtype=torch.uint8, generator=gen)
+                      for k in range(n)]
+            boxes = [(1, 2, img.shape[1] - 3, img.shape[2] - 4) for img in images]
+            resize_crops(images, boxes, [k % 2 == 0 for k in range(n)], size,
+                         torch.channels_last if cl else torch.contiguous_format)
+    return describe(recorder.launches)
 
 
 def _in_interpreter(name: str, *args):

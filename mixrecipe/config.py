@@ -93,8 +93,10 @@ class DataConfig:
                                  gt=0)
     workers: int = _f(DEFAULT_WORKERS, "image folders: data loader worker processes per rank", ge=0)
     decoder: str = _f(
-        "torchvision", "image folders: torchvision (torchvision.io decodes JPEG/PNG/GIF/WebP, v2 transforms "
-        "on uint8 tensors) or pil (PIL and timm's transforms)", ("torchvision", "pil"),
+        "torchvision", "image folders: torchvision (torchvision.io decodes JPEG/PNG/GIF/WebP in the loader "
+        "workers, crop/flip on uint8 tensors), pil (PIL and timm's transforms) or device (torch engine: the "
+        "workers read training JPEGs, the training device decodes a batch at a time and crops, resizes and "
+        "flips it in one kernel)", ("torchvision", "pil", "device"),
     )
     on_device: bool | None = _f(
         None, "in-memory data sets: keep the training set on the training device as uint8 and make each "
@@ -355,6 +357,9 @@ def check_values(cfg: Config) -> Config:
         _check_bounds(values[key], fld, key)
     _check_pair(cfg.data.scale, "data.scale")
     _check_pair(cfg.mixup.cutmix_minmax, "mixup.cutmix_minmax")
+    if cfg.engine == "fastai" and cfg.data.decoder == "device":
+        raise ConfigError("data.decoder=device is supported by engine=torch only: with engine=fastai set "
+                          "data.decoder=torchvision")
     if cfg.engine == "fastai" and cfg.data.on_device:  # null (auto) means the loader there
         raise ConfigError("data.on_device=true is supported by engine=torch only: with engine=fastai set "
                           "data.on_device=null or false")

@@ -33,6 +33,9 @@ __all__ = [
     "DataNotFoundError",
     "UnreadableImageError",
     "collate_readable",
+    "collate_encoded",
+    "read_encoded",
+    "unreadable_image",
     "count_unreadable",
     "DataBundle",
     "ImageTensors",
@@ -175,7 +178,7 @@ def keep_batch(batch):
 def loader_collate(ds):
     """The DataLoader ``collate_fn`` for a data set of this module (None: PyTorch's default)."""
     if isinstance(ds, ImageFiles):
-        return collate_readable
+        return collate_encoded if ds.encoded else collate_readable
     return keep_batch if isinstance(ds, ImageTensors) else None
 
 
@@ -191,6 +194,12 @@ class ImageFiles(Dataset):
     - ``"pil"``: PIL decodes and timm's transforms augment (``create_transform(..., use_prefetcher=True)``),
       as before.
 
+    With ``encoded`` (``data.decoder=device``, training sets) an item is ``((i, data), label)``: ``data`` is
+    the file's bytes when it is a JPEG (decoded later, a batch at a time, on the training device:
+    ``mixrecipe.gpu_decode``), else the decoded uint8 (3, H, W) image; ``transform`` is then the
+    :class:`RandomResizedCropFlip` the device applies, with draws from :attr:`generator`
+    (:func:`collate_encoded` collates them).
+
     An unreadable or corrupt file raises :class:`UnreadableImageError` naming it; with ``skip_corrupt`` the
     item is None instead (:func:`collate_readable` drops it from its batch) and the file is remembered in
     shared memory, so the count covers the loader's worker processes too (:meth:`unreadable`).
@@ -202,29 +211,39 @@ class ImageFiles(Dataset):
             tensor (decoder "pil").
         skip_corrupt: skip unreadable files instead of stopping.
         decoder: "torchvision" or "pil".
+        encoded: hand out JPEG bytes for the training device to decode (decoder "torchvision" only).
     """
 
     def __init__(self, paths: list[str], targets: Tensor, transform, skip_corrupt: bool = False,
-                 decoder: str = "torchvision"):
+                 decoder: str = "torchvision", encoded: bool = False):
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+        if encoded and (decoder != "torchvision" or not isinstance(transform, RandomResizedCropFlip)):
+            raise ValueError("encoded items need decoder 'torchvision' and a RandomResizedCropFlip transform")
         self.paths, self.targets, self.transform = list(paths), targets, transform
-        self.skip_corrupt, self.decoder = skip_corrupt, decoder
+        self.skip_corrupt, self.decoder, self.encoded = skip_corrupt, decoder, encoded
         self.bad = torch.zeros(len(self.paths), dtype=torch.uint8).share_memory_()
+        # The device's crop and flip draws (encoded items): reseeded every epoch, saved with the run.
+        self.generator = torch.Generator().manual_seed(0) if encoded else None
 
     def unreadable(self) -> list[str]:
         """The files found unreadable so far (with ``skip_corrupt``)."""
         return [self.paths[i] for i in self.bad.nonzero().flatten().tolist()]
 
     def reseed(self, seed: int) -> None:
-        """Nothing to do: worker processes are seeded by the loader from the (reseeded) global RNG."""
+        """Restart the device's crop/flip stream (encoded items); worker processes are seeded by the loader
+        from the (reseeded) global RNG."""
+        if self.generator is not None:
+            self.generator.manual_seed(seed)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i):
         try:
-            if self.decoder == "torchvision":
+            if self.encoded:
+                x = (i, read_encoded(self.paths[i]))
+            elif self.decoder == "torchvision":
                 x = self.transform(decode_file(self.paths[i]))
             else:
                 from PIL import Image
@@ -235,18 +254,23 @@ class ImageFiles(Dataset):
             if self.skip_corrupt:
                 self.bad[i] = 1
                 return None
-            raise UnreadableImageError(
-                f"cannot read image {self.paths[i]} ({type(exc).__name__}: {_short(exc)}): replace or delete "
-                "the file, or set data.skip_corrupt=true to skip unreadable images"
-            ) from None
+            raise unreadable_image(self.paths[i], exc) from None
         return x, self.targets[i]
+
+
+def unreadable_image(path: str, exc: BaseException) -> UnreadableImageError:
+    """The error that stops a run at an unreadable file: its name, the reason, what to do."""
+    return UnreadableImageError(
+        f"cannot read image {path} ({type(exc).__name__}: {_short(exc)}): replace or delete the file, or set "
+        "data.skip_corrupt=true to skip unreadable images")
 
 
 # What decoding a truncated or garbled file raises: PIL's OSError / ValueError / SyntaxError, torchvision.io's
 # RuntimeError (libjpeg-turbo, libpng: "Image is incomplete or truncated", "Not a JPEG file", ...).
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, RuntimeError)
 # File signatures torchvision.io decodes itself (the rest go through PIL).
-_TORCHVISION_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a")
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_TORCHVISION_MAGIC = (_JPEG_MAGIC, b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a")
 
 
 def _short(exc: BaseException) -> str:
@@ -276,6 +300,16 @@ def decode_file(path: str) -> Tensor:
     with Image.open(path) as img:
         arr = np.asarray(img.convert("RGB"))
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def read_encoded(path: str) -> Tensor:
+    """A JPEG file's bytes as a 1-D uint8 tensor (for a batched decode on the training device); any other
+    image decoded here, as :func:`decode_file` does, to a uint8 (3, H, W) tensor."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    if data.startswith(_JPEG_MAGIC):
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return decode_file(path)
 
 
 def tensor_transform(size: int, train: bool, scale=(0.08, 1.0), crop_pct: float = 0.875):
@@ -368,6 +402,18 @@ def collate_readable(batch):
     return default_collate(kept)
 
 
+def collate_encoded(batch):
+    """collate_fn for encoded :class:`ImageFiles` items: (the list of ``(index, data)``, the stacked labels),
+    without the items of skipped files."""
+    from torch.utils.data import default_collate
+
+    kept = [item for item in batch if item is not None]
+    if not kept:
+        raise UnreadableImageError(f"all {len(batch)} images of a batch were unreadable and skipped: check "
+                                   "the data set's files (data.root)")
+    return [item[0] for item in kept], default_collate([item[1] for item in kept])
+
+
 def count_unreadable(bundle) -> list[str]:
     """Every file of the bundle's data sets skipped as unreadable so far (``data.skip_corrupt=true``)."""
     found = set()
@@ -383,7 +429,8 @@ def _select(ds, idx: Tensor, targets: Tensor | None = None, plain: Dataset | Non
     if isinstance(ds, ImageTensors):
         return ImageTensors(ds.images[idx], targets, "none" if plain is not None else ds.augment, ds.pad)
     transform = plain.transform if plain is not None else ds.transform
-    return ImageFiles([ds.paths[i] for i in idx.tolist()], targets, transform, ds.skip_corrupt, ds.decoder)
+    return ImageFiles([ds.paths[i] for i in idx.tolist()], targets, transform, ds.skip_corrupt, ds.decoder,
+                      encoded=ds.encoded and plain is None)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -672,8 +719,13 @@ def build_data(cfg: DataConfig) -> DataBundle:
             eval_tf = tensor_transform(size, train=False, crop_pct=cfg.crop_pct)
             train_tf = tensor_transform(size, train=True, scale=cfg.scale) if cfg.augment == "rrc_flip" \
                 else eval_tf
-        train_full = ImageFiles(tx, ty, train_tf, cfg.skip_corrupt, cfg.decoder)
-        test = ImageFiles(vx, vy, eval_tf, cfg.skip_corrupt, cfg.decoder)
+        encoded = cfg.decoder == "device"  # training JPEGs decoded a batch at a time on the device
+        if encoded and cfg.augment != "rrc_flip":
+            raise RecipeError("data.decoder=device decodes and augments training batches on the device: it "
+                              "needs data.augment=rrc_flip")
+        decoder = "pil" if cfg.decoder == "pil" else "torchvision"
+        train_full = ImageFiles(tx, ty, train_tf, cfg.skip_corrupt, decoder, encoded=encoded)
+        test = ImageFiles(vx, vy, eval_tf, cfg.skip_corrupt, decoder)
         in_chans, input_size = 3, (size, size)
     else:
         if cfg.img_size is not None and cfg.img_size != tx.shape[-1]:

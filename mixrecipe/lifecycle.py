@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from .config import Config, RecipeError, check_values, config_to_dict, save_config
-from .data import DataBundle, ImageTensors, build_data, count_unreadable
+from .data import DataBundle, ImageTensors, build_data, count_unreadable, decode_file
 from .distributed import (
     DistContext,
     all_max,
@@ -256,6 +256,8 @@ def write_preview(path: str, bundle: DataBundle, cfg: Config, rows: int = 4, col
     else:
         items = [ds[i] for i in range(n)]
         items = [it for it in items if it is not None]  # unreadable images skipped by data.skip_corrupt
+        if getattr(ds, "encoded", False):  # file bytes for the device: the same crop, here on the host
+            items = [(ds.transform(decode_file(ds.paths[i])), label) for (i, _), label in items]
         n = len(items)
         x, y = torch.stack([it[0] for it in items]), torch.stack([torch.as_tensor(it[1]) for it in items])
     mixup = build_mixup(cfg, bundle.num_classes, out_dtype=torch.float32,

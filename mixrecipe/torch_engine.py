@@ -24,6 +24,7 @@ from .config import RecipeError
 from .data import ImageTensors, normalize_batch
 from .engine import Engine, RunState, batch_to_device
 from .gpu_data import DeviceImages, fits_on_device
+from .gpu_decode import DeviceDecoder
 from .loss import mixup_cross_entropy
 
 __all__ = ["TorchEngine"]
@@ -45,6 +46,7 @@ class TorchEngine(Engine):
             self.net = nn.parallel.DistributedDataParallel(self.fwd, device_ids=ids)
         self.show_progress = state.cfg.progress and d.is_main and sys.stderr.isatty()
         self.device_data = _device_data(state)
+        self.device_decoder = _device_decoder(state)
 
     def eval_model(self) -> nn.Module:
         return self.fwd  # not DDP-wrapped: ranks evaluate shards of unequal length
@@ -68,14 +70,15 @@ class TorchEngine(Engine):
                 inputs, y, lam, perm, _ = self.device_data.batch(
                     batch, mixup=mixup, mean=state.bundle.mean, std=state.bundle.std,
                     out_dtype=state.in_dtype, label_smoothing=smoothing)
-            elif mixup is not None:
-                x, y = batch_to_device(*batch, state)
-                mb = mixup.mix_batch(x, y)
-                inputs, lam, perm = mb.x, mb.lam, mb.perm
-            else:  # ERM: the same fused op, at lam = 1
-                x, y = batch_to_device(*batch, state)
-                inputs = normalize_batch(x, state.bundle.mean, state.bundle.std, state.in_dtype)
-                lam, perm = 1.0, None
+            else:  # a loader batch; with data.decoder=device, JPEG bytes decoded and cropped on the device
+                x, y = (self.device_decoder.batch(*batch) if self.device_decoder is not None
+                        else batch_to_device(*batch, state))
+                if mixup is not None:
+                    mb = mixup.mix_batch(x, y)
+                    inputs, lam, perm = mb.x, mb.lam, mb.perm
+                else:  # ERM: the same fused op, at lam = 1
+                    inputs = normalize_batch(x, state.bundle.mean, state.bundle.std, state.in_dtype)
+                    lam, perm = 1.0, None
             with state.autocast():
                 logits = self.net(inputs)
             loss = mixup_cross_entropy(logits.float(), y, lam, perm, label_smoothing=smoothing)
@@ -91,7 +94,7 @@ class TorchEngine(Engine):
         return tally.result()
 
     def close(self) -> None:
-        self.net = self.fwd = self.device_data = None
+        self.net = self.fwd = self.device_data = self.device_decoder = None
 
 
 def _device_data(state: RunState) -> DeviceImages | None:
@@ -107,3 +110,12 @@ def _device_data(state: RunState) -> DeviceImages | None:
                           f"cifar10); {state.cfg.data.name} is read from files: set data.on_device=false")
     fmt = torch.channels_last if state.channels_last else torch.contiguous_format
     return DeviceImages(ds, d.device, fmt)
+
+
+def _device_decoder(state: RunState) -> DeviceDecoder | None:
+    """The batch decoder ``data.decoder=device`` asks for (None: the workers decode)."""
+    ds = state.bundle.train
+    if not getattr(ds, "encoded", False):
+        return None
+    fmt = torch.channels_last if state.channels_last else torch.contiguous_format
+    return DeviceDecoder(ds, state.dist.device, fmt)

@@ -18,7 +18,7 @@ PACKAGES = {"mixrecipe": REPO / "mixrecipe", "mixrecipe.kernels": REPO / "kernel
 LAYERS = {
     "mixrecipe.kernels._common": 0,
     "mixrecipe.kernels.mixup": 1, "mixrecipe.kernels.cross_entropy": 1, "mixrecipe.kernels.aot": 1,
-    "mixrecipe.kernels.augment": 1,
+    "mixrecipe.kernels.augment": 1, "mixrecipe.kernels.resize": 1,
     "mixrecipe.kernels": 2,
     "mixrecipe.checks": 2,  # argument rules, shared by every entry point
     # Pure helpers: settings, float64 semantics, the CPU switch, the draws, metric math.
@@ -32,6 +32,7 @@ LAYERS = {
     # Integrations with other libraries, and the recipe's factories.
     "mixrecipe.fastai": 7, "mixrecipe.lightning": 7, "mixrecipe.transforms": 7, "mixrecipe.factories": 7,
     "mixrecipe.gpu_data": 7,  # device-resident data sets: the fused crop/flip + normalize + mix
+    "mixrecipe.gpu_decode": 7,  # data.decoder=device: batched JPEG decode + one crop/resize/flip kernel
     "mixrecipe.engine": 8,
     "mixrecipe.torch_engine": 9, "mixrecipe.fastai_engine": 9,
     "mixrecipe.lifecycle": 10,

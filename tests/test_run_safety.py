@@ -326,6 +326,23 @@ def test_sigint_mid_epoch_with_the_fastai_engine_resumes_exactly(tmp_path, capsy
     _same_run(tmp_path / "ref", cut)
 
 
+def test_sigterm_mid_epoch_with_the_device_decoder_resumes_exactly(tmp_path, capsys):
+    """data.decoder=device: the crop/flip draws of the main process's decoder are a saved stream too."""
+    from test_data import write_imagefolder
+
+    root = write_imagefolder(str(tmp_path / "inet"), n_train=6, n_val=2, size=(30, 40))
+    args = ["imagenet", f"data.root={root}", "data.decoder=device", "epochs=2", "model=digits_cnn",
+            "data.img_size=16", "batch_size=4", "data.workers=1", *QUICK, "preview=false"]
+    train.main([f"output={tmp_path / 'ref'}", *args])
+    cut = tmp_path / "cut"
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_AT_STEP, "6", "SIGTERM", f"output={cut}", *args],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 143 and "Traceback" not in proc.stderr, proc.stderr
+    assert "stopped by SIGTERM at epoch 2/2" in proc.stderr
+    train.main([f"output={cut}", "resume=true", *args])
+    _same_run(tmp_path / "ref", cut)
+
+
 def test_a_signal_on_one_torchrun_rank_stops_both_at_the_same_step_and_resumes_exactly(tmp_path):
     def torchrun(out, *script, resume=()):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -377,12 +377,13 @@ def _truncate(path):
     path.write_bytes(data[: len(data) // 3])
 
 
-def test_a_corrupt_image_is_named_or_skipped_and_counted(tmp_path, capsys):
+@pytest.mark.parametrize("decoder", ["torchvision", "device"])
+def test_a_corrupt_image_is_named_or_skipped_and_counted(tmp_path, capsys, decoder):
     root = Path(write_imagefolder(str(tmp_path / "inet"), n_train=4, n_val=2))
     bad = root / "train" / "bee" / "bee_1.JPEG"
     _truncate(bad)
-    common = ["imagenet", f"data.root={root}", "epochs=1", *IMAGENET_TINY]
-    with pytest.raises(SystemExit) as info:  # read in a loader worker process
+    common = ["imagenet", f"data.root={root}", "epochs=1", f"data.decoder={decoder}", *IMAGENET_TINY]
+    with pytest.raises(SystemExit) as info:  # decoded in a loader worker process, or by the device decoder
         train.main([*common, f"output={tmp_path / 'stop'}"])
     err = capsys.readouterr().err
     assert info.value.code == 2 and "Traceback" not in err and err.count("\n") == 1, err
@@ -392,7 +393,8 @@ def test_a_corrupt_image_is_named_or_skipped_and_counted(tmp_path, capsys):
     assert str(bad) in capsys.readouterr().err
 
 
-def test_a_data_error_mid_run_leaves_a_resumable_checkpoint(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("decoder", ["torchvision", "device"])
+def test_a_data_error_mid_run_leaves_a_resumable_checkpoint(tmp_path, capsys, monkeypatch, decoder):
     from mixrecipe import lifecycle
 
     root = Path(write_imagefolder(str(tmp_path / "inet"), n_train=4, n_val=2))
@@ -405,7 +407,8 @@ def test_a_data_error_mid_run_leaves_a_resumable_checkpoint(tmp_path, capsys, mo
         _truncate(bad)
 
     monkeypatch.setattr(lifecycle, "record", record_then_break_a_file)
-    common = ["imagenet", f"data.root={root}", f"output={tmp_path / 'run'}", "epochs=2", *IMAGENET_TINY]
+    common = ["imagenet", f"data.root={root}", f"output={tmp_path / 'run'}", "epochs=2",
+              f"data.decoder={decoder}", *IMAGENET_TINY]
     with pytest.raises(SystemExit) as info:
         train.main(common)
     err = capsys.readouterr().err
