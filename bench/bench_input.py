@@ -340,7 +340,7 @@ def _plot(rows: list[dict], path: Path) -> bool:
     ax.invert_yaxis()
     ax.set_xlabel("images/s on one core")
     ax.set_title(f"Image-folder input pipeline, {folder[0]['device'].split(' (')[0]}", fontsize=9)
-    ax.legend()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=len(providers), fontsize=8, frameon=False)
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=110)

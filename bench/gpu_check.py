@@ -12,7 +12,9 @@ each writing its results file as soon as it is done, so a run stopped at any poi
    ``<gpu>-tests.txt``.
 2. benchmarks (0.40): ``bench_mixup.py`` on the cases the targets read (ImageNet 256 fp32/bf16/uint8, CIFAR
    128 fp32/bf16; the rows so far go to ``<gpu>-mixup.partial.csv`` after every case, which the targets
-   read when the script was stopped), ``bench_loss.py``, ``bench_step.py`` -> ``<gpu>-{mixup,loss,step}.*``.
+   read when the script was stopped), ``bench_loss.py``, ``bench_step.py``, ``bench_input.py`` (image-folder
+   decoding with the device decoder, the cifar10 loop on device-resident data against the model-only step)
+   -> ``<gpu>-{mixup,loss,step,input}.*``.
 3. throughput (0.25): the real loop (``python -m mixrecipe.train cifar10``) on learnable CIFAR-format data
    (each class its own colour, plus noise) at lr 0.01, mixup off / mixup / mixup+CutMix. A run counts only
    if every epoch's training loss is finite and the last is below the first; otherwise the table says why
@@ -85,6 +87,9 @@ TARGETS = (
            _LOSS_256_1000, "memory_ratio", 4.0, False),
     Target("Mixup share of a ResNet-50 bf16 training step (batch 256)", "step",
            {"variant": "ours-Mixup"}, "mix_share_pct", 0.5, True, "%"),
+    Target("cifar10 loop, device-resident data + mixup, vs the model-only step", "input",
+           {"case": "whole loop (preact_resnet18, mixup on)", "provider": "device path"}, "vs_model_only",
+           0.9, False),
 )
 
 
@@ -212,8 +217,9 @@ def test_summary(code: int, text: str) -> str:
 # In order of what they carry: bench_mixup keeps its rows after every case, so a stopped run has the first.
 MIXUP_CASES = ("imagenet-256 fp32 NCHW", "cifar-128 fp32 NCHW", "imagenet-256 bf16 NCHW",
                "imagenet-256 u8->bf16 NCHW", "cifar-128 bf16 NCHW")
-BENCHMARKS = (("bench_mixup.py", ["--cases", ",".join(MIXUP_CASES)], 0.65),
-              ("bench_loss.py", [], 0.12), ("bench_step.py", [], 0.23))
+BENCHMARKS = (("bench_mixup.py", ["--cases", ",".join(MIXUP_CASES)], 0.55),
+              ("bench_loss.py", [], 0.10), ("bench_step.py", [], 0.20),
+              ("bench_input.py", ["--rounds", "3"], 0.15))
 
 
 def write_cifar_like(root: Path, n_train: int, n_test: int, seed: int = 0) -> None:

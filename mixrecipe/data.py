@@ -36,6 +36,7 @@ __all__ = [
     "collate_encoded",
     "read_encoded",
     "unreadable_image",
+    "DECODE_ERRORS",
     "count_unreadable",
     "DataBundle",
     "ImageTensors",
@@ -250,7 +251,7 @@ class ImageFiles(Dataset):
 
                 with Image.open(self.paths[i]) as img:
                     x = self.transform(img.convert("RGB"))
-        except _DECODE_ERRORS as exc:
+        except DECODE_ERRORS as exc:
             if self.skip_corrupt:
                 self.bad[i] = 1
                 return None
@@ -267,7 +268,7 @@ def unreadable_image(path: str, exc: BaseException) -> UnreadableImageError:
 
 # What decoding a truncated or garbled file raises: PIL's OSError / ValueError / SyntaxError, torchvision.io's
 # RuntimeError (libjpeg-turbo, libpng: "Image is incomplete or truncated", "Not a JPEG file", ...).
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, RuntimeError)
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, RuntimeError)
 # File signatures torchvision.io decodes itself (the rest go through PIL).
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _TORCHVISION_MAGIC = (_JPEG_MAGIC, b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a")

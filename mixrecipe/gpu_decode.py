@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .backend import runs_kernel
-from .data import ImageFiles, UnreadableImageError, unreadable_image
+from .data import DECODE_ERRORS, ImageFiles, UnreadableImageError, decode_file, unreadable_image
 from .draws import to_device
 from .kernels.resize import TABLE_COLUMNS, resize_crops_launch
 
@@ -159,7 +159,11 @@ class DeviceDecoder:
 
         try:
             return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
-        except RuntimeError as exc:
+        except RuntimeError:
+            pass
+        try:  # what the device's decoder refuses (a CMYK JPEG for nvJPEG, say), the host decodes
+            return decode_file(self.ds.paths[index]).to(self.device)
+        except DECODE_ERRORS as exc:
             if self.ds.skip_corrupt:
                 self.ds.bad[index] = 1
                 return None

@@ -66,6 +66,16 @@ def test_targets_read_from_results(tmp_path):
     assert mem["measured"] == 5.0 and mem["ok"] is True
     step = got["Mixup share of a ResNet-50 bf16 training step (batch 256)"]
     assert step["measured"] is None and step["ok"] is None  # no step results: not measured, not failed
+    loop = got["cifar10 loop, device-resident data + mixup, vs the model-only step"]
+    assert loop["measured"] is None
+    _write(tmp_path / "gpu-input.csv", [
+        {"part": "in memory (cifar10 recipe)", "case": "whole loop (preact_resnet18, mixup on)",
+         "provider": "workers path", "vs_model_only": "0.6"},
+        {"part": "in memory (cifar10 recipe)", "case": "whole loop (preact_resnet18, mixup on)",
+         "provider": "device path", "vs_model_only": "0.93"},
+    ])
+    loop = {e["target"]: e for e in gpu_check.evaluate_targets(tmp_path, "gpu")}[loop["target"]]
+    assert loop["measured"] == 0.93 and loop["ok"] is True  # the device path's row
     table = gpu_check.targets_table(list(got.values()))
     assert "MISSED" in table and "met" in table and "not measured" in table
     # A benchmark stopped early leaves its rows in a .partial.csv beside the earlier finished file: the

@@ -203,6 +203,31 @@ def test_decoder_names_or_skips_a_corrupt_jpeg(tmp_path):
     assert ds.unreadable() == [paths[3]]
 
 
+def test_a_jpeg_the_device_refuses_is_decoded_on_the_host(tmp_path, monkeypatch):
+    """nvJPEG refuses some valid files (CMYK JPEGs): the batch decode fails, each file is retried alone and
+    the refused one is decoded by the host instead of being reported corrupt."""
+    import torchvision.io
+
+    paths = _folder(tmp_path)
+    ds = _encoded(paths)
+    items, y = collate_encoded([ds[i] for i in range(len(ds))])
+    dec = DeviceDecoder(ds, "cpu")
+    ds.reseed(1)
+    expected, _ = dec.batch(items, y)
+    real = torchvision.io.decode_jpeg
+    refused = items[4][1]
+
+    def device_decoder(data, **kwargs):
+        if isinstance(data, list) or data is refused:
+            raise RuntimeError("nvjpegDecode failed: unsupported JPEG (stand-in)")
+        return real(data, **kwargs)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", device_decoder)
+    ds.reseed(1)
+    got, labels = dec.batch(items, y)
+    assert torch.equal(got, expected) and torch.equal(labels, y) and ds.unreadable() == []
+
+
 def test_encoded_sets_need_the_device_crop():
     with pytest.raises(ValueError, match="RandomResizedCropFlip"):
         ImageFiles(["a.jpg"], torch.zeros(1), lambda x: x, encoded=True)
