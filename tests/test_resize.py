@@ -128,6 +128,20 @@ def test_cpu_twin_matches_the_float64_reference():
     _assert_matches(out, images, boxes, flips, 20)
 
 
+def test_the_workers_uint8_resize_is_within_one_level_of_the_reference():
+    """What README promises of data.decoder=device against the default: torch's fixed-point uint8 resize (the
+    workers' RandomResizedCropFlip) and the rounded float64 reference differ by at most one level."""
+    for seed in range(4):
+        images = _images(seed, "cpu")
+        boxes, flips = _boxes(images, 24, seed)
+        for img, (top, left, h, w), flip in zip(images, boxes, flips):
+            crop = img[None, :, top:top + h, left:left + w].contiguous(memory_format=torch.channels_last)
+            workers = torch.nn.functional.interpolate(crop, size=(24, 24), mode="bilinear", antialias=True)[0]
+            workers = workers.flip(-1) if flip else workers
+            expected, _ = reference(img, (top, left, h, w), flip, 24)
+            assert (workers.int() - expected.int()).abs().max() <= 1
+
+
 def test_bad_arguments_are_named():
     img = torch.zeros(3, 10, 12, dtype=torch.uint8)
     with pytest.raises(ValueError, match="box 0"):
