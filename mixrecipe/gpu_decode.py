@@ -149,8 +149,8 @@ class DeviceDecoder:
                 for k in jpegs:
                     decoded[k] = self._decode_one(*items[k])
         for k, (_, data) in enumerate(items):
-            if data.ndim == 3:  # another format, decoded by the worker
-                decoded[k] = data.to(self.device)
+            if data.ndim == 3:  # another format, decoded by the worker (pinned by the loader on CUDA)
+                decoded[k] = data.to(self.device, non_blocking=True)
         kept = [k for k in range(len(items)) if decoded[k] is not None]
         return [decoded[k] for k in kept], kept
 
