@@ -226,16 +226,25 @@ class ImageFiles(Dataset):
         self.bad = torch.zeros(len(self.paths), dtype=torch.uint8).share_memory_()
         # The device's crop and flip draws (encoded items): reseeded every epoch, saved with the run.
         self.generator = torch.Generator().manual_seed(0) if encoded else None
+        self.seed = 0  # the epoch's seed: with it, a RandomResizedCropFlip's draws depend on the item alone
 
     def unreadable(self) -> list[str]:
         """The files found unreadable so far (with ``skip_corrupt``)."""
         return [self.paths[i] for i in self.bad.nonzero().flatten().tolist()]
 
     def reseed(self, seed: int) -> None:
-        """Restart the device's crop/flip stream (encoded items); worker processes are seeded by the loader
-        from the (reseeded) global RNG."""
+        """Start an epoch's draws: a :class:`RandomResizedCropFlip` transform draws item i's crop and flip
+        from (``seed``, i) alone, whichever worker reads it (so a run resumed inside an epoch, or run with
+        another number of workers, gets the same crops); the device's stream (encoded items) restarts. Other
+        transforms (decoder "pil") draw from the worker's global RNG, which the loader seeds."""
+        self.seed = seed
         if self.generator is not None:
             self.generator.manual_seed(seed)
+
+    def item_generator(self, i: int) -> torch.Generator:
+        """The generator of item ``i``'s draws in this epoch."""
+        mixed = (self.seed * 0x9E3779B97F4A7C15 + i * 0xBF58476D1CE4E5B9) % 2**63  # (epoch seed, item)
+        return torch.Generator().manual_seed(mixed)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -244,6 +253,8 @@ class ImageFiles(Dataset):
         try:
             if self.encoded:
                 x = (i, read_encoded(self.paths[i]))
+            elif isinstance(self.transform, RandomResizedCropFlip):
+                x = self.transform(decode_file(self.paths[i]), self.item_generator(i))
             elif self.decoder == "torchvision":
                 x = self.transform(decode_file(self.paths[i]))
             else:
@@ -319,8 +330,7 @@ def tensor_transform(size: int, train: bool, scale=(0.08, 1.0), crop_pct: float 
     Training: :class:`RandomResizedCropFlip` (random-resized-crop to ``size``, area fraction in ``scale``,
     aspect ratio in [3/4, 4/3], bilinear, antialiased; a horizontal flip with p = 0.5). Evaluation:
     torchvision v2's resize of the shorter side to ``floor(size / crop_pct)`` and center crop of ``size``
-    (timm's eval transform). Random draws come from torch's global generator, which the data loader seeds
-    in every worker.
+    (timm's eval transform).
     """
     import math
 
@@ -341,8 +351,9 @@ class RandomResizedCropFlip:
     ``flip``. The box's pixels are copied channels-last before resizing: torch's vectorized uint8 resize
     then reads them in order (on a strided view of the decoded image it runs about 1.7x slower).
 
-    Draws: one ``torch.rand`` of :attr:`DRAWS` uniforms per image from torch's global generator (seeded
-    per loader worker); :meth:`box` turns them into the crop.
+    Draws: one ``torch.rand`` of :attr:`DRAWS` uniforms per image, from the ``generator`` given to the call
+    (:class:`ImageFiles` gives each item its own) or torch's global one; :meth:`box` turns them into the
+    crop.
     """
 
     TRIES = 10
@@ -379,8 +390,8 @@ class RandomResizedCropFlip:
             w, h = width, height
         return (height - h) // 2, (width - w) // 2, h, w
 
-    def __call__(self, img: Tensor) -> Tensor:
-        u = torch.rand(self.DRAWS, dtype=torch.float64).tolist()
+    def __call__(self, img: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        u = torch.rand(self.DRAWS, dtype=torch.float64, generator=generator).tolist()
         top, left, h, w = self.box(img.shape[-2], img.shape[-1], u)
         crop = img[None, :, top:top + h, left:left + w].contiguous(memory_format=torch.channels_last)
         out = torch.nn.functional.interpolate(crop, size=(self.size, self.size), mode="bilinear",

@@ -326,12 +326,14 @@ def test_sigint_mid_epoch_with_the_fastai_engine_resumes_exactly(tmp_path, capsy
     _same_run(tmp_path / "ref", cut)
 
 
-def test_sigterm_mid_epoch_with_the_device_decoder_resumes_exactly(tmp_path, capsys):
-    """data.decoder=device: the crop/flip draws of the main process's decoder are a saved stream too."""
+@pytest.mark.parametrize("decoder", ["torchvision", "device"])
+def test_sigterm_mid_epoch_with_image_files_resumes_exactly(tmp_path, capsys, decoder):
+    """Image folders: the workers' crops are drawn from (epoch seed, item) alone, and the device decoder's
+    stream (data.decoder=device) is saved with the run: either way a resumed epoch gets the same crops."""
     from test_data import write_imagefolder
 
     root = write_imagefolder(str(tmp_path / "inet"), n_train=6, n_val=2, size=(30, 40))
-    args = ["imagenet", f"data.root={root}", "data.decoder=device", "epochs=2", "model=digits_cnn",
+    args = ["imagenet", f"data.root={root}", f"data.decoder={decoder}", "epochs=2", "model=digits_cnn",
             "data.img_size=16", "batch_size=4", "data.workers=1", *QUICK, "preview=false"]
     train.main([f"output={tmp_path / 'ref'}", *args])
     cut = tmp_path / "cut"

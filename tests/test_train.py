@@ -377,6 +377,15 @@ def _truncate(path):
     path.write_bytes(data[: len(data) // 3])
 
 
+def test_image_folder_runs_do_not_depend_on_the_number_of_workers(tmp_path):
+    """Each item's crop and flip come from (epoch seed, item): no workers or two give the same run."""
+    root = write_imagefolder(str(tmp_path / "inet"), n_train=6, n_val=2, size=(30, 40))
+    common = ["imagenet", f"data.root={root}", "epochs=2", *IMAGENET_TINY]
+    a = train.main([*common, f"output={tmp_path / 'w0'}", "data.workers=0"])
+    b = train.main([*common, f"output={tmp_path / 'w2'}", "data.workers=2"])
+    assert (a["train_loss"], a["test_loss"]) == (b["train_loss"], b["test_loss"])
+
+
 @pytest.mark.parametrize("decoder", ["torchvision", "device"])
 def test_a_corrupt_image_is_named_or_skipped_and_counted(tmp_path, capsys, decoder):
     root = Path(write_imagefolder(str(tmp_path / "inet"), n_train=4, n_val=2))
