@@ -28,7 +28,7 @@ from mixrecipe.kernels._common import record_launches
 from mixrecipe.kernels.aot import describe
 
 __all__ = ["kernels_planned_for_gpu", "record_public_api", "record_augment", "record_resize", "main_paths",
-           "IMAGE_PATHS"]
+           "IMAGE_PATHS", "compile_in_subprocess", "compile_failures"]
 
 IMAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (B, C, H, W): odd and tiny (one small block), CIFAR (one block a sample), above 8192 elements (big blocks).
@@ -153,6 +153,29 @@ def record_resize() -> list[dict]:
             resize_crops(images, boxes, [k % 2 == 0 for k in range(n)], size,
                          torch.channels_last if cl else torch.contiguous_format)
     return describe(recorder.launches)
+
+
+def compile_in_subprocess(descs: list[dict], folder: Path, *extra: str):
+    """``python -m mixrecipe.kernels.aot`` on ``descs`` in a child process WITHOUT TRITON_INTERPRET (the
+    real compiler), ``extra`` its options. Returns (the finished process, its per-specialization results;
+    [] when it failed before writing them)."""
+    launches = Path(folder) / "launches.json"
+    launches.write_text(json.dumps(descs))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "mixrecipe.kernels.aot", str(launches),
+                           "--out", str(Path(folder) / "results.json"), *extra],
+                          capture_output=True, text=True, env=env, timeout=900)
+    results = json.loads((Path(folder) / "results.json").read_text()) if proc.returncode in (0, 1) else []
+    return proc, results
+
+
+def compile_failures(proc, results: list[dict]) -> str:
+    """What to say when :func:`compile_in_subprocess` did not compile everything ("" when it did)."""
+    failed = [f"sm_{r['arch']} {r['label']}: {r['error']}" for r in results if not r["ok"]]
+    if proc.returncode == 0 and results and not failed:
+        return ""
+    return (f"{len(failed)} of {len(results)} specializations do not compile:\n" + "\n".join(failed[:20])
+            + f"\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
 
 
 def _in_interpreter(name: str, *args):

@@ -7,9 +7,6 @@ Its launches compile for sm_80/sm_90.
 """
 
 import itertools
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,7 +18,7 @@ from mixrecipe.gpu_data import augment_mix
 from mixrecipe.kernels.augment import augment_mix_launch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from launches import record_augment  # noqa: E402
+from launches import compile_failures, compile_in_subprocess, record_augment  # noqa: E402
 
 MEAN, STD = (0.49, 0.48, 0.45, 0.5, 0.3), (0.2, 0.19, 0.21, 0.25, 0.3)
 
@@ -235,14 +232,6 @@ def test_every_augment_launch_compiles_for_sm80_and_sm90(tmp_path):
     kinds = {(k, v["int"]) for d in descs for k, v in d["kwargs"].items() if k.endswith("_KIND")}
     for name in ("LAMX_KIND", "BOX_KIND"):  # a number, one device value / four numbers, one per row
         assert {(name, 0), (name, 1), (name, 2)} <= kinds, (name, kinds)
-    launches = tmp_path / "launches.json"
-    launches.write_text(json.dumps(descs))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "mixrecipe.kernels.aot", str(launches), "--out",
-                           str(tmp_path / "results.json")], capture_output=True, text=True, env=env,
-                          timeout=900)
-    results = json.loads((tmp_path / "results.json").read_text()) if proc.returncode in (0, 1) else []
-    failed = [f"sm_{r['arch']} {r['label']}: {r['error']}" for r in results if not r["ok"]]
-    assert proc.returncode == 0 and results and not failed, (
-        "\n".join(failed[:10]) + f"\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    proc, results = compile_in_subprocess(descs, tmp_path)
+    assert not compile_failures(proc, results), compile_failures(proc, results)
     assert {r["arch"] for r in results} == {80, 90}

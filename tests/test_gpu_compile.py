@@ -20,18 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from launches import IMAGE_PATHS, main_paths, record_public_api  # noqa: E402
-
-
-def _compile_in_subprocess(descs, tmp_path, *extra):
-    launches = tmp_path / "launches.json"
-    launches.write_text(json.dumps(descs))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "mixrecipe.kernels.aot", str(launches),
-                           "--out", str(tmp_path / "results.json"), *extra],
-                          capture_output=True, text=True, env=env, timeout=900)
-    results = json.loads((tmp_path / "results.json").read_text()) if proc.returncode in (0, 1) else []
-    return proc, results
+from launches import IMAGE_PATHS, compile_failures, compile_in_subprocess, main_paths, record_public_api  # noqa: E402
 
 
 def test_every_public_launch_compiles_for_sm80_and_sm90(tmp_path):
@@ -52,11 +41,8 @@ def test_every_public_launch_compiles_for_sm80_and_sm90(tmp_path):
     blocks = {d["kwargs"]["BLOCK_SIZE"]["int"] for d in descs if "BLOCK_SIZE" in d["kwargs"]}
     assert blocks >= {128, 2048, 4096}, blocks
 
-    proc, results = _compile_in_subprocess(descs, tmp_path)
-    failed = [f"sm_{r['arch']} {r['label']}: {r['error']}" for r in results if not r["ok"]]
-    assert proc.returncode == 0 and not failed, (
-        f"{len(failed)} of {len(results)} specializations do not compile:\n" + "\n".join(failed[:20])
-        + f"\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    proc, results = compile_in_subprocess(descs, tmp_path)
+    assert not compile_failures(proc, results), compile_failures(proc, results)
     assert {r["arch"] for r in results} == {80, 90}
     print(f"\n{len(results)} specializations from {len(descs)} launches compiled for sm_80 and sm_90")
 
@@ -66,7 +52,7 @@ def test_compile_failure_names_specialization_and_cause(tmp_path):
     kernel's code cannot take: a BLOCK_SIZE that is not a power of 2)."""
     (desc,) = main_paths()["fp32 in-place flip"]
     desc["kwargs"]["BLOCK_SIZE"] = {"int": 96}
-    proc, results = _compile_in_subprocess([desc], tmp_path, "--arch", "90")
+    proc, results = compile_in_subprocess([desc], tmp_path, "--arch", "90")
     assert proc.returncode == 1
     (result,) = results
     assert not result["ok"] and "BLOCK_SIZE=96" in result["label"] and "power of 2" in result["error"]

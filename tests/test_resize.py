@@ -3,9 +3,7 @@ training JPEGs decoded a batch at a time on the training device (data.decoder=de
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from mixrecipe.gpu_decode import DeviceDecoder, resize_crops
 from mixrecipe.kernels._common import interpreting
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from launches import record_resize  # noqa: E402
+from launches import compile_failures, compile_in_subprocess, record_resize  # noqa: E402
 
 
 def reference(img, box, flip, size):
@@ -107,16 +105,8 @@ def test_every_resize_launch_compiles_for_sm80_and_sm90(tmp_path):
     compiler: its runtime-bounded tap loops and int64 table reads must pass triton.compile too)."""
     descs = record_resize()
     assert {d["kernel"].split(":")[1] for d in descs} == {"_resize_crops_kernel"}
-    launches = tmp_path / "launches.json"
-    launches.write_text(json.dumps(descs))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "mixrecipe.kernels.aot", str(launches), "--out",
-                           str(tmp_path / "results.json")], capture_output=True, text=True, env=env,
-                          timeout=900)
-    results = json.loads((tmp_path / "results.json").read_text()) if proc.returncode in (0, 1) else []
-    failed = [f"sm_{r['arch']} {r['label']}: {r['error']}" for r in results if not r["ok"]]
-    assert proc.returncode == 0 and results and not failed, (
-        "\n".join(failed[:10]) + f"\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    proc, results = compile_in_subprocess(descs, tmp_path)
+    assert not compile_failures(proc, results), compile_failures(proc, results)
     assert {r["arch"] for r in results} == {80, 90}
 
 
