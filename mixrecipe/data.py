@@ -43,6 +43,7 @@ __all__ = [
     "crop_flip",
     "ImageFiles",
     "decode_file",
+    "decode_bytes",
     "tensor_transform",
     "RandomResizedCropFlip",
     "DECODERS",
@@ -295,33 +296,43 @@ def _short(exc: BaseException) -> str:
 
 
 def decode_file(path: str) -> Tensor:
-    """An image file as a uint8 (3, H, W) RGB tensor: torchvision.io for JPEG, PNG, GIF and WebP, PIL for
-    the other formats.
+    """An image file as a uint8 (3, H, W) RGB tensor (:func:`decode_bytes` of its contents).
 
     Raises:
         OSError, RuntimeError, ValueError, SyntaxError: the file cannot be read or decoded.
     """
+    with open(path, "rb") as fh:
+        return decode_bytes(fh.read())
+
+
+def decode_bytes(data: bytes) -> Tensor:
+    """An encoded image as a uint8 (3, H, W) RGB tensor: torchvision.io for JPEG, PNG, GIF and WebP, PIL
+    for the other formats.
+
+    Raises:
+        OSError, RuntimeError, ValueError, SyntaxError: the bytes cannot be decoded.
+    """
     from torchvision.io import ImageReadMode, decode_image
 
-    with open(path, "rb") as fh:  # read once: the signature and the bytes to decode
-        data = fh.read()
     if data.startswith(_TORCHVISION_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
         return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    import io
+
     from PIL import Image
 
-    with Image.open(path) as img:
+    with Image.open(io.BytesIO(data)) as img:
         arr = np.asarray(img.convert("RGB"))
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
 def read_encoded(path: str) -> Tensor:
     """A JPEG file's bytes as a 1-D uint8 tensor (for a batched decode on the training device); any other
-    image decoded here, as :func:`decode_file` does, to a uint8 (3, H, W) tensor."""
+    image decoded here (:func:`decode_bytes`) to a uint8 (3, H, W) tensor."""
     with open(path, "rb") as fh:
         data = fh.read()
     if data.startswith(_JPEG_MAGIC):
         return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    return decode_file(path)
+    return decode_bytes(data)
 
 
 def tensor_transform(size: int, train: bool, scale=(0.08, 1.0), crop_pct: float = 0.875):

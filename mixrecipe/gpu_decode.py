@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .backend import runs_kernel
-from .data import DECODE_ERRORS, ImageFiles, UnreadableImageError, decode_file, unreadable_image
+from .data import DECODE_ERRORS, ImageFiles, UnreadableImageError, decode_bytes, unreadable_image
 from .draws import to_device
 from .kernels.resize import TABLE_COLUMNS, resize_crops_launch
 
@@ -162,7 +162,7 @@ class DeviceDecoder:
         except RuntimeError:
             pass
         try:  # what the device's decoder refuses (a CMYK JPEG for nvJPEG, say), the host decodes
-            return decode_file(self.ds.paths[index]).to(self.device)
+            return decode_bytes(data.numpy().tobytes()).to(self.device)
         except DECODE_ERRORS as exc:
             if self.ds.skip_corrupt:
                 self.ds.bad[index] = 1
