@@ -19,7 +19,7 @@ import triton.language as tl
 
 __all__ = ["interpreting", "plan_for_interpreter", "launch", "Launch", "launch_planned", "record_launches",
            "to_bf16_rne", "cast_to", "lerp", "per_channel", "partner", "row_lam", "lam_ok", "pixel_weight",
-           "mix_labels", "lam_kind", "image_block", "label_block"]
+           "mix_labels", "lam_kind", "box_kind", "image_block", "label_block"]
 
 _launch_recorder = None  # the active LaunchRecorder, if any
 
@@ -320,6 +320,12 @@ def mix_labels(
         if PAIRED:
             y_j = tl.where(valid_j, lerp(s_i, s_j, lam_j), float("nan"))
             tl.store(soft_ptr + row_j * stride_sb + ks, y_j, mask=kmask)
+
+
+def box_kind(box) -> int:
+    """BOX_KIND of a CutMix box as the kernels take it: 0 none, 1 four numbers (the kernel's scalars),
+    2 a tensor."""
+    return 0 if box is None else 2 if isinstance(box, torch.Tensor) else 1
 
 
 def lam_kind(lam) -> tuple[int, int]:

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    box_kind,
     cast_to,
     image_block,
     label_block,
@@ -203,10 +204,10 @@ def augment_mix_launch(
     lamy_kind, stride_lamy = lam_kind(lam_y)
     lamx_ptr, lamx_value = (lam_x, 0.0) if lamx_kind else (None, float(lam_x))
     lamy_ptr, lamy_value = (lam_y, 0.0) if lamy_kind else (None, float(lam_y))
-    box_kind = 0 if box is None else 1 if isinstance(box, tuple) else 2
-    box_values = tuple(int(v) for v in box) if box_kind == 1 else (0, 0, 0, 0)
-    box_tensor = box if box_kind == 2 else None
-    stride_box = (box.stride(0) if box.ndim == 2 else 0) if box_kind == 2 else 0
+    kind = box_kind(box)
+    box_values = tuple(int(v) for v in box) if kind == 1 else (0, 0, 0, 0)
+    box_tensor = box if kind == 2 else None
+    stride_box = (box.stride(0) if box.ndim == 2 else 0) if kind == 2 else 0
     has_crop = oy is not None
     round_bf16 = out.dtype == torch.bfloat16 and plan_for_interpreter()
 
@@ -227,7 +228,7 @@ def augment_mix_launch(
             n_blocks, n_image_programs,
         ),
         dict(
-            PAIRED=paired, LAMX_KIND=lamx_kind, LAMY_KIND=lamy_kind, BOX_KIND=box_kind, HAS_CROP=has_crop,
+            PAIRED=paired, LAMX_KIND=lamx_kind, LAMY_KIND=lamy_kind, BOX_KIND=kind, HAS_CROP=has_crop,
             HAS_FLIP=flip is not None,
             NORM_SELECT=channels <= 4, HAS_TARGET=has_target, ROUND_BF16=round_bf16,
             BLOCK_SIZE=block, BLOCK_K=block_k, num_warps=warps,

@@ -20,6 +20,7 @@ import triton.language as tl
 
 from ._common import (
     Launch,
+    box_kind,
     cast_to,
     image_block,
     label_block,
@@ -157,10 +158,9 @@ def _make_plan(x, out, target, soft, perm, lam_x, lam_y, box, mean, std, batch_s
     n_image_programs = n_groups * n_blocks
     n_programs = n_image_programs + (n_groups if has_target else 0)
     num_classes = soft.shape[1] if has_target else 1
-    box_kind = 0 if box is None else 2 if isinstance(box, torch.Tensor) else 1
     constexprs = dict(
         PAIRED=paired, LAMX_KIND=lam_kind(lam_x)[0], LAMY_KIND=lam_kind(lam_y)[0], HAS_IMAGE=has_image,
-        BOX_KIND=box_kind, HAS_NORM=mean is not None, NORM_SELECT=mean is not None and channels <= 4,
+        BOX_KIND=box_kind(box), HAS_NORM=mean is not None, NORM_SELECT=mean is not None and channels <= 4,
         HAS_TARGET=has_target, TARGET_DENSE=has_target and target.ndim == 2,
         ROUND_BF16=has_image and out.dtype == torch.bfloat16 and plan_for_interpreter(),
         BLOCK_SIZE=block,
