@@ -94,7 +94,7 @@ def _resize_crops_kernel(
             take = mask & box_ok & (ty < ny) & (tx < nx)
             v = tl.load(base + (top + jy).to(tl.int64) * sh + (left + jx).to(tl.int64) * sw, mask=take,
                         other=0).to(tl.float32)
-            line += tl.where(tx < nx, wx, 0.0) * v
+            line += wx * v  # a tap past the window was not loaded: v = 0
         acc += wy * line
     value = acc / (sum_x * sum_y)
     value = tl.minimum(tl.maximum(tl.floor(value + 0.5), 0.0), 255.0)
