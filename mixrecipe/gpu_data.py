@@ -223,12 +223,9 @@ class DeviceImages:
         pad = self.ds.pad if oy is not None else 0
         common = dict(oy=oy, ox=ox, flip=flip, pad=pad, mean=mean, std=std, out_dtype=out_dtype,
                       memory_format=self.memory_format)
-        if mixup is None:
+        if mixup is None or not mixup.mixup_enabled:  # ERM: the augmented, normalized batch (λ = 1)
             x, _ = augment_mix(self.images, idx, **common)
-            return x, y, 1.0, None, label_smoothing
-        if not mixup.mixup_enabled:
-            x, _ = augment_mix(self.images, idx, **common)
-            return x, y, 1.0, None, mixup.label_smoothing
+            return x, y, 1.0, None, label_smoothing if mixup is None else mixup.label_smoothing
         # host numbers for one λ and box per batch (the kernel's scalars), else one copy of per-sample values
         lam_x, lam_y, perm, box = mixup.draw((batch, *self.sample_shape), self.device)
         x, _ = augment_mix(self.images, idx, lam_x=lam_x, lam_y=lam_y, perm=perm, box=box, **common)
